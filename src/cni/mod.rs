@@ -1,0 +1,6 @@
+//! CNI: minilet runs the network plugin chains itself.
+//!
+//! The runtime execs minilet's delegating plugin (`delegate`), which forwards
+//! the request over a root-only unix socket to the agent (`server`); the agent
+//! runs the chain from its own config dir (`chain`, `config`) by exec'ing
+//! real plugins (`exec`), and the plugin prints the final result.

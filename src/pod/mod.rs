@@ -1,0 +1,1 @@
+//! Pods: the per-pod worker, its lifecycle and the CRI configs it builds.
