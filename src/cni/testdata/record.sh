@@ -1,0 +1,18 @@
+#!/bin/sh
+# Recording test plugin (copied under several names by the tests).
+# Appends "<its name> <CNI_COMMAND> <stdin on one line>" to ./log next to
+# itself; on ADD prints a result whose "plugins" list is prevResult's list
+# plus its own name (the rest of the result is fixed).
+name=$(basename "$0")
+stdin=$(cat)
+printf '%s %s %s\n' "$name" "$CNI_COMMAND" "$stdin" >> "$(dirname "$0")/log"
+case "$CNI_COMMAND" in
+ADD) ;;
+VERSION) echo '{"cniVersion":"1.0.0","supportedVersions":["1.0.0"]}'; exit 0 ;;
+*) exit 0 ;;
+esac
+version=$(printf '%s' "$stdin" | sed -n 's/.*"cniVersion":"\([^"]*\)".*/\1/p')
+prev=$(printf '%s' "$stdin" | sed -n 's/.*"plugins":\[\([^]]*\)\].*/\1/p')
+list="${prev:+$prev,}\"$name\""
+printf '{"cniVersion":"%s","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"address":"10.1.2.3/24","gateway":"10.1.2.1","interface":0}],"plugins":[%s]}\n' \
+  "$version" "$CNI_IFNAME" "$CNI_NETNS" "$list"
