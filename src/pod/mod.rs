@@ -1,1 +1,8 @@
-//! Pods: the per-pod worker, its lifecycle and the CRI configs it builds.
+//! Pods: the per-pod worker (`worker`), its pure lifecycle step
+//! (`lifecycle`), the CRI configs it builds (`spec`), and the manager that
+//! keeps one worker per desired or adopted pod (`manager`).
+
+pub mod lifecycle;
+pub mod manager;
+pub mod spec;
+pub mod worker;
