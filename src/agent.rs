@@ -1,1 +1,226 @@
-//! TODO
+//! Wiring only: from a validated `Config` to running tasks, and back down
+//! on SIGTERM. Order matters: the CNI socket must answer before any sandbox
+//! is created or torn down (the runtime execs the delegating plugin inside
+//! RunPodSandbox / StopPodSandbox), and the first manifest scan must be in
+//! before the first relist, or an agent restart would tear down pods whose
+//! manifests simply had not been read yet.
+//!
+//! Side effects: creates stateDir, installs the delegating CNI plugin and
+//! its config into the runtime's CNI dirs, binds two root-only sockets.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::cni;
+use crate::config::Config;
+use crate::control;
+use crate::cri::Runtime;
+use crate::cri::remote::RemoteRuntime;
+use crate::pod::manager::Manager;
+use crate::pod::spec::{self, HostContext};
+use crate::pod::worker::Shared;
+use crate::source::{Snapshot, static_dir};
+use crate::status::Board;
+
+/// How often the manager relists the runtime (kubelet's PLEG period).
+pub const RELIST_PERIOD: Duration = Duration::from_secs(1);
+
+/// Startup failures; each is one line on stderr and a non-zero exit.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("creating state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the CNI network config from {dir}")]
+    CniConfig {
+        dir: PathBuf,
+        #[source]
+        source: cni::config::CniConfigError,
+    },
+    #[error("installing the delegating CNI plugin")]
+    CniInstall(#[source] cni::install::InstallError),
+    #[error("binding {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Answers the CNI server's questions from the pods the sources want.
+struct DesiredPorts(watch::Receiver<Snapshot>);
+
+impl cni::server::PodNetworkLookup for DesiredPorts {
+    fn port_mappings(&self, pod_uid: &str) -> Option<Vec<cni::server::PortMapping>> {
+        let snapshot = self.0.borrow();
+        let desired = snapshot.pods.get(pod_uid)?;
+        Some(
+            spec::port_mappings(&desired.pod)
+                .into_iter()
+                .map(|p| cni::server::PortMapping {
+                    host_port: p.host_port,
+                    container_port: p.container_port,
+                    protocol: match crate::cri::api::Protocol::try_from(p.protocol) {
+                        Ok(crate::cri::api::Protocol::Udp) => "udp",
+                        Ok(crate::cri::api::Protocol::Sctp) => "sctp",
+                        _ => "tcp",
+                    }
+                    .into(),
+                    host_ip: p.host_ip,
+                })
+                .collect(),
+        )
+    }
+}
+
+fn memory_capacity() -> i64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Dial the runtime, retrying (as kubelet does) until it answers or we stop.
+async fn connect_runtime(cfg: &Config, cancel: &CancellationToken) -> Option<RemoteRuntime> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match RemoteRuntime::connect(
+            &cfg.container_runtime_endpoint,
+            &cfg.image_service_endpoint,
+            cfg.runtime_request_timeout,
+        )
+        .await
+        {
+            Ok(rt) => return Some(rt),
+            Err(e) if e.is_retryable() => {
+                warn!(endpoint = %cfg.container_runtime_endpoint, error = %e, retry_in = ?delay, "container runtime not ready");
+            }
+            Err(e) => {
+                error!(endpoint = %cfg.container_runtime_endpoint, error = %e, retry_in = ?delay, "container runtime refused the connection");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Run the agent until `cancel` fires. Pods keep running afterwards.
+pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentError> {
+    for dir in [&cfg.state_dir, &cfg.state_dir.join("pods")] {
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700));
+    }
+
+    // Sources first: the desired set must be known before anything is torn down.
+    let first = match &cfg.static_pod_path {
+        Some(dir) => static_dir::scan(dir, &cfg.node_name, &Snapshot::default()),
+        None => Snapshot::default(),
+    };
+    for e in &first.errors {
+        warn!(file = %e.file, error = %e.message, "bad manifest");
+    }
+    let (snap_tx, snap_rx) = watch::channel(first);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(dir) = cfg.static_pod_path.clone() {
+        let (node, every, tx, c) = (
+            cfg.node_name.clone(),
+            cfg.file_check_frequency,
+            snap_tx,
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = static_dir::watch(dir, node, every, tx) => {}
+            }
+        });
+    }
+
+    // The CNI path: chain runner, the socket the delegating plugin dials,
+    // then the plugin and its config in the runtime's CNI dirs.
+    let network =
+        cni::config::load_default(&cfg.cni_conf_dir).map_err(|source| AgentError::CniConfig {
+            dir: cfg.cni_conf_dir.clone(),
+            source,
+        })?;
+    info!(network = %network.name, "cni network loaded");
+    let runner = Arc::new(cni::chain::CniRunner::new(
+        cni::exec::ProcessExec::from_config(&cfg),
+        network,
+        cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
+    ));
+    let cni_socket = cfg.cni_socket();
+    let listener = cni::server::bind(&cni_socket).map_err(|source| AgentError::Bind {
+        path: cni_socket.clone(),
+        source,
+    })?;
+    let lookup = Arc::new(DesiredPorts(snap_rx.clone()));
+    tasks.spawn(cni::server::serve(listener, runner, lookup, cancel.clone()));
+    cni::install::install(&cfg).map_err(AgentError::CniInstall)?;
+
+    let board = Board::default();
+    let control_socket = cfg.control_socket();
+    let listener = control::bind_private(&control_socket).map_err(|source| AgentError::Bind {
+        path: control_socket.clone(),
+        source,
+    })?;
+    let logs_dir = cfg.pod_logs_dir.to_string_lossy().into_owned();
+    tasks.spawn(control::serve(
+        listener,
+        board.clone(),
+        logs_dir,
+        cancel.clone(),
+    ));
+
+    let Some(runtime) = connect_runtime(&cfg, &cancel).await else {
+        return Ok(());
+    };
+    let (runtime_name, runtime_version) = runtime.version().await.unwrap_or_default();
+    info!(runtime = %runtime_name, version = %runtime_version, api = ?runtime.api_version(), "container runtime connected");
+
+    let shared = Arc::new(Shared {
+        runtime: Arc::new(runtime),
+        host: HostContext {
+            node_name: cfg.node_name.clone(),
+            pod_logs_dir: cfg.pod_logs_dir.clone(),
+            resolv_conf: std::fs::read_to_string(&cfg.resolv_conf).unwrap_or_else(|e| {
+                warn!(path = %cfg.resolv_conf.display(), error = %e, "cannot read resolvConf; pods get no host DNS");
+                String::new()
+            }),
+            cluster_dns: cfg.cluster_dns.clone(),
+            cluster_domain: cfg.cluster_domain.clone(),
+            memory_capacity: memory_capacity(),
+        },
+        pods_dir: cfg.state_dir.join("pods"),
+        board,
+        runtime_name: if runtime_name.is_empty() { "cri".into() } else { runtime_name },
+        sync_frequency: cfg.sync_frequency,
+    });
+    info!(node = %cfg.node_name, "minilet started");
+    Manager::new(shared, cfg.max_pods as usize, cancel.clone())
+        .run(snap_rx, RELIST_PERIOD)
+        .await;
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    info!("minilet stopped; pods keep running");
+    Ok(())
+}

@@ -1,1 +1,204 @@
-fn main() {}
+//! The `minilet` binary: argument parsing, tracing, the tokio runtime, and
+//! dispatch. Invoked as `minilet-cni` (the name minilet installs itself
+//! under in the runtime's CNI bin dir) it is the delegating CNI plugin.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use minilet::config::{self, Flags};
+use minilet::{agent, cli, control};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "minilet",
+    version,
+    about = "An all-in-one Kubernetes node agent"
+)]
+struct Args {
+    /// KubeletConfiguration file (may hold a MiniletConfiguration document too).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Directory of static pod manifests (kubelet staticPodPath).
+    #[arg(long, global = true)]
+    pod_manifest_path: Option<PathBuf>,
+    /// CRI endpoint, e.g. unix:///run/containerd/containerd.sock.
+    #[arg(long, global = true)]
+    container_runtime_endpoint: Option<String>,
+    /// minilet's state directory (MiniletConfiguration stateDir).
+    #[arg(long, global = true)]
+    root_dir: Option<PathBuf>,
+    /// Node name to use instead of the host name.
+    #[arg(long, global = true)]
+    hostname_override: Option<String>,
+    /// Log filter (tracing-subscriber EnvFilter syntax); RUST_LOG also works.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Show pods of the running agent.
+    Get {
+        /// Only `pods` (or `pod`, `po`) exists.
+        resource: String,
+        /// Output format: json, or the table when omitted.
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+    },
+    /// Print a container's log from the running agent's pods.
+    Logs {
+        pod: String,
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("minilet: {msg}");
+    ExitCode::FAILURE
+}
+
+/// "what: cause: cause" on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if PathBuf::from(argv0)
+        .file_name()
+        .is_some_and(|n| n == "minilet-cni")
+    {
+        return ExitCode::from(minilet::cni::delegate::run_plugin() as u8);
+    }
+    let args = Args::parse();
+    let flags = Flags {
+        config: args.config.clone(),
+        pod_manifest_path: args.pod_manifest_path.clone(),
+        container_runtime_endpoint: args.container_runtime_endpoint.clone(),
+        root_dir: args.root_dir.clone(),
+        hostname_override: args.hostname_override.clone(),
+    };
+    let cfg = match config::load(&flags) {
+        Ok(cfg) => cfg,
+        Err(e) => return fail(chain(&e)),
+    };
+    match args.command.unwrap_or(Command::Run) {
+        Command::Run => run_agent(cfg, &args.log_level),
+        Command::Get { resource, output } => {
+            if !matches!(resource.as_str(), "pods" | "pod" | "po") {
+                return fail(format!("unknown resource {resource:?}: only pods"));
+            }
+            let view = match runtime().block_on(control::fetch(&cfg.control_socket())) {
+                Ok(v) => v,
+                Err(e) => return fail(chain(&e)),
+            };
+            match output.as_deref() {
+                None | Some("wide") => print!("{}", cli::pods_table(&view, jiff::Timestamp::now())),
+                Some("json") => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&cli::pod_list(&view)).unwrap_or_default()
+                    );
+                    for e in &view.errors {
+                        eprintln!("manifest error: {}: {}", e.file, e.message);
+                    }
+                }
+                Some(other) => {
+                    return fail(format!("unknown output format {other:?}: json or none"));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Logs {
+            pod,
+            container,
+            namespace,
+            follow,
+        } => {
+            let view = match runtime().block_on(control::fetch(&cfg.control_socket())) {
+                Ok(v) => v,
+                Err(e) => return fail(chain(&e)),
+            };
+            let Some(p) = cli::find_pod(&view, &pod, namespace.as_deref()) else {
+                return fail(cli::LogsError::NoPod(pod));
+            };
+            let result = cli::log_file(&view, p, container.as_deref())
+                .and_then(|path| cli::print_log(&path, follow, &mut std::io::stdout().lock()));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(chain(&e)),
+            }
+        }
+    }
+}
+
+fn run_agent(cfg: config::Config, log_level: &str) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(log_level));
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => return fail(format!("--log-level {log_level:?}: {e}")),
+    };
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    let rt = runtime();
+    let cancel = CancellationToken::new();
+    let result = rt.block_on(async {
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("signal received: stopping (pods keep running)");
+            stop.cancel();
+        });
+        agent::run(cfg, cancel).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(chain(&e)),
+    }
+}

@@ -136,15 +136,15 @@ impl<R: Runtime> Worker<R> {
 
     /// Run until the pod is gone (returns) or the agent stops (cancel).
     pub async fn run(mut self, cancel: CancellationToken) {
-        let span = info_span!("pod", uid = %self.uid, pod = tracing::field::Empty);
+        let name = match self.desired.borrow().as_deref() {
+            Some(d) => format!("{}/{}", d.namespace(), d.name()),
+            None => "(no longer wanted)".to_string(),
+        };
+        let span = info_span!("pod", pod = %name, uid = %self.uid);
         async move {
             let mut error_delay = Duration::ZERO;
             loop {
                 let desired = self.desired.borrow_and_update().clone();
-                if let Some(d) = &desired {
-                    tracing::Span::current()
-                        .record("pod", format!("{}/{}", d.namespace(), d.name()));
-                }
                 let step = self.step(desired.as_deref()).await;
                 let until = match step {
                     Ok(Some(Action::Finished)) => {
