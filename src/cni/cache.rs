@@ -84,9 +84,12 @@ impl ResultCache {
         let path = self.path(&entry.network_name, &entry.container_id, &entry.if_name);
         let bytes = serde_json::to_vec(entry).expect("cache entries serialise");
         let dir = self.results_dir();
-        tokio::task::spawn_blocking(move || write_atomic(&dir, &path, &bytes, 0o600))
-            .await
-            .expect("cache writer does not panic")
+        tokio::task::spawn_blocking(move || {
+            write_atomic(&dir, &path, &bytes, 0o600)
+                .map_err(|source| CacheError::Io { path, source })
+        })
+        .await
+        .expect("cache writer does not panic")
     }
 
     /// Reads an entry; `None` when there is none.
@@ -161,20 +164,16 @@ impl ResultCache {
 }
 
 /// Writes `bytes` to `path` via a temp file in `dir` (same file system, so
-/// the rename is atomic), fsynced before the rename.
+/// the rename is atomic), fsynced before the rename; creates `dir`.
 pub(crate) fn write_atomic(
     dir: &Path,
     path: &Path,
     bytes: &[u8],
     mode: u32,
-) -> Result<(), CacheError> {
+) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| CacheError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(dir)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
@@ -193,7 +192,7 @@ pub(crate) fn write_atomic(
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(io(path))
+    result
 }
 
 /// Standard base64 (RFC 4648, with padding), as Go encodes `[]byte` in JSON.
@@ -224,7 +223,7 @@ mod base64_bytes {
 
     pub fn decode(input: &str) -> Option<Vec<u8>> {
         let input = input.as_bytes();
-        if input.len() % 4 != 0 {
+        if !input.len().is_multiple_of(4) {
             return None;
         }
         let mut out = Vec::with_capacity(input.len() / 4 * 3);

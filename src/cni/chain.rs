@@ -724,4 +724,182 @@ mod tests {
         drop(waiter);
         assert_eq!(locks.len(), 0);
     }
+
+    /// Removes what the real-plugin test creates, even when it panics: the
+    /// plugins' own DEL (IPAM lease, iptables rules), the netns, the bridge.
+    struct NetGuard {
+        ns: String,
+        bridge: String,
+        del_stdins: Vec<(String, Vec<u8>)>,
+        container_id: String,
+    }
+
+    impl Drop for NetGuard {
+        fn drop(&mut self) {
+            use std::io::Write;
+            use std::process::{Command as Proc, Stdio};
+            for (plugin, stdin) in self.del_stdins.iter().rev() {
+                let child = Proc::new(format!("/usr/lib/cni/{plugin}"))
+                    .env("CNI_COMMAND", "DEL")
+                    .env("CNI_CONTAINERID", &self.container_id)
+                    .env("CNI_NETNS", format!("/var/run/netns/{}", self.ns))
+                    .env("CNI_IFNAME", "eth0")
+                    .env("CNI_PATH", "/usr/lib/cni")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn();
+                if let Ok(mut child) = child {
+                    let _ = child.stdin.take().unwrap().write_all(stdin);
+                    let _ = child.wait();
+                }
+            }
+            let _ = Proc::new("ip").args(["netns", "del", &self.ns]).status();
+            let _ = Proc::new("ip").args(["link", "del", &self.bridge]).status();
+        }
+    }
+
+    fn sh(args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    /// bridge + host-local + portmap from /usr/lib/cni in a netns of the
+    /// test's own. Needs root and the Debian plugins: fails without them.
+    #[tokio::test]
+    async fn real_plugins_in_a_netns() {
+        use std::hash::{BuildHasher, RandomState};
+        let r = RandomState::new().hash_one(std::process::id());
+        let id = format!("{:08x}", r as u32);
+        let ns = format!("minilet-test-{id}");
+        let bridge = format!("mlt{id}");
+        let (o2, o3) = (200 + (r >> 32) % 50, (r >> 40) % 256);
+        let subnet_prefix = format!("10.{o2}.{o3}.");
+        let host_port = 20000 + (r >> 48) % 20000;
+        let data = tempfile::tempdir().unwrap();
+        let net_name = format!("mlt-{id}");
+        let plugins = serde_json::json!([
+            {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": true, "hairpinMode": true,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("{subnet_prefix}0/24")}]],
+                      "routes": [{"dst": "0.0.0.0/0"}], "dataDir": data.path()}},
+            {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
+        ]);
+        let list = format!(r#"{{"cniVersion":"1.0.0","name":"{net_name}","plugins":{plugins}}}"#);
+        let net =
+            crate::cni::config::parse(list.as_bytes(), true, Path::new("real.conflist")).unwrap();
+        let container_id = format!("minilet-test-{id}");
+        let caps = serde_json::json!({"portMappings": [{"hostPort": host_port, "containerPort": 80, "protocol": "tcp"}]});
+        let _guard = NetGuard {
+            ns: ns.clone(),
+            bridge: bridge.clone(),
+            container_id: container_id.clone(),
+            del_stdins: net
+                .plugins
+                .iter()
+                .map(|p| {
+                    let mut c = p.raw.clone();
+                    c.insert("name".into(), net_name.clone().into());
+                    c.insert("cniVersion".into(), "1.0.0".into());
+                    c.insert("runtimeConfig".into(), caps.clone());
+                    (p.plugin_type.clone(), serde_json::to_vec(&c).unwrap())
+                })
+                .collect(),
+        };
+        let (ok, out) = sh(&["ip", "netns", "add", &ns]);
+        assert!(ok, "ip netns add (needs root): {out}");
+
+        let cache_dir = tempfile::tempdir().unwrap();
+        let runner = CniRunner::new(
+            crate::cni::exec::ProcessExec::new(
+                vec!["/usr/lib/cni".into()],
+                Duration::from_secs(30),
+            ),
+            net,
+            ResultCache::new(cache_dir.path()),
+        );
+        let att = Attachment {
+            container_id: container_id.clone(),
+            netns: format!("/var/run/netns/{ns}"),
+            ifname: "eth0".into(),
+            args: vec![
+                ("IgnoreUnknown".into(), "1".into()),
+                ("K8S_POD_NAMESPACE".into(), "default".into()),
+                ("K8S_POD_NAME".into(), "web".into()),
+                ("K8S_POD_UID".into(), "uid-1".into()),
+                ("K8S_POD_INFRA_CONTAINER_ID".into(), container_id.clone()),
+            ],
+            capability_args: caps.as_object().unwrap().clone(),
+        };
+
+        let result = runner.add(&att).await.unwrap();
+        assert_eq!(result["cniVersion"], "1.0.0");
+        let ifaces = result["interfaces"].as_array().unwrap();
+        let eth0 = ifaces
+            .iter()
+            .position(|i| i["name"] == "eth0")
+            .expect("eth0 in result");
+        assert_eq!(ifaces[eth0]["sandbox"], att.netns);
+        let ip = result["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|ip| ip["interface"] == eth0)
+            .expect("an IP on eth0");
+        let addr = ip["address"].as_str().unwrap();
+        assert!(
+            addr.starts_with(&subnet_prefix) && addr.ends_with("/24"),
+            "{addr}"
+        );
+        let bare = addr.trim_end_matches("/24");
+        let (_, out) = sh(&["ip", "-n", &ns, "-4", "addr", "show", "eth0"]);
+        assert!(out.contains(addr), "{out}");
+        let lease = data.path().join(&net_name).join(bare);
+        assert!(lease.exists(), "host-local lease {}", lease.display());
+        let veth = ifaces
+            .iter()
+            .find(|i| {
+                i["name"] != "eth0" && i["name"] != bridge.as_str() && i.get("sandbox").is_none()
+            })
+            .and_then(|i| i["name"].as_str())
+            .expect("host veth in result")
+            .to_owned();
+        assert!(
+            sh(&["ip", "link", "show", &veth]).0,
+            "veth {veth} on the host"
+        );
+        let dport = format!("--dport {host_port}");
+        let (_, nat) = sh(&["iptables", "-t", "nat", "-S"]);
+        assert!(nat.contains(&dport), "portmap rule for {host_port}");
+        assert!(
+            runner
+                .cache()
+                .load(&net_name, &container_id, "eth0")
+                .await
+                .unwrap()
+                .is_some()
+        );
+
+        runner.del(&att).await.unwrap();
+        assert!(!lease.exists(), "lease released");
+        assert!(!sh(&["ip", "link", "show", &veth]).0, "veth {veth} removed");
+        let (_, nat) = sh(&["iptables", "-t", "nat", "-S"]);
+        assert!(!nat.contains(&dport), "portmap rule removed");
+        assert!(
+            runner
+                .cache()
+                .load(&net_name, &container_id, "eth0")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Again: idempotent with the real plugins too.
+        runner.del(&att).await.unwrap();
+    }
 }

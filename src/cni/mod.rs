@@ -8,5 +8,8 @@
 pub mod cache;
 pub mod chain;
 pub mod config;
+pub mod delegate;
 pub mod exec;
 pub mod fake;
+pub mod install;
+pub mod server;

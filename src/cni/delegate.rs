@@ -1,0 +1,497 @@
+//! The delegating plugin (`minilet-cni`): the one plugin the container
+//! runtime knows. It answers VERSION itself and forwards ADD, DEL and CHECK
+//! over the agent's root-only unix socket; the agent runs its own chain and
+//! answers with the final result or a CNI error, which this prints in the
+//! CNI wire format. This file also defines that socket's request/response
+//! types, shared with `server`.
+//!
+//! It runs as a short-lived process per CNI call, so it is synchronous and
+//! std-only (no tokio runtime): it must start fast and can never hang — the
+//! connect is bounded by 2 s and the whole exchange by `timeoutSeconds`.
+//!
+//! Side effects: reads the environment and stdin, dials the agent socket,
+//! writes stdout.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::exec::{Command, PluginError, codes};
+
+/// The CNI versions the delegating plugin accepts in the runtime's config.
+pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+
+/// The version this plugin speaks when nothing else is asked for.
+pub const PLUGIN_VERSION: &str = "1.0.0";
+
+/// Bound on the connect to the agent socket.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whole-request bound when the config has no `timeoutSeconds`.
+pub const DEFAULT_TIMEOUT_SECONDS: u64 = 60;
+
+/// Largest request or response either side accepts.
+pub const MAX_MESSAGE: u64 = 1 << 20;
+
+/// What the plugin sends the agent: one per connection, then it half-closes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentRequest {
+    pub command: Command,
+    pub container_id: String,
+    #[serde(default)]
+    pub netns: String,
+    pub ifname: String,
+    /// CNI_ARGS, split into pairs.
+    #[serde(default)]
+    pub args: Vec<(String, String)>,
+    /// The `runtimeConfig` the runtime put in the plugin's stdin config.
+    #[serde(default)]
+    pub runtime_config: Map<String, Value>,
+    /// The `cniVersion` of the runtime's config: the result must be in it.
+    pub cni_version: String,
+    /// The runtime's `prevResult` (DEL, CHECK), a fallback for a lost cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_result: Option<Value>,
+}
+
+/// The agent's answer: a result (ADD), nothing (DEL), or an error.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentResponse {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<PluginError>,
+}
+
+/// The runtime's config for this plugin (what `install` writes, plus what
+/// the runtime adds).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DelegateConf {
+    cni_version: String,
+    agent_socket: Option<PathBuf>,
+    timeout_seconds: Option<u64>,
+    #[serde(default)]
+    runtime_config: Map<String, Value>,
+    #[serde(default)]
+    prev_result: Option<Value>,
+}
+
+/// Result formats that differ only in the `cniVersion` string: 0.3.0 added
+/// the rich result, 0.3.1 and 0.4.0 kept its shape, 1.0.0 changed it.
+fn same_result_format(a: &str, b: &str) -> bool {
+    const V03_04: [&str; 3] = ["0.3.0", "0.3.1", "0.4.0"];
+    a == b || (V03_04.contains(&a) && V03_04.contains(&b))
+}
+
+/// Whether a result in `from` can be handed out in `to` (for now only when
+/// that is a relabel; real conversion is a later piece of work).
+pub fn convertible(from: &str, to: &str) -> bool {
+    same_result_format(from, to)
+}
+
+/// The error for a version pair `convertible` refuses.
+pub fn incompatible(from: &str, to: &str) -> PluginError {
+    PluginError {
+        cni_version: String::new(),
+        code: codes::INCOMPATIBLE_VERSION,
+        msg: format!(
+            "incompatible CNI versions: minilet's chain produces {from} results, the runtime config asks for {to}"
+        ),
+        details: "result version conversion is not supported yet; use the same cniVersion in both configs".into(),
+    }
+}
+
+/// Rewrites a result into `want` when that is a relabel; errors otherwise.
+fn convert_result(mut result: Value, want: &str) -> Result<Value, PluginError> {
+    let have = result
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    if !convertible(&have, want) {
+        return Err(incompatible(&have, want));
+    }
+    if let Some(obj) = result.as_object_mut() {
+        obj.insert("cniVersion".into(), Value::String(want.to_owned()));
+    }
+    Ok(result)
+}
+
+/// Splits CNI_ARGS (`K=V;K=V`); empty segments are skipped.
+pub fn parse_cni_args(s: &str) -> Result<Vec<(String, String)>, String> {
+    s.split(';')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(format!("invalid CNI_ARGS pair {kv:?}: want KEY=VALUE")),
+        })
+        .collect()
+}
+
+fn err(code: u32, msg: impl Into<String>) -> PluginError {
+    PluginError {
+        cni_version: String::new(),
+        code,
+        msg: msg.into(),
+        details: String::new(),
+    }
+}
+
+/// The plugin's entry point: `main` calls this when invoked as `minilet-cni`.
+/// Returns the process exit code.
+pub fn run_plugin() -> i32 {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    run(
+        &env,
+        &mut std::io::stdin().lock(),
+        &mut std::io::stdout().lock(),
+    )
+}
+
+/// The plugin with its environment, stdin and stdout injected (tests call
+/// this in-process). Prints a result or a CNI error object; returns 0 or 1.
+pub fn run(env: &HashMap<String, String>, stdin: &mut dyn Read, stdout: &mut dyn Write) -> i32 {
+    // Errors are reported in the runtime's version once we know it.
+    let mut version = PLUGIN_VERSION.to_owned();
+    let outcome = handle(env, stdin, &mut version);
+    let (out, code) = match outcome {
+        Ok(Some(v)) => (Some(v), 0),
+        Ok(None) => (None, 0),
+        Err(mut e) => {
+            e.cni_version = version;
+            (Some(serde_json::to_value(e).expect("errors serialise")), 1)
+        }
+    };
+    if let Some(v) = out {
+        let mut bytes = serde_json::to_vec(&v).expect("JSON serialises");
+        bytes.push(b'\n');
+        if stdout
+            .write_all(&bytes)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return 1;
+        }
+    }
+    code
+}
+
+fn handle(
+    env: &HashMap<String, String>,
+    stdin: &mut dyn Read,
+    version: &mut String,
+) -> Result<Option<Value>, PluginError> {
+    let get = |k: &str| env.get(k).map(String::as_str).unwrap_or("");
+    let command = Command::parse(get("CNI_COMMAND")).ok_or_else(|| {
+        err(
+            codes::INVALID_ENV,
+            format!("unknown CNI_COMMAND {:?}", get("CNI_COMMAND")),
+        )
+    })?;
+    if command == Command::Version {
+        return Ok(Some(serde_json::json!({
+            "cniVersion": PLUGIN_VERSION,
+            "supportedVersions": SUPPORTED_VERSIONS,
+        })));
+    }
+
+    let mut raw = Vec::new();
+    stdin.take(MAX_MESSAGE).read_to_end(&mut raw).map_err(|e| {
+        err(
+            codes::IO_FAILURE,
+            format!("reading the network config from stdin: {e}"),
+        )
+    })?;
+    let conf: DelegateConf = serde_json::from_slice(&raw).map_err(|e| {
+        err(
+            codes::DECODE_FAILURE,
+            format!("decoding the network config: {e}"),
+        )
+    })?;
+    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(PluginError {
+            details: format!("minilet-cni supports {SUPPORTED_VERSIONS:?}"),
+            ..err(
+                codes::INCOMPATIBLE_VERSION,
+                format!("incompatible CNI version {:?}", conf.cni_version),
+            )
+        });
+    }
+    version.clone_from(&conf.cni_version);
+    let socket = conf.agent_socket.ok_or_else(|| {
+        err(
+            codes::INVALID_CONFIG,
+            "network config has no \"agentSocket\"",
+        )
+    })?;
+
+    let container_id = get("CNI_CONTAINERID");
+    let ifname = get("CNI_IFNAME");
+    let netns = get("CNI_NETNS");
+    if container_id.is_empty() || ifname.is_empty() || (netns.is_empty() && command != Command::Del)
+    {
+        return Err(err(
+            codes::INVALID_ENV,
+            format!("{command} needs CNI_CONTAINERID, CNI_IFNAME and (except for DEL) CNI_NETNS"),
+        ));
+    }
+    let args = parse_cni_args(get("CNI_ARGS")).map_err(|m| err(codes::INVALID_ENV, m))?;
+    let request = AgentRequest {
+        command,
+        container_id: container_id.to_owned(),
+        netns: netns.to_owned(),
+        ifname: ifname.to_owned(),
+        args,
+        runtime_config: conf.runtime_config,
+        cni_version: conf.cni_version.clone(),
+        prev_result: conf.prev_result,
+    };
+    let timeout = Duration::from_secs(
+        conf.timeout_seconds
+            .unwrap_or(DEFAULT_TIMEOUT_SECONDS)
+            .max(1),
+    );
+    let response = call_agent(&socket, &request, timeout)?;
+    if let Some(e) = response.error {
+        return Err(e);
+    }
+    match (command, response.result) {
+        (Command::Add, Some(result)) => convert_result(result, &conf.cni_version).map(Some),
+        (Command::Add, None) => Err(err(
+            codes::DECODE_FAILURE,
+            "the agent answered ADD without a result",
+        )),
+        // DEL and CHECK print nothing on success.
+        _ => Ok(None),
+    }
+}
+
+/// One request/response exchange with the agent, bounded by `timeout`.
+fn call_agent(
+    socket: &Path,
+    request: &AgentRequest,
+    timeout: Duration,
+) -> Result<AgentResponse, PluginError> {
+    let deadline = Instant::now() + timeout;
+    let not_running = |e: std::io::Error| {
+        err(
+            codes::TRY_AGAIN_LATER,
+            format!("agent not running at {}: {e}", socket.display()),
+        )
+    };
+    let too_slow = || {
+        err(
+            codes::TRY_AGAIN_LATER,
+            format!(
+                "agent at {} did not answer within {}s",
+                socket.display(),
+                timeout.as_secs()
+            ),
+        )
+    };
+    let mut stream = connect(socket, CONNECT_TIMEOUT.min(timeout)).map_err(not_running)?;
+    let io_err = |e: std::io::Error| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            too_slow()
+        } else {
+            err(
+                codes::IO_FAILURE,
+                format!("talking to the agent at {}: {e}", socket.display()),
+            )
+        }
+    };
+    let remaining = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+    };
+
+    let body = serde_json::to_vec(request).expect("requests serialise");
+    stream
+        .set_write_timeout(Some(remaining().ok_or_else(too_slow)?))
+        .map_err(io_err)?;
+    stream.write_all(&body).map_err(io_err)?;
+    // Half-close: the agent reads the request to EOF.
+    stream.shutdown(std::net::Shutdown::Write).map_err(io_err)?;
+
+    // A read timeout bounds one read, so re-arm it with what is left.
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        stream
+            .set_read_timeout(Some(remaining().ok_or_else(too_slow)?))
+            .map_err(io_err)?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                reply.extend_from_slice(&buf[..n]);
+                if reply.len() as u64 > MAX_MESSAGE {
+                    return Err(err(
+                        codes::DECODE_FAILURE,
+                        "the agent's answer is too large",
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    serde_json::from_slice(&reply).map_err(|e| {
+        err(
+            codes::DECODE_FAILURE,
+            format!(
+                "the agent's answer is not valid ({e}): {:?}",
+                super::exec::head(&reply)
+            ),
+        )
+    })
+}
+
+/// `UnixStream::connect` with a bound: it can block when the agent's accept
+/// backlog is full. The connecting thread is left behind on timeout; the
+/// process exits right after.
+fn connect(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(UnixStream::connect(&p));
+    });
+    rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connect timed out after {timeout:?}"),
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_args_parse() {
+        assert_eq!(parse_cni_args("").unwrap(), vec![]);
+        assert_eq!(
+            parse_cni_args("IgnoreUnknown=1;K8S_POD_NAME=web;;X=a=b;E=").unwrap(),
+            vec![
+                ("IgnoreUnknown".into(), "1".into()),
+                ("K8S_POD_NAME".into(), "web".into()),
+                ("X".into(), "a=b".into()),
+                ("E".into(), String::new()),
+            ]
+        );
+        assert!(parse_cni_args("novalue").is_err());
+        assert!(parse_cni_args("=v").is_err());
+    }
+
+    #[test]
+    fn result_versions() {
+        let r = serde_json::json!({"cniVersion": "0.4.0", "ips": []});
+        assert_eq!(
+            convert_result(r.clone(), "0.3.1").unwrap()["cniVersion"],
+            "0.3.1"
+        );
+        assert_eq!(convert_result(r.clone(), "0.4.0").unwrap(), r);
+        let r1 = serde_json::json!({"cniVersion": "1.0.0", "ips": []});
+        assert_eq!(convert_result(r1.clone(), "1.0.0").unwrap(), r1);
+        let e = convert_result(r1, "0.4.0").unwrap_err();
+        assert_eq!(e.code, codes::INCOMPATIBLE_VERSION);
+        assert!(
+            e.msg.contains("1.0.0") && e.msg.contains("0.4.0"),
+            "{}",
+            e.msg
+        );
+        assert!(convert_result(r, "1.0.0").is_err());
+    }
+
+    fn run_with(env: &[(&str, &str)], stdin: &str) -> (i32, Value) {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut out = Vec::new();
+        let code = run(&env, &mut stdin.as_bytes(), &mut out);
+        let v = if out.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&out).unwrap()
+        };
+        (code, v)
+    }
+
+    #[test]
+    fn version_is_answered_locally() {
+        let (code, out) = run_with(&[("CNI_COMMAND", "VERSION")], "");
+        assert_eq!(code, 0);
+        assert_eq!(
+            out,
+            serde_json::json!({"cniVersion":"1.0.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0"]})
+        );
+    }
+
+    #[test]
+    fn bad_input_gives_cni_errors() {
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        type Env<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(Env, &str, u32, &str); 6] = [
+            (
+                &[("CNI_COMMAND", "FROB")],
+                "{}",
+                codes::INVALID_ENV,
+                "unknown CNI_COMMAND",
+            ),
+            (&env, "not json", codes::DECODE_FAILURE, "decoding"),
+            (
+                &env,
+                r#"{"cniVersion":"9.9.9","agentSocket":"/x"}"#,
+                codes::INCOMPATIBLE_VERSION,
+                "9.9.9",
+            ),
+            (
+                &env,
+                r#"{"cniVersion":"1.0.0"}"#,
+                codes::INVALID_CONFIG,
+                "agentSocket",
+            ),
+            (
+                &env[..2],
+                r#"{"cniVersion":"1.0.0","agentSocket":"/x"}"#,
+                codes::INVALID_ENV,
+                "CNI_IFNAME",
+            ),
+            (
+                &[
+                    ("CNI_COMMAND", "DEL"),
+                    ("CNI_CONTAINERID", "c1"),
+                    ("CNI_IFNAME", "eth0"),
+                    ("CNI_ARGS", "bad"),
+                ],
+                r#"{"cniVersion":"1.0.0","agentSocket":"/x"}"#,
+                codes::INVALID_ENV,
+                "CNI_ARGS",
+            ),
+        ];
+        for (env, stdin, code, msg) in cases {
+            let (rc, out) = run_with(env, stdin);
+            assert_eq!(rc, 1, "{stdin}");
+            assert_eq!(out["code"], code, "{out}");
+            assert!(out["msg"].as_str().unwrap().contains(msg), "{out}");
+            assert!(out["cniVersion"].is_string(), "{out}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Installs the delegating plugin where the container runtime looks for CNI
+//! plugins and configs: the running executable as `minilet-cni` in the
+//! runtime's bin dir, and `00-minilet.conflist` (a name that sorts first:
+//! containerd loads only the first config) in its conf dir.
+//!
+//! Side effects: creates those dirs, writes both files atomically (temp
+//! file in the same dir + rename); an identical file is left untouched, so
+//! restarts don't make the runtime reload its config.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+
+/// Name of the plugin binary (main dispatches on argv[0]).
+pub const PLUGIN_NAME: &str = "minilet-cni";
+/// Name of the config written to the runtime's conf dir.
+pub const CONF_NAME: &str = "00-minilet.conflist";
+
+/// Why installing the delegating plugin failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The running executable could not be read.
+    #[error("cannot read the running executable {}", path.display())]
+    ReadSelf {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A target file or dir could not be written.
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Installs the plugin binary and the runtime's network config.
+pub fn install(cfg: &Config) -> Result<(), InstallError> {
+    install_from(
+        Path::new("/proc/self/exe"),
+        &cfg.runtime_cni_bin_dir,
+        &cfg.runtime_cni_conf_dir,
+        &cfg.cni_socket(),
+    )
+}
+
+/// `install` with every path explicit (tests).
+pub fn install_from(
+    exe: &Path,
+    bin_dir: &Path,
+    conf_dir: &Path,
+    socket: &Path,
+) -> Result<(), InstallError> {
+    let binary = std::fs::read(exe).map_err(|source| InstallError::ReadSelf {
+        path: exe.to_path_buf(),
+        source,
+    })?;
+    write_if_changed(bin_dir, PLUGIN_NAME, &binary, 0o755)?;
+    write_if_changed(conf_dir, CONF_NAME, &runtime_conflist(socket), 0o644)?;
+    Ok(())
+}
+
+/// The config the runtime runs: the delegating plugin alone.
+pub fn runtime_conflist(socket: &Path) -> Vec<u8> {
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "minilet",
+        "plugins": [{
+            "type": PLUGIN_NAME,
+            "agentSocket": socket,
+            "timeoutSeconds": super::delegate::DEFAULT_TIMEOUT_SECONDS,
+            "capabilities": {"portMappings": true},
+        }],
+    });
+    let mut bytes = serde_json::to_vec_pretty(&conf).expect("JSON serialises");
+    bytes.push(b'\n');
+    bytes
+}
+
+fn write_if_changed(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+    let path = dir.join(name);
+    if std::fs::read(&path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
+    // Same dir as the target, so the rename is atomic: the runtime never
+    // execs or reads a half-written file.
+    super::cache::write_atomic(dir, &path, bytes, mode)
+        .map_err(|source| InstallError::Write { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn installs_binary_and_config_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("minilet");
+        std::fs::write(&exe, b"\x7fELF pretend").unwrap();
+        let bin = dir.path().join("opt/cni/bin");
+        let conf = dir.path().join("etc/cni/net.d");
+        let socket = Path::new("/var/lib/minilet/cni.sock");
+
+        install_from(&exe, &bin, &conf, socket).unwrap();
+        let plugin = bin.join("minilet-cni");
+        assert_eq!(std::fs::read(&plugin).unwrap(), b"\x7fELF pretend");
+        assert_eq!(
+            std::fs::metadata(&plugin).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(conf.join("00-minilet.conflist")).unwrap())
+                .unwrap();
+        assert_eq!(
+            written,
+            serde_json::json!({"cniVersion":"1.0.0","name":"minilet","plugins":[{
+                "type":"minilet-cni","agentSocket":"/var/lib/minilet/cni.sock",
+                "timeoutSeconds":60,"capabilities":{"portMappings":true}}]})
+        );
+        // Valid for our own loader too.
+        let list = crate::cni::config::load_default(&conf).unwrap();
+        assert_eq!(list.plugins[0].plugin_type, "minilet-cni");
+
+        // Identical content: files untouched (same inode).
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let (bin_ino, conf_ino) = (ino(&plugin), ino(&conf.join("00-minilet.conflist")));
+        install_from(&exe, &bin, &conf, socket).unwrap();
+        assert_eq!(ino(&plugin), bin_ino);
+        assert_eq!(ino(&conf.join("00-minilet.conflist")), conf_ino);
+
+        // New content: replaced by rename, no temp files left behind.
+        std::fs::write(&exe, b"\x7fELF v2").unwrap();
+        install_from(&exe, &bin, &conf, socket).unwrap();
+        assert_eq!(std::fs::read(&plugin).unwrap(), b"\x7fELF v2");
+        assert_ne!(ino(&plugin), bin_ino);
+        let names: Vec<_> = std::fs::read_dir(&bin)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["minilet-cni"]);
+    }
+
+    #[test]
+    fn missing_executable_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = install_from(
+            &dir.path().join("nope"),
+            dir.path(),
+            dir.path(),
+            Path::new("/s"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+}
