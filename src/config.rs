@@ -3,10 +3,193 @@
 //! same file, overridden by flags. Everything is validated here, before any
 //! task starts; `main` prints a `ConfigError` as one line and exits non-zero.
 //!
+//! Precedence, lowest first: built-in defaults, the config file, flags.
+//! Derived defaults are computed last, from the final values:
+//! `imageServiceEndpoint` from `containerRuntimeEndpoint`, `cniCacheDir`
+//! from `stateDir`.
+//!
+//! Unknown input is refused rather than guessed at: a field kubelet knows
+//! but minilet does not implement is ignored with one warning (so an
+//! existing kubelet config file works), a field nobody knows is an error
+//! (a typo would otherwise silently fall back to a default).
+//!
 //! Side effects: reads the config file, the host name. Nothing else.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+/// Where the host name is read from when --hostname-override is not given.
+const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
+
+const KUBELET_API_VERSION: &str = "kubelet.config.k8s.io/v1beta1";
+const KUBELET_KIND: &str = "KubeletConfiguration";
+const MINILET_API_VERSION: &str = "minilet.io/v1alpha1";
+const MINILET_KIND: &str = "MiniletConfiguration";
+
+/// KubeletConfiguration fields minilet implements.
+const KUBELET_SUPPORTED: &[&str] = &[
+    "staticPodPath",
+    "containerRuntimeEndpoint",
+    "imageServiceEndpoint",
+    "podLogsDir",
+    "maxPods",
+    "runtimeRequestTimeout",
+    "fileCheckFrequency",
+    "syncFrequency",
+    "resolvConf",
+    "clusterDNS",
+    "clusterDomain",
+];
+
+/// MiniletConfiguration fields.
+const MINILET_SUPPORTED: &[&str] = &[
+    "stateDir",
+    "cniConfDir",
+    "cniBinDirs",
+    "cniCacheDir",
+    "runtimeCNIConfDir",
+    "runtimeCNIBinDir",
+    "cniPluginTimeout",
+];
+
+/// Every JSON field name of kubelet's `KubeletConfiguration` v1beta1
+/// (k8s.io/kubelet/config/v1beta1/types.go, besides apiVersion and kind).
+/// Names minilet does not support are ignored with a warning; a name outside
+/// this list is an error.
+const KUBELET_FIELDS: &[&str] = &[
+    "enableServer",
+    "staticPodPath",
+    "podLogsDir",
+    "syncFrequency",
+    "fileCheckFrequency",
+    "httpCheckFrequency",
+    "staticPodURL",
+    "staticPodURLHeader",
+    "address",
+    "port",
+    "readOnlyPort",
+    "tlsCertFile",
+    "tlsPrivateKeyFile",
+    "tlsCipherSuites",
+    "tlsCurvePreferences",
+    "tlsMinVersion",
+    "rotateCertificates",
+    "serverTLSBootstrap",
+    "authentication",
+    "authorization",
+    "registryPullQPS",
+    "registryBurst",
+    "imagePullCredentialsVerificationPolicy",
+    "preloadedImagesVerificationAllowlist",
+    "eventRecordQPS",
+    "eventBurst",
+    "enableDebuggingHandlers",
+    "enableContentionProfiling",
+    "healthzPort",
+    "healthzBindAddress",
+    "oomScoreAdj",
+    "clusterDomain",
+    "clusterDNS",
+    "streamingConnectionIdleTimeout",
+    "nodeStatusUpdateFrequency",
+    "nodeStatusReportFrequency",
+    "nodeLeaseDurationSeconds",
+    "imageMinimumGCAge",
+    "imageMaximumGCAge",
+    "imageGCHighThresholdPercent",
+    "imageGCLowThresholdPercent",
+    "volumeStatsAggPeriod",
+    "kubeletCgroups",
+    "systemCgroups",
+    "cgroupRoot",
+    "cgroupsPerQOS",
+    "cgroupDriver",
+    "cpuManagerPolicy",
+    "singleProcessOOMKill",
+    "cpuManagerPolicyOptions",
+    "cpuManagerReconcilePeriod",
+    "draManagerReconcilePeriod",
+    "memoryManagerPolicy",
+    "topologyManagerPolicy",
+    "topologyManagerScope",
+    "topologyManagerPolicyOptions",
+    "qosReserved",
+    "runtimeRequestTimeout",
+    "hairpinMode",
+    "maxPods",
+    "podCIDR",
+    "podPidsLimit",
+    "resolvConf",
+    "runOnce",
+    "cpuCFSQuota",
+    "cpuCFSQuotaPeriod",
+    "nodeStatusMaxImages",
+    "maxOpenFiles",
+    "contentType",
+    "kubeAPIQPS",
+    "kubeAPIBurst",
+    "serializeImagePulls",
+    "maxParallelImagePulls",
+    "evictionHard",
+    "evictionSoft",
+    "evictionSoftGracePeriod",
+    "evictionPressureTransitionPeriod",
+    "evictionMaxPodGracePeriod",
+    "evictionMinimumReclaim",
+    "mergeDefaultEvictionSettings",
+    "podsPerCore",
+    "enableControllerAttachDetach",
+    "protectKernelDefaults",
+    "makeIPTablesUtilChains",
+    "iptablesMasqueradeBit",
+    "iptablesDropBit",
+    "featureGates",
+    "failSwapOn",
+    "memorySwap",
+    "containerLogMaxSize",
+    "containerLogMaxFiles",
+    "containerLogMaxWorkers",
+    "containerLogMonitorInterval",
+    "configMapAndSecretChangeDetectionStrategy",
+    "systemReserved",
+    "kubeReserved",
+    "reservedSystemCPUs",
+    "showHiddenMetricsForVersion",
+    "systemReservedCgroup",
+    "kubeReservedCgroup",
+    "enforceNodeAllocatable",
+    "allowedUnsafeSysctls",
+    "volumePluginDir",
+    "providerID",
+    "kernelMemcgNotification",
+    "logging",
+    "enableSystemLogHandler",
+    "enableSystemLogQuery",
+    "shutdownGracePeriod",
+    "shutdownGracePeriodCriticalPods",
+    "shutdownGracePeriodByPodPriority",
+    "crashLoopBackOff",
+    "reservedMemory",
+    "enableProfilingHandler",
+    "enableDebugFlagsHandler",
+    "seccompDefault",
+    "memoryThrottlingFactor",
+    "memoryReservationPolicy",
+    "registerWithTaints",
+    "registerNode",
+    "tracing",
+    "localStorageCapacityIsolation",
+    "containerRuntimeEndpoint",
+    "imageServiceEndpoint",
+    "failCgroupV1",
+    "userNamespaces",
+];
 
 /// Command-line flags that override the file (kubelet's flag names).
 #[derive(Clone, Debug, Default)]
@@ -77,5 +260,1280 @@ impl Config {
     /// Host directory holding a pod's volumes (kubelet's layout).
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
         self.state_dir.join("pods").join(uid)
+    }
+}
+
+impl Config {
+    /// The configuration with every default, for `node_name` (what `load`
+    /// returns for no config file and no flags besides the node name).
+    pub fn default_for(node_name: impl Into<String>) -> Config {
+        let state_dir = PathBuf::from("/var/lib/minilet");
+        Config {
+            node_name: node_name.into(),
+            static_pod_path: None,
+            container_runtime_endpoint: "unix:///run/containerd/containerd.sock".into(),
+            image_service_endpoint: "unix:///run/containerd/containerd.sock".into(),
+            pod_logs_dir: "/var/log/pods".into(),
+            max_pods: 110,
+            runtime_request_timeout: Duration::from_secs(120),
+            file_check_frequency: Duration::from_secs(20),
+            sync_frequency: Duration::from_secs(60),
+            resolv_conf: "/etc/resolv.conf".into(),
+            cluster_dns: Vec::new(),
+            cluster_domain: String::new(),
+            cni_cache_dir: state_dir.join("cni/cache"),
+            state_dir,
+            cni_conf_dir: "/etc/minilet/net.d".into(),
+            cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
+            runtime_cni_conf_dir: "/etc/cni/net.d".into(),
+            runtime_cni_bin_dir: "/opt/cni/bin".into(),
+            cni_plugin_timeout: Duration::from_secs(30),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// Where a setting's value came from, named in validation errors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A document of the config file (`doc` counts from 1).
+    File { path: PathBuf, doc: usize },
+    /// A command-line flag, e.g. `--root-dir`.
+    Flag(&'static str),
+    /// The host name file, when --hostname-override is not given.
+    HostName(PathBuf),
+    /// A built-in default, or one derived from another setting.
+    Default,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File { path, doc } => {
+                write!(f, "config file {} (document {doc})", path.display())
+            }
+            Origin::Flag(flag) => write!(f, "flag {flag}"),
+            Origin::HostName(path) => write!(f, "host name from {}", path.display()),
+            Origin::Default => f.write_str("default"),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded. Each variant displays as one
+/// line naming the file (or flag) and the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--config` names a file that does not exist.
+    #[error("config file {} does not exist", .path.display())]
+    NotFound { path: PathBuf },
+    /// The config file exists but cannot be read (permission denied, a
+    /// directory, not UTF-8...).
+    #[error("cannot read config file {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not valid YAML; `at` is "line L column C" when known.
+    #[error("config file {}: invalid YAML at {at}: {reason}", .path.display())]
+    Yaml {
+        path: PathBuf,
+        at: String,
+        reason: String,
+    },
+    /// A document that is not a mapping of fields.
+    #[error("config file {} (document {doc}): expected a mapping of fields", .path.display())]
+    NotAMapping { path: PathBuf, doc: usize },
+    /// A document whose apiVersion/kind pair minilet does not know.
+    #[error(
+        "config file {} (document {doc}): unknown apiVersion {} / kind {}; expected {KUBELET_API_VERSION} {KUBELET_KIND} or {MINILET_API_VERSION} {MINILET_KIND}",
+        .path.display(), show_opt(.api_version), show_opt(.kind)
+    )]
+    UnknownKind {
+        path: PathBuf,
+        doc: usize,
+        api_version: Option<String>,
+        kind: Option<String>,
+    },
+    /// The same kind of document twice in one file.
+    #[error("config file {} (document {doc}): a second {kind} document (the first is document {first})", .path.display())]
+    DuplicateKind {
+        path: PathBuf,
+        doc: usize,
+        kind: &'static str,
+        first: usize,
+    },
+    /// A field that is not part of the document's kind; `hint` suggests
+    /// the name that was probably meant.
+    #[error("config file {} (document {doc}): unknown {kind} field {field:?}{}", .path.display(), show_hint(.hint))]
+    UnknownField {
+        path: PathBuf,
+        doc: usize,
+        kind: &'static str,
+        field: String,
+        hint: Option<String>,
+    },
+    /// A value of the wrong type, malformed or out of range.
+    #[error("{origin}: invalid {field} {value}: {reason}")]
+    Invalid {
+        origin: Origin,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// No --hostname-override and the host name cannot be read.
+    #[error("cannot read the host name from {} (use --hostname-override)", .path.display())]
+    HostName {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn show_opt(v: &Option<String>) -> String {
+    match v {
+        Some(s) => format!("{s:?}"),
+        None => "(missing)".into(),
+    }
+}
+
+fn show_hint(hint: &Option<String>) -> String {
+    hint.as_ref().map(|h| format!("; {h}")).unwrap_or_default()
+}
+
+/// Loads the config file named by `flags.config` (if any), applies the
+/// flags and the defaults, and validates the result.
+pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+    let file = match &flags.config {
+        None => None,
+        Some(path) => Some((path.as_path(), read_file(path)?)),
+    };
+    let file = file.as_ref().map(|(p, text)| (*p, text.as_str()));
+    resolve(flags, file, &read_host_name)
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => ConfigError::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+fn read_host_name() -> Result<(String, Origin), ConfigError> {
+    let path = PathBuf::from(HOSTNAME_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(name) => Ok((name, Origin::HostName(path))),
+        Err(source) => Err(ConfigError::HostName { path, source }),
+    }
+}
+
+/// A value and where it came from.
+#[derive(Clone, Debug)]
+struct Setting<T> {
+    value: T,
+    origin: Origin,
+}
+
+/// What the config file set; `None` = not set (absent or null).
+#[derive(Default, Debug)]
+struct FileSettings {
+    static_pod_path: Option<Setting<String>>,
+    container_runtime_endpoint: Option<Setting<String>>,
+    image_service_endpoint: Option<Setting<String>>,
+    pod_logs_dir: Option<Setting<String>>,
+    max_pods: Option<u32>,
+    runtime_request_timeout: Option<Duration>,
+    file_check_frequency: Option<Duration>,
+    sync_frequency: Option<Duration>,
+    resolv_conf: Option<Setting<String>>,
+    cluster_dns: Option<Setting<Vec<String>>>,
+    cluster_domain: Option<Setting<String>>,
+    state_dir: Option<Setting<String>>,
+    cni_conf_dir: Option<Setting<String>>,
+    cni_bin_dirs: Option<Setting<Vec<String>>>,
+    cni_cache_dir: Option<Setting<String>>,
+    runtime_cni_conf_dir: Option<Setting<String>>,
+    runtime_cni_bin_dir: Option<Setting<String>>,
+    cni_plugin_timeout: Option<Duration>,
+    /// Kubelet fields present but not implemented, in file order.
+    unsupported: Vec<String>,
+}
+
+/// The whole of `load` minus the I/O: `file` is (path, contents).
+fn resolve(
+    flags: &Flags,
+    file: Option<(&Path, &str)>,
+    host_name: &dyn Fn() -> Result<(String, Origin), ConfigError>,
+) -> Result<Config, ConfigError> {
+    let fs = match file {
+        Some((path, text)) => parse_file(path, text)?,
+        None => FileSettings::default(),
+    };
+    let mut cfg = Config::default_for("");
+    if let (Some((path, _)), false) = (file, fs.unsupported.is_empty()) {
+        cfg.warnings.push(format!(
+            "config file {}: KubeletConfiguration fields not supported by minilet and ignored: {}",
+            path.display(),
+            fs.unsupported.join(", ")
+        ));
+    }
+
+    // The node name: kubelet trims and lowercases the override too.
+    let (raw_name, origin) = match &flags.hostname_override {
+        Some(name) => (name.clone(), Origin::Flag("--hostname-override")),
+        None => host_name()?,
+    };
+    cfg.node_name = raw_name.trim().to_lowercase();
+    if !is_dns1123_subdomain(&cfg.node_name) {
+        return Err(invalid(
+            origin,
+            "nodeName",
+            format!("{:?}", cfg.node_name),
+            "must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', at most 253 characters)",
+        ));
+    }
+
+    // Flags over file over defaults; each path and endpoint validated with
+    // the origin of the value that won.
+    let static_pod_path = pick_path_flag(
+        &flags.pod_manifest_path,
+        "--pod-manifest-path",
+        fs.static_pod_path,
+    );
+    cfg.static_pod_path = match static_pod_path {
+        // kubelet: an empty staticPodPath means no static pods.
+        Some(s) if s.value.is_empty() => None,
+        Some(s) => Some(abs_path(s, "staticPodPath")?),
+        None => None,
+    };
+
+    let runtime = match &flags.container_runtime_endpoint {
+        Some(v) => Some(Setting {
+            value: v.clone(),
+            origin: Origin::Flag("--container-runtime-endpoint"),
+        }),
+        None => fs.container_runtime_endpoint,
+    };
+    if let Some(s) = runtime {
+        cfg.container_runtime_endpoint = endpoint(s, "containerRuntimeEndpoint")?;
+    }
+    cfg.image_service_endpoint = match fs.image_service_endpoint {
+        Some(s) => endpoint(s, "imageServiceEndpoint")?,
+        None => cfg.container_runtime_endpoint.clone(),
+    };
+
+    set_path(&mut cfg.pod_logs_dir, fs.pod_logs_dir, "podLogsDir")?;
+    set_path(&mut cfg.resolv_conf, fs.resolv_conf, "resolvConf")?;
+    if let Some(v) = fs.max_pods {
+        cfg.max_pods = v;
+    }
+    if let Some(v) = fs.runtime_request_timeout {
+        cfg.runtime_request_timeout = v;
+    }
+    if let Some(v) = fs.file_check_frequency {
+        cfg.file_check_frequency = v;
+    }
+    if let Some(v) = fs.sync_frequency {
+        cfg.sync_frequency = v;
+    }
+    if let Some(s) = fs.cluster_dns {
+        for ip in &s.value {
+            if ip.parse::<IpAddr>().is_err() {
+                return Err(invalid(
+                    s.origin,
+                    "clusterDNS",
+                    format!("{ip:?}"),
+                    "must be a list of IP addresses",
+                ));
+            }
+        }
+        cfg.cluster_dns = s.value;
+    }
+    if let Some(s) = fs.cluster_domain {
+        let bare = s.value.strip_suffix('.').unwrap_or(&s.value);
+        if !s.value.is_empty() && !is_dns1123_subdomain(bare) {
+            return Err(invalid(
+                s.origin,
+                "clusterDomain",
+                format!("{:?}", s.value),
+                "must be a DNS-1123 subdomain such as cluster.local",
+            ));
+        }
+        cfg.cluster_domain = s.value;
+    }
+
+    let state_dir = pick_path_flag(&flags.root_dir, "--root-dir", fs.state_dir);
+    if let Some(s) = state_dir {
+        cfg.state_dir = abs_path(s, "stateDir")?;
+    }
+    set_path(&mut cfg.cni_conf_dir, fs.cni_conf_dir, "cniConfDir")?;
+    if let Some(s) = fs.cni_bin_dirs {
+        if s.value.is_empty() {
+            return Err(invalid(
+                s.origin,
+                "cniBinDirs",
+                "[]".into(),
+                "must list at least one directory",
+            ));
+        }
+        cfg.cni_bin_dirs = s
+            .value
+            .into_iter()
+            .map(|value| {
+                abs_path(
+                    Setting {
+                        value,
+                        origin: s.origin.clone(),
+                    },
+                    "cniBinDirs",
+                )
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    // Derived from the final stateDir, flags included.
+    cfg.cni_cache_dir = match fs.cni_cache_dir {
+        Some(s) => abs_path(s, "cniCacheDir")?,
+        None => cfg.state_dir.join("cni/cache"),
+    };
+    set_path(
+        &mut cfg.runtime_cni_conf_dir,
+        fs.runtime_cni_conf_dir,
+        "runtimeCNIConfDir",
+    )?;
+    set_path(
+        &mut cfg.runtime_cni_bin_dir,
+        fs.runtime_cni_bin_dir,
+        "runtimeCNIBinDir",
+    )?;
+    if let Some(v) = fs.cni_plugin_timeout {
+        cfg.cni_plugin_timeout = v;
+    }
+    Ok(cfg)
+}
+
+fn invalid(origin: Origin, field: &'static str, value: String, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        origin,
+        field,
+        value,
+        reason: reason.to_string(),
+    }
+}
+
+fn pick_path_flag(
+    flag: &Option<PathBuf>,
+    name: &'static str,
+    file: Option<Setting<String>>,
+) -> Option<Setting<String>> {
+    match flag {
+        Some(p) => Some(Setting {
+            value: p.to_string_lossy().into_owned(),
+            origin: Origin::Flag(name),
+        }),
+        None => file,
+    }
+}
+
+fn abs_path(s: Setting<String>, field: &'static str) -> Result<PathBuf, ConfigError> {
+    let path = PathBuf::from(&s.value);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(invalid(
+            s.origin,
+            field,
+            format!("{:?}", s.value),
+            "must be an absolute path",
+        ))
+    }
+}
+
+fn set_path(
+    slot: &mut PathBuf,
+    s: Option<Setting<String>>,
+    field: &'static str,
+) -> Result<(), ConfigError> {
+    if let Some(s) = s {
+        *slot = abs_path(s, field)?;
+    }
+    Ok(())
+}
+
+fn endpoint(s: Setting<String>, field: &'static str) -> Result<String, ConfigError> {
+    // Only unix sockets: minilet dials nothing else, and an absolute socket
+    // path keeps "unix://relative" mistakes out.
+    match s.value.strip_prefix("unix://") {
+        Some(rest) if rest.starts_with('/') => Ok(s.value),
+        _ => Err(invalid(
+            s.origin,
+            field,
+            format!("{:?}", s.value),
+            "must be a unix socket URL such as unix:///run/containerd/containerd.sock",
+        )),
+    }
+}
+
+/// Which document kinds a file may hold.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DocKind {
+    Kubelet,
+    Minilet,
+}
+
+impl DocKind {
+    fn name(self) -> &'static str {
+        match self {
+            DocKind::Kubelet => KUBELET_KIND,
+            DocKind::Minilet => MINILET_KIND,
+        }
+    }
+    fn supported(self) -> &'static [&'static str] {
+        match self {
+            DocKind::Kubelet => KUBELET_SUPPORTED,
+            DocKind::Minilet => MINILET_SUPPORTED,
+        }
+    }
+    fn other(self) -> DocKind {
+        match self {
+            DocKind::Kubelet => DocKind::Minilet,
+            DocKind::Minilet => DocKind::Kubelet,
+        }
+    }
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileSettings, ConfigError> {
+    let mut fs = FileSettings::default();
+    let mut seen: Vec<(DocKind, usize)> = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc = i + 1;
+        let value = Value::deserialize(de).map_err(|e| yaml_error(path, doc, &e))?;
+        let map = match value {
+            // An empty document (only comments, or a trailing `---`).
+            Value::Null => continue,
+            Value::Mapping(m) => m,
+            _ => {
+                return Err(ConfigError::NotAMapping {
+                    path: path.to_path_buf(),
+                    doc,
+                });
+            }
+        };
+        let api_version = map.get("apiVersion").and_then(Value::as_str);
+        let kind_name = map.get("kind").and_then(Value::as_str);
+        let kind = match (api_version, kind_name) {
+            (Some(KUBELET_API_VERSION), Some(KUBELET_KIND)) => DocKind::Kubelet,
+            (Some(MINILET_API_VERSION), Some(MINILET_KIND)) => DocKind::Minilet,
+            _ => {
+                return Err(ConfigError::UnknownKind {
+                    path: path.to_path_buf(),
+                    doc,
+                    api_version: api_version.map(str::to_string),
+                    kind: kind_name.map(str::to_string),
+                });
+            }
+        };
+        if let Some(&(_, first)) = seen.iter().find(|(k, _)| *k == kind) {
+            return Err(ConfigError::DuplicateKind {
+                path: path.to_path_buf(),
+                doc,
+                kind: kind.name(),
+                first,
+            });
+        }
+        seen.push((kind, doc));
+        let ctx = DocCtx { path, doc, kind };
+        for (key, value) in &map {
+            let Some(field) = key.as_str() else {
+                return Err(ctx.unknown_field(show(key)));
+            };
+            if field == "apiVersion" || field == "kind" {
+                continue;
+            }
+            match kind {
+                DocKind::Kubelet => read_kubelet_field(&ctx, field, value, &mut fs)?,
+                DocKind::Minilet => read_minilet_field(&ctx, field, value, &mut fs)?,
+            }
+        }
+    }
+    Ok(fs)
+}
+
+fn yaml_error(path: &Path, doc: usize, e: &serde_yaml::Error) -> ConfigError {
+    let text = e.to_string();
+    // serde_yaml's message carries " at line L column C"; the position goes
+    // in `at` instead, so the line does not say it twice.
+    let (at, reason) = match e.location() {
+        Some(loc) => {
+            let at = format!("line {} column {}", loc.line(), loc.column());
+            (at.clone(), text.replacen(&format!(" at {at}"), "", 1))
+        }
+        None => (format!("document {doc}"), text),
+    };
+    ConfigError::Yaml {
+        path: path.to_path_buf(),
+        at,
+        reason,
+    }
+}
+
+/// The document a field is read from.
+struct DocCtx<'a> {
+    path: &'a Path,
+    doc: usize,
+    kind: DocKind,
+}
+
+impl DocCtx<'_> {
+    fn origin(&self) -> Origin {
+        Origin::File {
+            path: self.path.to_path_buf(),
+            doc: self.doc,
+        }
+    }
+
+    fn setting<T>(&self, value: T) -> Setting<T> {
+        Setting {
+            value,
+            origin: self.origin(),
+        }
+    }
+
+    fn invalid(&self, field: &'static str, value: &Value, reason: &str) -> ConfigError {
+        invalid(self.origin(), field, show(value), reason)
+    }
+
+    fn unknown_field(&self, field: String) -> ConfigError {
+        let other = self.kind.other();
+        let hint = if other.supported().contains(&field.as_str()) {
+            Some(format!("{field} belongs in the {} document", other.name()))
+        } else {
+            closest(&field, self.kind.supported()).map(|name| format!("did you mean {name}?"))
+        };
+        ConfigError::UnknownField {
+            path: self.path.to_path_buf(),
+            doc: self.doc,
+            kind: self.kind.name(),
+            field,
+            hint,
+        }
+    }
+
+    /// A string; `None` for null.
+    fn string(
+        &self,
+        field: &'static str,
+        v: &Value,
+    ) -> Result<Option<Setting<String>>, ConfigError> {
+        match v {
+            Value::Null => Ok(None),
+            Value::String(s) => Ok(Some(self.setting(s.clone()))),
+            _ => Err(self.invalid(field, v, "must be a string")),
+        }
+    }
+
+    /// A list of strings; `None` for null.
+    fn strings(
+        &self,
+        field: &'static str,
+        v: &Value,
+    ) -> Result<Option<Setting<Vec<String>>>, ConfigError> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Sequence(items) => items
+                .iter()
+                .map(|item| match item {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(self.invalid(field, item, "must be a list of strings")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|list| Some(self.setting(list))),
+            _ => Err(self.invalid(field, v, "must be a list of strings")),
+        }
+    }
+
+    /// A Go duration string ("1m30s"), greater than zero; `None` for null.
+    fn duration(&self, field: &'static str, v: &Value) -> Result<Option<Duration>, ConfigError> {
+        let s = match v {
+            Value::Null => return Ok(None),
+            Value::String(s) => s,
+            _ => {
+                return Err(self.invalid(field, v, "must be a duration string such as \"1m30s\""));
+            }
+        };
+        match parse_go_duration(s) {
+            Ok(d) if d.is_zero() => Err(self.invalid(field, v, "must be greater than zero")),
+            Ok(d) => Ok(Some(d)),
+            Err(reason) => Err(self.invalid(field, v, &reason)),
+        }
+    }
+}
+
+fn read_kubelet_field(
+    ctx: &DocCtx<'_>,
+    field: &str,
+    v: &Value,
+    fs: &mut FileSettings,
+) -> Result<(), ConfigError> {
+    match field {
+        "staticPodPath" => fs.static_pod_path = ctx.string("staticPodPath", v)?,
+        "containerRuntimeEndpoint" => {
+            fs.container_runtime_endpoint = ctx.string("containerRuntimeEndpoint", v)?;
+        }
+        "imageServiceEndpoint" => {
+            fs.image_service_endpoint = ctx.string("imageServiceEndpoint", v)?;
+        }
+        "podLogsDir" => fs.pod_logs_dir = ctx.string("podLogsDir", v)?,
+        "maxPods" => {
+            fs.max_pods = match v {
+                Value::Null => None,
+                Value::Number(n) => match n.as_i64() {
+                    Some(n) if n < 1 => {
+                        return Err(ctx.invalid("maxPods", v, "must be at least 1"));
+                    }
+                    Some(n) => Some(
+                        u32::try_from(n)
+                            .map_err(|_| ctx.invalid("maxPods", v, "must be at most 4294967295"))?,
+                    ),
+                    None => return Err(ctx.invalid("maxPods", v, "must be a whole number")),
+                },
+                _ => return Err(ctx.invalid("maxPods", v, "must be a whole number")),
+            };
+        }
+        "runtimeRequestTimeout" => {
+            fs.runtime_request_timeout = ctx.duration("runtimeRequestTimeout", v)?;
+        }
+        "fileCheckFrequency" => {
+            fs.file_check_frequency = ctx.duration("fileCheckFrequency", v)?;
+        }
+        "syncFrequency" => fs.sync_frequency = ctx.duration("syncFrequency", v)?,
+        "resolvConf" => fs.resolv_conf = ctx.string("resolvConf", v)?,
+        "clusterDNS" => fs.cluster_dns = ctx.strings("clusterDNS", v)?,
+        "clusterDomain" => fs.cluster_domain = ctx.string("clusterDomain", v)?,
+        _ if KUBELET_FIELDS.contains(&field) => fs.unsupported.push(field.to_string()),
+        _ => return Err(ctx.unknown_field(field.to_string())),
+    }
+    Ok(())
+}
+
+fn read_minilet_field(
+    ctx: &DocCtx<'_>,
+    field: &str,
+    v: &Value,
+    fs: &mut FileSettings,
+) -> Result<(), ConfigError> {
+    match field {
+        "stateDir" => fs.state_dir = ctx.string("stateDir", v)?,
+        "cniConfDir" => fs.cni_conf_dir = ctx.string("cniConfDir", v)?,
+        "cniBinDirs" => fs.cni_bin_dirs = ctx.strings("cniBinDirs", v)?,
+        "cniCacheDir" => fs.cni_cache_dir = ctx.string("cniCacheDir", v)?,
+        "runtimeCNIConfDir" => fs.runtime_cni_conf_dir = ctx.string("runtimeCNIConfDir", v)?,
+        "runtimeCNIBinDir" => fs.runtime_cni_bin_dir = ctx.string("runtimeCNIBinDir", v)?,
+        "cniPluginTimeout" => fs.cni_plugin_timeout = ctx.duration("cniPluginTimeout", v)?,
+        _ => return Err(ctx.unknown_field(field.to_string())),
+    }
+    Ok(())
+}
+
+/// A YAML value as people wrote it, for error messages.
+fn show(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Sequence(_) => "(a list)".into(),
+        Value::Mapping(_) => "(a mapping)".into(),
+        Value::Tagged(t) => format!("(a value tagged {})", t.tag),
+    }
+}
+
+/// The supported name closest to `field` within edit distance 2, compared
+/// case-insensitively.
+fn closest(field: &str, names: &[&'static str]) -> Option<&'static str> {
+    let lower = field.to_lowercase();
+    names
+        .iter()
+        .map(|name| (edit_distance(&lower, &name.to_lowercase()), *name))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, name)| name)
+}
+
+/// Levenshtein distance over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Parses a Go `time.ParseDuration` string: an optional sign, then one or
+/// more decimal numbers (with an optional fraction) each followed by a unit
+/// (ns, us, µs, ms, s, m, h); "0" alone needs no unit. Negative durations
+/// are refused: no minilet setting can use one.
+pub(crate) fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    const UNITS: &[(&str, u128)] = &[
+        ("ns", 1),
+        ("us", 1_000),
+        ("\u{b5}s", 1_000),
+        ("\u{3bc}s", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+    ];
+    let bad = || format!("{s:?} is not a duration such as \"300ms\", \"1m30s\" or \"2h\"");
+    let mut rest = s;
+    if let Some(r) = rest.strip_prefix('-') {
+        if r != "0" {
+            return Err("must not be negative".into());
+        }
+        rest = r;
+    } else if let Some(r) = rest.strip_prefix('+') {
+        rest = r;
+    }
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (int_digits, after) = rest.split_at(int_len);
+        let (frac_digits, after) = match after.strip_prefix('.') {
+            Some(a) => {
+                let n = a.bytes().take_while(u8::is_ascii_digit).count();
+                a.split_at(n)
+            }
+            None => ("", after),
+        };
+        if int_digits.is_empty() && frac_digits.is_empty() {
+            return Err(bad());
+        }
+        let unit_len = after
+            .char_indices()
+            .find(|(_, c)| c.is_ascii_digit() || *c == '.')
+            .map_or(after.len(), |(i, _)| i);
+        let (unit, after) = after.split_at(unit_len);
+        let Some(&(_, scale)) = UNITS.iter().find(|(name, _)| *name == unit) else {
+            return Err(bad());
+        };
+        let int: u128 = if int_digits.is_empty() {
+            0
+        } else {
+            int_digits
+                .parse()
+                .map_err(|_| "is out of range".to_string())?
+        };
+        let mut part = int.checked_mul(scale).ok_or("is out of range")?;
+        // Fractions beyond nanosecond precision are dropped, as Go does.
+        let frac_digits = &frac_digits[..frac_digits.len().min(18)];
+        if !frac_digits.is_empty() {
+            let frac: u128 = frac_digits.parse().map_err(|_| bad())?;
+            let denom = 10u128.pow(u32::try_from(frac_digits.len()).unwrap_or(18));
+            part += frac * scale / denom;
+        }
+        total = total.checked_add(part).ok_or("is out of range")?;
+        if total > i64::MAX as u128 {
+            return Err("is out of range".into());
+        }
+        rest = after;
+    }
+    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| "is out of range".to_string())?;
+    // The remainder is below 1e9 and so fits in u32.
+    let nanos = (total % 1_000_000_000) as u32;
+    Ok(Duration::new(secs, nanos))
+}
+
+/// Whether `s` is a DNS-1123 subdomain (Kubernetes object and node names):
+/// at most 253 characters, dot-separated parts of lowercase letters, digits
+/// and '-', each starting and ending with a letter or digit.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(dns_part_ok)
+}
+
+/// Whether `s` is a DNS-1123 label (namespaces, container names): one
+/// subdomain part of at most 63 characters.
+pub fn is_dns1123_label(s: &str) -> bool {
+    s.len() <= 63 && dns_part_ok(s)
+}
+
+fn dns_part_ok(part: &str) -> bool {
+    let b = part.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    match (b.first(), b.last()) {
+        (Some(first), Some(last)) => {
+            alnum(first) && alnum(last) && b.iter().all(|c| alnum(c) || *c == b'-')
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Result<(String, Origin), ConfigError> {
+        Ok(("Host-1\n".into(), Origin::HostName(HOSTNAME_FILE.into())))
+    }
+
+    fn flags() -> Flags {
+        Flags::default()
+    }
+
+    fn from_text(flags: &Flags, text: &str) -> Result<Config, ConfigError> {
+        resolve(
+            flags,
+            Some((Path::new("/etc/minilet/config.yaml"), text)),
+            &host,
+        )
+    }
+
+    const KUBELET: &str = "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n";
+    const MINILET: &str = "apiVersion: minilet.io/v1alpha1\nkind: MiniletConfiguration\n";
+
+    #[test]
+    fn defaults_without_a_file() {
+        let cfg = resolve(&flags(), None, &host).unwrap();
+        assert_eq!(cfg, Config::default_for("host-1"));
+        assert_eq!(
+            cfg.cni_cache_dir,
+            PathBuf::from("/var/lib/minilet/cni/cache")
+        );
+        assert_eq!(cfg.image_service_endpoint, cfg.container_runtime_endpoint);
+    }
+
+    #[test]
+    fn defaults_with_empty_documents() {
+        for text in [
+            "",
+            "# nothing\n",
+            KUBELET,
+            &format!("{KUBELET}---\n{MINILET}---\n"),
+        ] {
+            let cfg = from_text(&flags(), text).unwrap();
+            assert_eq!(cfg, Config::default_for("host-1"), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn file_values_and_flag_overrides() {
+        let file = format!(
+            "{KUBELET}staticPodPath: /etc/kubernetes/manifests\n\
+             containerRuntimeEndpoint: unix:///run/crio/crio.sock\n\
+             podLogsDir: /logs\nmaxPods: 5\nruntimeRequestTimeout: 1m30s\n\
+             fileCheckFrequency: 500ms\nsyncFrequency: 1h\nresolvConf: /run/resolv.conf\n\
+             clusterDNS: [10.96.0.10, 'fd00::a']\nclusterDomain: cluster.local\n\
+             ---\n{MINILET}stateDir: /srv/minilet\ncniConfDir: /a\ncniBinDirs: [/b]\n\
+             runtimeCNIConfDir: /c\nruntimeCNIBinDir: /d\ncniPluginTimeout: 5s\n"
+        );
+        let full_flags = Flags {
+            config: None,
+            pod_manifest_path: Some("/m".into()),
+            container_runtime_endpoint: Some("unix:///x.sock".into()),
+            root_dir: Some("/root-dir".into()),
+            hostname_override: Some(" Node.Example ".into()),
+        };
+        type Check = fn(&Config);
+        let cases: Vec<(&str, Flags, Check)> = vec![
+            ("file only", flags(), |c| {
+                assert_eq!(c.node_name, "host-1");
+                assert_eq!(c.static_pod_path, Some("/etc/kubernetes/manifests".into()));
+                assert_eq!(c.container_runtime_endpoint, "unix:///run/crio/crio.sock");
+                // imageServiceEndpoint follows the runtime endpoint.
+                assert_eq!(c.image_service_endpoint, "unix:///run/crio/crio.sock");
+                assert_eq!(c.pod_logs_dir, PathBuf::from("/logs"));
+                assert_eq!(c.max_pods, 5);
+                assert_eq!(c.runtime_request_timeout, Duration::from_secs(90));
+                assert_eq!(c.file_check_frequency, Duration::from_millis(500));
+                assert_eq!(c.sync_frequency, Duration::from_secs(3600));
+                assert_eq!(c.resolv_conf, PathBuf::from("/run/resolv.conf"));
+                assert_eq!(c.cluster_dns, ["10.96.0.10", "fd00::a"]);
+                assert_eq!(c.cluster_domain, "cluster.local");
+                assert_eq!(c.state_dir, PathBuf::from("/srv/minilet"));
+                assert_eq!(c.cni_cache_dir, PathBuf::from("/srv/minilet/cni/cache"));
+                assert_eq!(c.cni_conf_dir, PathBuf::from("/a"));
+                assert_eq!(c.cni_bin_dirs, [PathBuf::from("/b")]);
+                assert_eq!(c.runtime_cni_conf_dir, PathBuf::from("/c"));
+                assert_eq!(c.runtime_cni_bin_dir, PathBuf::from("/d"));
+                assert_eq!(c.cni_plugin_timeout, Duration::from_secs(5));
+                assert!(c.warnings.is_empty());
+            }),
+            ("flags win", full_flags, |c| {
+                assert_eq!(c.node_name, "node.example");
+                assert_eq!(c.static_pod_path, Some("/m".into()));
+                assert_eq!(c.container_runtime_endpoint, "unix:///x.sock");
+                assert_eq!(c.image_service_endpoint, "unix:///x.sock");
+                assert_eq!(c.state_dir, PathBuf::from("/root-dir"));
+                // Derived after the flag: follows --root-dir.
+                assert_eq!(c.cni_cache_dir, PathBuf::from("/root-dir/cni/cache"));
+                assert_eq!(c.max_pods, 5);
+            }),
+        ];
+        for (name, f, check) in cases {
+            let cfg = from_text(&f, &file).unwrap_or_else(|e| panic!("{name}: {e}"));
+            check(&cfg);
+        }
+    }
+
+    #[test]
+    fn explicit_image_endpoint_and_cache_dir_are_kept() {
+        let text = format!(
+            "{KUBELET}imageServiceEndpoint: unix:///img.sock\n---\n{MINILET}cniCacheDir: /cache\n"
+        );
+        let f = Flags {
+            root_dir: Some("/r".into()),
+            ..flags()
+        };
+        let cfg = from_text(&f, &text).unwrap();
+        assert_eq!(cfg.image_service_endpoint, "unix:///img.sock");
+        assert_eq!(cfg.cni_cache_dir, PathBuf::from("/cache"));
+    }
+
+    /// Every error displays as one line naming the file (or flag) and field.
+    #[test]
+    fn errors_name_the_file_and_field() {
+        let k = |body: &str| format!("{KUBELET}{body}");
+        let m = |body: &str| format!("{KUBELET}---\n{MINILET}{body}");
+        let with = |f: fn(&mut Flags)| {
+            let mut fl = flags();
+            f(&mut fl);
+            fl
+        };
+        const F: &str = "config file /etc/minilet/config.yaml";
+        let cases: Vec<(&str, String, Flags, String)> = vec![
+            (
+                "unknown kubelet field, close to a supported one",
+                k("staticPodPth: /x\n"),
+                flags(),
+                format!("{F} (document 1): unknown KubeletConfiguration field \"staticPodPth\"; did you mean staticPodPath?"),
+            ),
+            (
+                "unknown field, wrong case",
+                k("maxpods: 3\n"),
+                flags(),
+                format!("{F} (document 1): unknown KubeletConfiguration field \"maxpods\"; did you mean maxPods?"),
+            ),
+            (
+                "unknown field, nothing close",
+                k("frobnicate: true\n"),
+                flags(),
+                format!("{F} (document 1): unknown KubeletConfiguration field \"frobnicate\""),
+            ),
+            (
+                "unknown minilet field",
+                m("stateDri: /x\n"),
+                flags(),
+                format!("{F} (document 2): unknown MiniletConfiguration field \"stateDri\"; did you mean stateDir?"),
+            ),
+            (
+                "a field in the wrong document",
+                m("staticPodPath: /x\n"),
+                flags(),
+                format!("{F} (document 2): unknown MiniletConfiguration field \"staticPodPath\"; staticPodPath belongs in the KubeletConfiguration document"),
+            ),
+            (
+                "unknown kind",
+                "apiVersion: v1\nkind: Pod\n".into(),
+                flags(),
+                format!("{F} (document 1): unknown apiVersion \"v1\" / kind \"Pod\"; expected kubelet.config.k8s.io/v1beta1 KubeletConfiguration or minilet.io/v1alpha1 MiniletConfiguration"),
+            ),
+            (
+                "wrong apiVersion for the kind",
+                "apiVersion: kubelet.config.k8s.io/v1\nkind: KubeletConfiguration\n".into(),
+                flags(),
+                format!("{F} (document 1): unknown apiVersion \"kubelet.config.k8s.io/v1\" / kind \"KubeletConfiguration\"; expected kubelet.config.k8s.io/v1beta1 KubeletConfiguration or minilet.io/v1alpha1 MiniletConfiguration"),
+            ),
+            (
+                "no kind",
+                "maxPods: 3\n".into(),
+                flags(),
+                format!("{F} (document 1): unknown apiVersion (missing) / kind (missing); expected kubelet.config.k8s.io/v1beta1 KubeletConfiguration or minilet.io/v1alpha1 MiniletConfiguration"),
+            ),
+            (
+                "two kubelet documents",
+                format!("{KUBELET}---\n{KUBELET}"),
+                flags(),
+                format!("{F} (document 2): a second KubeletConfiguration document (the first is document 1)"),
+            ),
+            (
+                "not a mapping",
+                "- a\n- b\n".into(),
+                flags(),
+                format!("{F} (document 1): expected a mapping of fields"),
+            ),
+            (
+                "yaml syntax error with its position",
+                k("maxPods: [1\n"),
+                flags(),
+                format!("{F}: invalid YAML at line 4 column 1: did not find expected ',' or ']', while parsing a flow sequence at line 3 column 10"),
+            ),
+            (
+                "yaml error in a later document",
+                format!("{KUBELET}---\n{MINILET}stateDir: \"/x\n"),
+                flags(),
+                format!("{F}: invalid YAML at line 7 column 1: found unexpected end of stream, while scanning a quoted scalar at line 6 column 11"),
+            ),
+            (
+                "maxPods zero",
+                k("maxPods: 0\n"),
+                flags(),
+                format!("{F} (document 1): invalid maxPods 0: must be at least 1"),
+            ),
+            (
+                "maxPods not a number",
+                k("maxPods: many\n"),
+                flags(),
+                format!("{F} (document 1): invalid maxPods \"many\": must be a whole number"),
+            ),
+            (
+                "endpoint not unix",
+                k("containerRuntimeEndpoint: tcp://1.2.3.4:5\n"),
+                flags(),
+                format!("{F} (document 1): invalid containerRuntimeEndpoint \"tcp://1.2.3.4:5\": must be a unix socket URL such as unix:///run/containerd/containerd.sock"),
+            ),
+            (
+                "endpoint flag not unix",
+                String::new(),
+                with(|f| f.container_runtime_endpoint = Some("/run/x.sock".into())),
+                "flag --container-runtime-endpoint: invalid containerRuntimeEndpoint \"/run/x.sock\": must be a unix socket URL such as unix:///run/containerd/containerd.sock".into(),
+            ),
+            (
+                "image endpoint not unix",
+                k("imageServiceEndpoint: unix://relative.sock\n"),
+                flags(),
+                format!("{F} (document 1): invalid imageServiceEndpoint \"unix://relative.sock\": must be a unix socket URL such as unix:///run/containerd/containerd.sock"),
+            ),
+            (
+                "relative path in the file",
+                k("podLogsDir: logs\n"),
+                flags(),
+                format!("{F} (document 1): invalid podLogsDir \"logs\": must be an absolute path"),
+            ),
+            (
+                "relative path from a flag",
+                String::new(),
+                with(|f| f.root_dir = Some("var/lib".into())),
+                "flag --root-dir: invalid stateDir \"var/lib\": must be an absolute path".into(),
+            ),
+            (
+                "relative manifest path flag",
+                String::new(),
+                with(|f| f.pod_manifest_path = Some("manifests".into())),
+                "flag --pod-manifest-path: invalid staticPodPath \"manifests\": must be an absolute path".into(),
+            ),
+            (
+                "zero duration",
+                k("syncFrequency: 0s\n"),
+                flags(),
+                format!("{F} (document 1): invalid syncFrequency \"0s\": must be greater than zero"),
+            ),
+            (
+                "negative duration",
+                k("fileCheckFrequency: -5s\n"),
+                flags(),
+                format!("{F} (document 1): invalid fileCheckFrequency \"-5s\": must not be negative"),
+            ),
+            (
+                "duration without unit",
+                m("cniPluginTimeout: 30\n"),
+                flags(),
+                format!("{F} (document 2): invalid cniPluginTimeout 30: must be a duration string such as \"1m30s\""),
+            ),
+            (
+                "malformed duration",
+                k("runtimeRequestTimeout: 2 minutes\n"),
+                flags(),
+                format!("{F} (document 1): invalid runtimeRequestTimeout \"2 minutes\": \"2 minutes\" is not a duration such as \"300ms\", \"1m30s\" or \"2h\""),
+            ),
+            (
+                "empty cniBinDirs",
+                m("cniBinDirs: []\n"),
+                flags(),
+                format!("{F} (document 2): invalid cniBinDirs []: must list at least one directory"),
+            ),
+            (
+                "cniBinDirs not a list",
+                m("cniBinDirs: /opt/cni/bin\n"),
+                flags(),
+                format!("{F} (document 2): invalid cniBinDirs \"/opt/cni/bin\": must be a list of strings"),
+            ),
+            (
+                "clusterDNS not an IP",
+                k("clusterDNS: [kube-dns]\n"),
+                flags(),
+                format!("{F} (document 1): invalid clusterDNS \"kube-dns\": must be a list of IP addresses"),
+            ),
+            (
+                "node name from the flag",
+                String::new(),
+                with(|f| f.hostname_override = Some("bad_name".into())),
+                "flag --hostname-override: invalid nodeName \"bad_name\": must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', at most 253 characters)".into(),
+            ),
+        ];
+        for (name, text, f, want) in cases {
+            let err = from_text(&f, &text).expect_err(name);
+            let got = err.to_string();
+            assert_eq!(got, want, "{name}");
+            assert!(!got.contains('\n'), "{name}: more than one line");
+        }
+    }
+
+    #[test]
+    fn unsupported_kubelet_fields_make_one_warning() {
+        let text = k_text(
+            "address: 0.0.0.0\nmaxPods: 7\ncgroupDriver: systemd\nauthentication:\n  anonymous: {enabled: false}\n",
+        );
+        let cfg = from_text(&flags(), &text).unwrap();
+        assert_eq!(cfg.max_pods, 7);
+        assert_eq!(
+            cfg.warnings,
+            [
+                "config file /etc/minilet/config.yaml: KubeletConfiguration fields not supported by minilet and ignored: address, cgroupDriver, authentication"
+            ]
+        );
+    }
+
+    fn k_text(body: &str) -> String {
+        format!("{KUBELET}{body}")
+    }
+
+    #[test]
+    fn null_values_mean_unset() {
+        let cfg = from_text(&flags(), &k_text("staticPodPath:\nmaxPods: ~\n")).unwrap();
+        assert_eq!(cfg, Config::default_for("host-1"));
+        let cfg = from_text(&flags(), &k_text("staticPodPath: \"\"\n")).unwrap();
+        assert_eq!(cfg.static_pod_path, None);
+    }
+
+    #[test]
+    fn go_durations() {
+        let ok: &[(&str, Duration)] = &[
+            ("2m", Duration::from_secs(120)),
+            ("1m30s", Duration::from_secs(90)),
+            ("500ms", Duration::from_millis(500)),
+            ("1h", Duration::from_secs(3600)),
+            ("1.5h", Duration::from_secs(5400)),
+            (".5s", Duration::from_millis(500)),
+            ("1.s", Duration::from_secs(1)),
+            ("+20s", Duration::from_secs(20)),
+            ("1h2m3s4ms5us6ns", Duration::new(3723, 4_005_006)),
+            ("3\u{b5}s", Duration::from_micros(3)),
+            ("3\u{3bc}s", Duration::from_micros(3)),
+            ("0", Duration::ZERO),
+            ("-0", Duration::ZERO),
+            ("0.0000000001s", Duration::ZERO),
+        ];
+        for (s, want) in ok {
+            assert_eq!(parse_go_duration(s), Ok(*want), "{s}");
+        }
+        let bad = [
+            "", "1", "s", "1d", "1.2.3s", ".s", "1 s", "-1s", "1s-", "3000000h", "1H",
+        ];
+        for s in bad {
+            assert!(parse_go_duration(s).is_err(), "{s:?} should fail");
+        }
+    }
+
+    #[test]
+    fn dns_names() {
+        for ok in ["a", "node-1", "node.example.com", "0abc"] {
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Node",
+            "-a",
+            "a-",
+            "a..b",
+            "a_b",
+            ".a",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_dns1123_subdomain(bad), "{bad}");
+        }
+        assert!(is_dns1123_label("kube-system"));
+        assert!(!is_dns1123_label("a.b"));
+        assert!(!is_dns1123_label(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(
+            closest("staticPodPth", KUBELET_SUPPORTED),
+            Some("staticPodPath")
+        );
+        assert_eq!(closest("MAXPODS", KUBELET_SUPPORTED), Some("maxPods"));
+        assert_eq!(closest("cniBinDir", MINILET_SUPPORTED), Some("cniBinDirs"));
+        assert_eq!(closest("podDir", KUBELET_SUPPORTED), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn load_reads_files_and_reports_missing_and_unreadable_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("minilet.yaml");
+        std::fs::write(&good, k_text("maxPods: 9\n")).unwrap();
+        let f = |config: PathBuf| Flags {
+            config: Some(config),
+            hostname_override: Some("n1".into()),
+            ..flags()
+        };
+        let cfg = load(&f(good)).unwrap();
+        assert_eq!(cfg.max_pods, 9);
+        assert_eq!(cfg.node_name, "n1");
+
+        let missing = dir.path().join("nope.yaml");
+        let err = load(&f(missing.clone())).unwrap_err();
+        assert!(matches!(err, ConfigError::NotFound { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("config file {} does not exist", missing.display())
+        );
+
+        // A directory cannot be read as a file.
+        let err = load(&f(dir.path().to_path_buf())).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("cannot read config file {}", dir.path().display())
+        );
+    }
+
+    #[test]
+    fn load_without_flags_uses_the_host_name() {
+        let cfg = load(&flags()).unwrap();
+        let want = std::fs::read_to_string(HOSTNAME_FILE)
+            .unwrap()
+            .trim()
+            .to_lowercase();
+        assert_eq!(cfg.node_name, want);
+    }
+
+    /// The shipped example must load and say exactly the defaults.
+    #[test]
+    fn example_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/minilet.yaml");
+        let cfg = load(&Flags {
+            config: Some(path),
+            hostname_override: Some("n1".into()),
+            ..flags()
+        })
+        .unwrap();
+        assert_eq!(cfg, Config::default_for("n1"));
     }
 }
