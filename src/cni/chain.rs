@@ -648,6 +648,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn del_without_cache_uses_runtime_prev_result() {
+        let runner = CniRunner::new(
+            FakeExec::new(),
+            network(r#"[{"type":"one"},{"type":"two"}]"#),
+            ResultCache::new(tempfile::tempdir().unwrap().keep()),
+        );
+        let theirs = serde_json::json!({"cniVersion": "1.0.0", "plugins": ["from-runtime"]});
+        runner
+            .del_with_fallback(&att("c1"), Some(&theirs))
+            .await
+            .unwrap();
+        let calls = runner.exec.calls();
+        assert_eq!(calls.len(), 2);
+        assert!(calls.iter().all(|c| c.stdin["prevResult"] == theirs));
+        // Our own cache wins over the runtime's copy.
+        let ours = runner.add(&att("c2")).await.unwrap();
+        runner
+            .del_with_fallback(&att("c2"), Some(&theirs))
+            .await
+            .unwrap();
+        assert_eq!(runner.exec.calls()[5].stdin["prevResult"], ours);
+    }
+
+    #[tokio::test]
     async fn invalid_attachment_runs_nothing() {
         let runner = CniRunner::new(
             FakeExec::new(),
