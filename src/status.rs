@@ -305,7 +305,7 @@ pub fn compute(pod: &Pod, obs: &Observed, mem: &Memory, runtime: &str, now: i64)
             let names: Vec<&str> = if c.type_ == "Initialized" {
                 inits
                     .iter()
-                    .filter(|st| !st.state.as_ref().is_some_and(|s| s.terminated.is_some()))
+                    .filter(|st| st.state.as_ref().is_none_or(|s| s.terminated.is_none()))
                     .map(|st| st.name.as_str())
                     .collect()
             } else {

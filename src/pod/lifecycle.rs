@@ -214,16 +214,18 @@ fn start_or_wait(
     mem: &Memory,
     now: i64,
 ) -> Result<Action, i64> {
-    if let Some(&(_, until)) = c.image.as_ref().and_then(|i| mem.pull_backoff.get(i)) {
-        if until > now {
-            return Err(until);
-        }
-    }
-    if let Some(p) = prev.filter(|p| p.state == CState::Exited && p.hash == spec::container_hash(c))
+    if let Some(&(_, until)) = c.image.as_ref().and_then(|i| mem.pull_backoff.get(i))
+        && until > now
     {
-        if let Some(at) = restart_at(p, mem).filter(|at| *at > now) {
-            return Err(at);
-        }
+        return Err(until);
+    }
+    let same_spec_died =
+        prev.filter(|p| p.state == CState::Exited && p.hash == spec::container_hash(c));
+    if let Some(at) = same_spec_died
+        .and_then(|p| restart_at(p, mem))
+        .filter(|at| *at > now)
+    {
+        return Err(at);
     }
     Ok(Action::StartContainer {
         sandbox_id: sandbox.to_string(),

@@ -162,10 +162,10 @@ impl<R: Runtime> Manager<R> {
         }
         // A pod whose objects all vanished also counts as a change.
         for uid in self.fingerprints.keys() {
-            if !seen.contains_key(uid) {
-                if let Some(handle) = self.workers.get(uid) {
-                    handle.wake.notify_one();
-                }
+            if !seen.contains_key(uid)
+                && let Some(handle) = self.workers.get(uid)
+            {
+                handle.wake.notify_one();
             }
         }
         self.fingerprints = seen;
