@@ -371,6 +371,117 @@ impl Runtime for RemoteRuntime {
 mod tests {
     use super::*;
 
+    /// A runtime that only serves CRI v1alpha2 (Version and ListPodSandbox),
+    /// over a real unix socket: everything else is Unimplemented.
+    #[derive(Clone)]
+    struct AlphaOnly;
+
+    impl tonic::server::NamedService for AlphaOnly {
+        const NAME: &'static str = "runtime.v1alpha2.RuntimeService";
+    }
+
+    struct Unary<F>(F);
+
+    impl<Req, Resp, F> tonic::server::UnaryService<Req> for Unary<F>
+    where
+        F: Fn(Req) -> Resp,
+        Resp: Send + 'static,
+    {
+        type Response = Resp;
+        type Future = std::future::Ready<std::result::Result<tonic::Response<Resp>, Status>>;
+        fn call(&mut self, req: tonic::Request<Req>) -> Self::Future {
+            std::future::ready(Ok(tonic::Response::new((self.0)(req.into_inner()))))
+        }
+    }
+
+    impl tower::Service<http::Request<tonic::body::Body>> for AlphaOnly {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future =
+            futures::future::BoxFuture<'static, std::result::Result<Self::Response, Self::Error>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+            Box::pin(async move {
+                Ok(match req.uri().path() {
+                    "/runtime.v1alpha2.RuntimeService/Version" => {
+                        let svc = Unary(|_: api::VersionRequest| api::VersionResponse {
+                            runtime_name: "alpha".into(),
+                            runtime_version: "0.1".into(),
+                            ..Default::default()
+                        });
+                        tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+                            .unary(svc, req)
+                            .await
+                    }
+                    "/runtime.v1alpha2.RuntimeService/ListPodSandbox" => {
+                        let svc =
+                            Unary(
+                                |_: api::ListPodSandboxRequest| api::ListPodSandboxResponse {
+                                    items: vec![api::PodSandbox {
+                                        id: "sb1".into(),
+                                        ..Default::default()
+                                    }],
+                                },
+                            );
+                        tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+                            .unary(svc, req)
+                            .await
+                    }
+                    _ => Status::unimplemented("not here").into_http(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_v1alpha2_when_v1_is_unimplemented() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cri.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            Some((l.accept().await.map(|(s, _)| s), l))
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AlphaOnly)
+                .serve_with_incoming(incoming),
+        );
+        let endpoint = format!("unix://{}", path.display());
+        let rt = RemoteRuntime::connect(&endpoint, &endpoint, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(rt.api_version(), ApiVersion::V1alpha2);
+        assert_eq!(
+            rt.version().await.unwrap(),
+            ("alpha".to_string(), "0.1".to_string())
+        );
+        let items = rt.list_pod_sandboxes(Labels::new()).await.unwrap();
+        assert_eq!(
+            items[0].id, "sb1",
+            "v1 messages decode from v1alpha2 replies"
+        );
+        let err = rt.stop_pod_sandbox("x").await.unwrap_err();
+        assert!(!err.is_retryable(), "Unimplemented is permanent: {err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_a_retryable_error() {
+        let err = RemoteRuntime::connect(
+            "unix:///nonexistent/cri.sock",
+            "unix:///nonexistent/cri.sock",
+            Duration::from_secs(2),
+        )
+        .await
+        .err()
+        .expect("no runtime there");
+        assert!(err.is_retryable(), "{err}");
+    }
+
     #[test]
     fn endpoints_must_be_unix_sockets() {
         assert_eq!(socket_path("unix:///run/c.sock").unwrap(), "/run/c.sock");
