@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The main job: bring the local node stack up if it is not (containerd, a
+# registry on 127.0.0.1:5000, Debian's CNI plugins), build minilet, and run
+# it in the foreground on the example manifests in manifests/.
+#
+# In another terminal:  target/release/minilet --config integration/.run/minilet/minilet.yaml get pods
+# Ctrl-C stops minilet and leaves the pods running (as kubelet does);
+# `integration/stack.sh down` removes everything.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+cd "$REPO"
+
+integration/stack.sh up
+# shellcheck disable=SC1091
+. integration/.run/env
+
+cargo build --release --bin minilet
+
+DIR=$MINILET_STACK_DIR/minilet
+mkdir -p "$DIR"
+cat >"$DIR/minilet.yaml" <<CONFIG
+# Written by integration/run.sh for the local stack; see config/minilet.yaml.
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+staticPodPath: $REPO/manifests
+containerRuntimeEndpoint: $CONTAINERD_SOCK
+podLogsDir: $DIR/logs
+---
+apiVersion: minilet.io/v1alpha1
+kind: MiniletConfiguration
+stateDir: $DIR/state
+cniConfDir: $REPO/config/cni
+cniBinDirs: [$CNI_PLUGIN_DIR]
+runtimeCNIConfDir: $RUNTIME_CNI_CONF_DIR
+runtimeCNIBinDir: $RUNTIME_CNI_BIN_DIR
+CONFIG
+
+echo "minilet: running on manifests/ — in another terminal:"
+echo "  $REPO/target/release/minilet --config $DIR/minilet.yaml get pods"
+exec "$REPO/target/release/minilet" --config "$DIR/minilet.yaml" "$@"
