@@ -214,6 +214,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         board,
         runtime_name: if runtime_name.is_empty() { "cri".into() } else { runtime_name },
         sync_frequency: cfg.sync_frequency,
+        sandbox_slots: tokio::sync::Semaphore::new(crate::pod::worker::PARALLEL_SANDBOXES),
     });
     info!(node = %cfg.node_name, "minilet started");
     Manager::new(shared, cfg.max_pods as usize, cancel.clone())

@@ -52,12 +52,59 @@ pub fn install_from(
     conf_dir: &Path,
     socket: &Path,
 ) -> Result<(), InstallError> {
-    let binary = std::fs::read(exe).map_err(|source| InstallError::ReadSelf {
+    copy_if_changed(exe, bin_dir, PLUGIN_NAME)?;
+    write_if_changed(conf_dir, CONF_NAME, &runtime_conflist(socket), 0o644)?;
+    Ok(())
+}
+
+/// Whether two files hold the same bytes, compared in small chunks: the
+/// agent binary is megabytes, and reading it whole would set the agent's
+/// peak memory.
+fn same_content(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let (fa, fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ra, mut rb) = (std::io::BufReader::new(fa), std::io::BufReader::new(fb));
+    let (mut ba, mut bb) = ([0u8; 8192], [0u8; 8192]);
+    loop {
+        let n = ra.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        rb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+/// Copy the running binary into the runtime's bin dir unless an identical
+/// copy is there; streamed, then renamed into place (the runtime never
+/// execs a half-written file).
+fn copy_if_changed(exe: &Path, dir: &Path, name: &str) -> Result<(), InstallError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    if same_content(exe, &path).unwrap_or(false) {
+        return Ok(());
+    }
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InstallError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    std::fs::copy(exe, &tmp).map_err(|source| InstallError::ReadSelf {
         path: exe.to_path_buf(),
         source,
     })?;
-    write_if_changed(bin_dir, PLUGIN_NAME, &binary, 0o755)?;
-    write_if_changed(conf_dir, CONF_NAME, &runtime_conflist(socket), 0o644)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(source) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(write_err(&path)(source));
+    }
     Ok(())
 }
 

@@ -236,6 +236,7 @@ mod tests {
             board: Board::default(),
             runtime_name: "fake".into(),
             sync_frequency: Duration::from_secs(60),
+            sandbox_slots: tokio::sync::Semaphore::new(crate::pod::worker::PARALLEL_SANDBOXES),
         })
     }
 

@@ -35,7 +35,14 @@ pub struct Shared<R> {
     pub runtime_name: String,
     /// kubelet `syncFrequency`: a periodic re-check even with no event.
     pub sync_frequency: Duration,
+    /// Sandbox creations in flight at once. RunPodSandbox (with its CNI ADD)
+    /// is the heavy call; a burst of pods on a small node finishes sooner,
+    /// and each pod much sooner, when a few run at a time instead of all.
+    pub sandbox_slots: tokio::sync::Semaphore,
 }
+
+/// Default size of `Shared::sandbox_slots`.
+pub const PARALLEL_SANDBOXES: usize = 4;
 
 /// Errors of one step; the worker logs them once and retries with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -424,6 +431,12 @@ impl<R: Runtime> Worker<R> {
                 path: config.log_directory.clone().into(),
                 source,
             })?;
+            let _slot = self
+                .shared
+                .sandbox_slots
+                .acquire()
+                .await
+                .expect("never closed");
             info!(attempt, "creating sandbox");
             Ok::<_, StepError>(self.shared.runtime.run_pod_sandbox(config).await?)
         }
@@ -646,6 +659,7 @@ spec:
             board: Board::default(),
             runtime_name: "fake".into(),
             sync_frequency: Duration::from_secs(60),
+            sandbox_slots: tokio::sync::Semaphore::new(PARALLEL_SANDBOXES),
         })
     }
 
