@@ -15,6 +15,19 @@ pub mod source;
 pub mod status;
 pub mod volume;
 
+/// An error and its causes on one line ("what: cause: cause"), for logs and
+/// for the one-line messages people see.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Labels and annotations minilet puts on sandboxes and containers. The
 /// `io.kubernetes.*` names are kubelet's, so tools (crictl, containerd's
 /// `ctr`) see minilet's pods as they see kubelet's.

@@ -69,18 +69,6 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// "what: cause: cause" on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -108,7 +96,7 @@ fn main() -> ExitCode {
     };
     let cfg = match config::load(&flags) {
         Ok(cfg) => cfg,
-        Err(e) => return fail(chain(&e)),
+        Err(e) => return fail(minilet::error_chain(&e)),
     };
     match args.command.unwrap_or(Command::Run) {
         Command::Run => run_agent(cfg, &args.log_level),
@@ -118,7 +106,7 @@ fn main() -> ExitCode {
             }
             let view = match runtime().block_on(control::fetch(&cfg.control_socket())) {
                 Ok(v) => v,
-                Err(e) => return fail(chain(&e)),
+                Err(e) => return fail(minilet::error_chain(&e)),
             };
             match output.as_deref() {
                 None | Some("wide") => print!("{}", cli::pods_table(&view, jiff::Timestamp::now())),
@@ -145,7 +133,7 @@ fn main() -> ExitCode {
         } => {
             let view = match runtime().block_on(control::fetch(&cfg.control_socket())) {
                 Ok(v) => v,
-                Err(e) => return fail(chain(&e)),
+                Err(e) => return fail(minilet::error_chain(&e)),
             };
             let Some(p) = cli::find_pod(&view, &pod, namespace.as_deref()) else {
                 return fail(cli::LogsError::NoPod(pod));
@@ -154,7 +142,7 @@ fn main() -> ExitCode {
                 .and_then(|path| cli::print_log(&path, follow, &mut std::io::stdout().lock()));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(chain(&e)),
+                Err(e) => fail(minilet::error_chain(&e)),
             }
         }
     }
@@ -199,6 +187,6 @@ fn run_agent(cfg: config::Config, log_level: &str) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(chain(&e)),
+        Err(e) => fail(minilet::error_chain(&e)),
     }
 }

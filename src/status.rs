@@ -16,7 +16,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 
 use crate::pod::lifecycle::{self, CState, ContainerObs, Memory, Observed};
-use crate::pod::spec;
 use crate::source::SourceError;
 
 /// A Time from CRI nanoseconds; `None` for 0 (unset).
@@ -136,17 +135,16 @@ fn container_status(cx: &Ctx, c: &Container, init: bool, default_waiting: &str) 
                 terminated: Some(terminated(o, cx.runtime)),
                 ..Default::default()
             };
+            let policy = cx
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.restart_policy.as_deref())
+                .unwrap_or("Always");
+            // An init container that succeeded is done, whatever the policy.
             let will_restart = !lifecycle::is_terminal(cx.pod, cx.obs)
-                && match cx
-                    .pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.restart_policy.as_deref())
-                {
-                    Some("Never") => false,
-                    Some("OnFailure") => o.exit_code != 0,
-                    _ => !(init && o.exit_code == 0),
-                };
+                && (!init || o.exit_code != 0)
+                && lifecycle::should_restart(policy, o.exit_code);
             if let Some(w) = remembered.filter(|_| will_restart) {
                 (
                     waiting(w.reason.clone(), Some(w.message.clone())),
@@ -206,12 +204,7 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>, now: &Option<Time>) -> 
 pub fn compute(pod: &Pod, obs: &Observed, mem: &Memory, runtime: &str, now: i64) -> PodStatus {
     let s = pod.spec.clone().unwrap_or_default();
     let policy = s.restart_policy.as_deref().unwrap_or("Always");
-    let hash = spec::sandbox_hash(pod);
-    let current = obs
-        .sandboxes
-        .iter()
-        .filter(|sb| sb.ready && sb.hash == hash)
-        .max_by_key(|sb| sb.created_at);
+    let current = lifecycle::current_sandbox(pod, obs);
     let cx = Ctx {
         pod,
         obs,
@@ -400,6 +393,7 @@ impl Board {
 mod tests {
     use super::*;
     use crate::pod::lifecycle::SandboxObs;
+    use crate::pod::spec;
     use std::time::Duration;
 
     const S: i64 = 1_000_000_000;

@@ -188,7 +188,17 @@ pub fn is_terminal(pod: &Pod, obs: &Observed) -> bool {
         })
 }
 
-fn should_restart(policy: &str, exit_code: i32) -> bool {
+/// The sandbox a pod uses: the newest ready one made from its current spec.
+pub fn current_sandbox<'a>(pod: &Pod, obs: &'a Observed) -> Option<&'a SandboxObs> {
+    let hash = spec::sandbox_hash(pod);
+    obs.sandboxes
+        .iter()
+        .filter(|sb| sb.ready && sb.hash == hash)
+        .max_by_key(|sb| sb.created_at)
+}
+
+/// kubelet's restart rule for a container that exited with `exit_code`.
+pub fn should_restart(policy: &str, exit_code: i32) -> bool {
     match policy {
         "Never" => false,
         "OnFailure" => exit_code != 0,
@@ -266,13 +276,7 @@ pub fn plan(desired: Option<&Pod>, obs: &Observed, mem: &Memory, now: i64) -> Ac
 
     let s = pod.spec.clone().unwrap_or_default();
     let policy = s.restart_policy.as_deref().unwrap_or("Always");
-    let hash = spec::sandbox_hash(pod);
-    // The sandbox to use: the newest ready one made from the current spec.
-    let current = obs
-        .sandboxes
-        .iter()
-        .filter(|sb| sb.ready && sb.hash == hash)
-        .max_by_key(|sb| sb.created_at);
+    let current = current_sandbox(pod, obs);
     let terminal = is_terminal(pod, obs);
 
     let Some(current) = current else {

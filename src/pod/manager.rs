@@ -220,24 +220,10 @@ impl<R: Runtime> Manager<R> {
 mod tests {
     use super::*;
     use crate::cri::fake::FakeRuntime;
-    use crate::pod::spec::HostContext;
     use crate::source::DesiredPod;
-    use crate::status::Board;
 
     fn shared(rt: Arc<FakeRuntime>, dir: &std::path::Path) -> Arc<Shared<FakeRuntime>> {
-        Arc::new(Shared {
-            runtime: rt,
-            host: HostContext {
-                node_name: "n1".into(),
-                pod_logs_dir: dir.join("logs"),
-                ..Default::default()
-            },
-            pods_dir: dir.join("pods"),
-            board: Board::default(),
-            runtime_name: "fake".into(),
-            sync_frequency: Duration::from_secs(60),
-            sandbox_slots: tokio::sync::Semaphore::new(crate::pod::worker::PARALLEL_SANDBOXES),
-        })
+        Arc::new(Shared::for_tests(rt, dir))
     }
 
     fn snap(uids: &[&str]) -> Snapshot {

@@ -44,6 +44,26 @@ pub struct Shared<R> {
 /// Default size of `Shared::sandbox_slots`.
 pub const PARALLEL_SANDBOXES: usize = 4;
 
+#[cfg(test)]
+impl<R> Shared<R> {
+    /// A node "n1" with logs and pod dirs under `dir`.
+    pub(crate) fn for_tests(runtime: Arc<R>, dir: &std::path::Path) -> Self {
+        Shared {
+            runtime,
+            host: HostContext {
+                node_name: "n1".into(),
+                pod_logs_dir: dir.join("logs"),
+                ..Default::default()
+            },
+            pods_dir: dir.join("pods"),
+            board: Board::default(),
+            runtime_name: "fake".into(),
+            sync_frequency: Duration::from_secs(60),
+            sandbox_slots: tokio::sync::Semaphore::new(PARALLEL_SANDBOXES),
+        }
+    }
+}
+
 /// Errors of one step; the worker logs them once and retries with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
@@ -88,17 +108,6 @@ pub struct Worker<R> {
     cache: Cache,
     /// The last desired pod, kept to report status while terminating.
     last_pod: Option<Pod>,
-}
-
-fn full_error(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn find_container<'a>(pod: &'a Pod, name: &str, init: bool) -> Option<&'a Container> {
@@ -173,7 +182,7 @@ impl<R: Runtime> Worker<R> {
                             Duration::from_millis(500),
                             Duration::from_secs(30),
                         );
-                        warn!(error = %full_error(&e), retry_in = ?error_delay, "pod step failed");
+                        warn!(error = %crate::error_chain(&e), retry_in = ?error_delay, "pod step failed");
                         Some(error_delay)
                     }
                 };
@@ -448,7 +457,7 @@ impl<R: Runtime> Worker<R> {
                 self.mem.sandbox_backoff = None;
             }
             Err(e) => {
-                let msg = full_error(&e);
+                let msg = crate::error_chain(&e);
                 let delay = next_delay(
                     self.mem.sandbox_backoff.map_or(Duration::ZERO, |(d, _)| d),
                     lifecycle::SANDBOX_BACKOFF_START,
@@ -582,7 +591,7 @@ impl<R: Runtime> Worker<R> {
                     name.to_string(),
                     Waiting {
                         reason: "CreateContainerConfigError".into(),
-                        message: full_error(&e),
+                        message: crate::error_chain(&e),
                     },
                 );
                 return Err(e);
@@ -648,19 +657,7 @@ spec:
 "#;
 
     fn shared(rt: Arc<FakeRuntime>, dir: &std::path::Path) -> Arc<Shared<FakeRuntime>> {
-        Arc::new(Shared {
-            runtime: rt,
-            host: HostContext {
-                node_name: "n1".into(),
-                pod_logs_dir: dir.join("logs"),
-                ..Default::default()
-            },
-            pods_dir: dir.join("pods"),
-            board: Board::default(),
-            runtime_name: "fake".into(),
-            sync_frequency: Duration::from_secs(60),
-            sandbox_slots: tokio::sync::Semaphore::new(PARALLEL_SANDBOXES),
-        })
+        Arc::new(Shared::for_tests(rt, dir))
     }
 
     async fn drive(
