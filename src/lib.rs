@@ -10,6 +10,7 @@ pub mod cni;
 pub mod config;
 pub mod control;
 pub mod cri;
+pub mod doctor;
 pub mod pod;
 pub mod source;
 pub mod status;

@@ -52,6 +52,8 @@ enum Command {
         #[arg(short = 'o', long)]
         output: Option<String>,
     },
+    /// Check that this node can run pods; one line per finding.
+    Doctor,
     /// Print a container's log from the running agent's pods.
     Logs {
         pod: String,
@@ -124,6 +126,20 @@ fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Command::Doctor => {
+            let report = runtime().block_on(minilet::doctor::run(&cfg));
+            for f in &report {
+                println!("{f}");
+            }
+            let failed = report
+                .iter()
+                .any(|f| f.level == minilet::doctor::Level::Fail);
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Command::Logs {
             pod,
