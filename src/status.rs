@@ -447,6 +447,7 @@ mod tests {
                         hash: spec::container_hash(c),
                         image: "x".into(),
                         image_ref: "sha256:x".into(),
+                        grace_period: None,
                     }
                 })
                 .collect(),

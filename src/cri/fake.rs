@@ -231,8 +231,8 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
-    async fn stop_container(&self, id: &str, _timeout: i64) -> Result<()> {
-        let mut s = self.begin("StopContainer", id)?;
+    async fn stop_container(&self, id: &str, timeout: i64) -> Result<()> {
+        let mut s = self.begin("StopContainer", &format!("{id} grace={timeout}"))?;
         let now = s.now;
         let (c, _) = s
             .containers

@@ -54,6 +54,9 @@ pub struct ContainerObs {
     pub hash: String,
     pub image: String,
     pub image_ref: String,
+    /// The pod's grace period when the container was made (kubelet's
+    /// annotation), for stopping pods no source describes any more.
+    pub grace_period: Option<i64>,
 }
 
 /// Everything the runtime holds for one pod.
@@ -503,6 +506,7 @@ mod tests {
             hash: spec::container_hash(spec_c),
             image: "img:1".into(),
             image_ref: String::new(),
+            grace_period: None,
         }
     }
 

@@ -330,6 +330,9 @@ impl<R: Runtime> Worker<R> {
                     .map(|i| i.image.clone())
                     .unwrap_or_default(),
                 image_ref: c.image_ref.clone(),
+                grace_period: annotation(labels::POD_TERMINATION_GRACE_PERIOD)
+                    .parse()
+                    .ok(),
                 id: c.id,
             });
         }
@@ -346,11 +349,20 @@ impl<R: Runtime> Worker<R> {
         Ok(obs)
     }
 
-    fn grace_period(&self, desired: Option<&DesiredPod>) -> i64 {
+    /// The pod's grace period: from its spec, else (a pod adopted after a
+    /// restart that no source wants) from the containers' annotation.
+    fn grace_period(&self, desired: Option<&DesiredPod>, obs: &Observed, ids: &[String]) -> i64 {
         desired
             .map(|d| &d.pod)
             .or(self.last_pod.as_ref())
             .and_then(|p| p.spec.as_ref()?.termination_grace_period_seconds)
+            .or_else(|| {
+                obs.containers
+                    .iter()
+                    .filter(|c| ids.contains(&c.id))
+                    .filter_map(|c| c.grace_period)
+                    .max()
+            })
             .unwrap_or(30)
     }
 
@@ -385,7 +397,7 @@ impl<R: Runtime> Worker<R> {
                 Ok(())
             }
             Action::StopContainers { ids } => {
-                let grace = self.grace_period(desired);
+                let grace = self.grace_period(desired, obs, ids);
                 info!(?ids, grace, "stopping containers");
                 let stops = ids.iter().map(|id| rt.stop_container(id, grace));
                 for r in futures::future::join_all(stops).await {
@@ -747,6 +759,27 @@ spec:
                 .unwrap()
                 .contains("manifest unknown")
         );
+    }
+
+    #[tokio::test]
+    async fn an_orphan_is_stopped_with_the_grace_period_it_was_made_with() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let d = desired(POD);
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        drive(&mut w, Some(&d), 10).await;
+        // A restarted agent whose sources no longer hold the pod.
+        let (mut orphan, _h2) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), None);
+        rt.clear_calls();
+        drive(&mut orphan, None, 10).await;
+        assert!(
+            rt.calls()
+                .iter()
+                .any(|c| c.starts_with("StopContainer") && c.ends_with("grace=1")),
+            "{:?}",
+            rt.calls()
+        );
+        assert!(rt.sandboxes().is_empty());
     }
 
     #[tokio::test]
