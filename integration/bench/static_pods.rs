@@ -55,7 +55,9 @@ fn main() -> ExitCode {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs bench
     // targets without it, and must not start a minutes-long benchmark.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("static_pods: a benchmark, not a test: run it with `cargo bench --bench static_pods`");
+        println!(
+            "static_pods: a benchmark, not a test: run it with `cargo bench --bench static_pods`"
+        );
         return ExitCode::SUCCESS;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
