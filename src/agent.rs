@@ -59,11 +59,10 @@ pub enum AgentError {
 struct DesiredPorts(watch::Receiver<Snapshot>);
 
 impl cni::server::PodNetworkLookup for DesiredPorts {
-    fn port_mappings(&self, pod_uid: &str) -> Option<Vec<cni::server::PortMapping>> {
+    fn pod_network_info(&self, pod_uid: &str) -> Option<cni::server::PodNetworkInfo> {
         let snapshot = self.0.borrow();
         let desired = snapshot.pods.get(pod_uid)?;
-        Some(
-            spec::port_mappings(&desired.pod)
+        let port_mappings = spec::port_mappings(&desired.pod)
                 .into_iter()
                 .map(|p| cni::server::PortMapping {
                     host_port: p.host_port,
@@ -76,8 +75,12 @@ impl cni::server::PodNetworkLookup for DesiredPorts {
                     .into(),
                     host_ip: p.host_ip,
                 })
-                .collect(),
-        )
+                .collect();
+        let annotations = desired.pod.metadata.annotations.clone().unwrap_or_default();
+        Some(cni::server::PodNetworkInfo {
+            port_mappings,
+            annotations,
+        })
     }
 }
 
@@ -157,24 +160,47 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
 
     // The CNI path: chain runner, the socket the delegating plugin dials,
     // then the plugin and its config in the runtime's CNI dirs.
-    let network =
-        cni::config::load_default(&cfg.cni_conf_dir).map_err(|source| AgentError::CniConfig {
+    let networks = cni::config::load_dir(&cfg.cni_conf_dir);
+    for (file, error) in &networks.errors {
+        warn!(file = %file.display(), %error, "bad CNI network config");
+    }
+    if networks.default.is_none()
+        && let Err(source) = cni::config::load_default(&cfg.cni_conf_dir)
+    {
+        return Err(AgentError::CniConfig {
             dir: cfg.cni_conf_dir.clone(),
             source,
-        })?;
-    info!(network = %network.name, "cni network loaded");
+        });
+    }
+    info!(networks = ?networks.networks.keys().collect::<Vec<_>>(), default = ?networks.default, "cni networks loaded");
+    let store = Arc::new(cni::config::NetworkStore::new(networks));
+    {
+        let (dir, store, c) = (cfg.cni_conf_dir.clone(), store.clone(), cancel.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = cni::config::watch_dir(dir, store) => {}
+            }
+        });
+    }
     let runner = Arc::new(cni::chain::CniRunner::new(
         cni::exec::ProcessExec::from_config(&cfg),
-        network,
+        store,
         cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
+        Arc::new(cni::observe::CniMetrics::new()),
     ));
     let cni_socket = cfg.cni_socket();
     let listener = cni::server::bind(&cni_socket).map_err(|source| AgentError::Bind {
         path: cni_socket.clone(),
         source,
     })?;
-    let lookup = Arc::new(DesiredPorts(snap_rx.clone()));
-    tasks.spawn(cni::server::serve(listener, runner, lookup, cancel.clone()));
+    let handler = Arc::new(cni::server::CniHandler {
+        runner,
+        pods: Arc::new(DesiredPorts(snap_rx.clone())),
+        events: Arc::new(cni::observe::CniEvents::new()),
+        status: Arc::new(cni::observe::NetworkStatusBoard::new()),
+    });
+    tasks.spawn(cni::server::serve(listener, handler, cancel.clone()));
     cni::install::install(&cfg).map_err(AgentError::CniInstall)?;
 
     let board = Board::default();

@@ -1,6 +1,7 @@
 //! The result cache: what a successful ADD returned, kept on disk per
-//! (network name, container id, ifname) so DEL (and later CHECK and GC) can
-//! pass it as `prevResult` — also after an agent restart.
+//! (network name, container id, ifname) so DEL, CHECK and GC can pass it as
+//! `prevResult` — also after an agent restart. An entry without `result` is
+//! pending: written before ADD's plugins run (see `chain`).
 //!
 //! The layout is libcni's (`<cniCacheDir>/results/<net>-<containerid>-<ifname>`
 //! holding a `cniCacheV1` object), so tools that read libcni caches read ours.
@@ -53,7 +54,9 @@ pub struct CachedAttachment {
     pub cni_args: Vec<(String, String)>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub capability_args: Map<String, Value>,
-    /// The final result of the chain's ADD.
+    /// The final result of the chain's ADD; `null` (absent in the file)
+    /// while the ADD is pending: the write-ahead entry.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
     pub result: Value,
 }
 
@@ -122,6 +125,19 @@ impl ResultCache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(CacheError::Io { path, source }),
         }
+    }
+
+    /// How long ago an entry was last written; `None` without one.
+    pub async fn age(
+        &self,
+        network: &str,
+        container_id: &str,
+        ifname: &str,
+    ) -> Option<std::time::Duration> {
+        let m = tokio::fs::metadata(self.path(network, container_id, ifname))
+            .await
+            .ok()?;
+        Some(m.modified().ok()?.elapsed().unwrap_or_default())
     }
 
     /// Every readable entry of kind `cniCacheV1`, for GC: files that are not

@@ -1,14 +1,23 @@
-//! Network configuration: finds and validates the network minilet runs from
-//! its own CNI config dir (`cniConfDir`), in the CNI spec's file formats.
+//! Network configuration: loads and validates the networks minilet runs
+//! from its own CNI config dir (`cniConfDir`), in the CNI spec's file
+//! formats, and keeps them current.
 //!
-//! The default network is the first file by name ending in `.conflist`,
-//! `.conf` or `.json` (the convention libcni-based runtimes follow). A
-//! single-plugin `.conf`/`.json` becomes a one-plugin list. Each plugin keeps
-//! its raw JSON object: plugins define arbitrary keys of their own.
+//! Every file ending in `.conflist`, `.conf` or `.json` is one network
+//! (a single-plugin `.conf`/`.json` becomes a one-plugin list); the default
+//! network is the first file by name (the convention libcni-based runtimes
+//! follow). Each plugin keeps its raw JSON object: plugins define arbitrary
+//! keys of their own. A bad file is one error naming it; it never hides the
+//! good ones. [`watch_dir`] re-reads the dir on inotify events and
+//! periodically into a [`NetworkStore`]; what it publishes applies to the
+//! next ADD (attachments already made keep the config cached with them).
 //!
-//! Side effects: reads the config dir and the chosen file. Nothing else.
+//! Side effects: reads the config dir and its files; `watch_dir` holds an
+//! inotify watch on the dir.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -182,6 +191,12 @@ pub fn parse(
             "cniVersion {cni_version:?} is not a version like 1.0.0"
         )));
     }
+    if !super::version::RESULT_VERSIONS.contains(&cni_version.as_str()) {
+        return Err(invalid(format!(
+            "cniVersion {cni_version:?} is not supported (supported: {})",
+            super::version::RESULT_VERSIONS.join(", ")
+        )));
+    }
     // disableCheck is a boolean, but the spec once wrote it as a string.
     let disable_check = match top.get("disableCheck") {
         None | Some(Value::Null) => false,
@@ -222,6 +237,206 @@ pub fn parse(
         bytes,
         source: path.to_path_buf(),
     })
+}
+
+/// Every network of a config dir, by name, with the default and the errors.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetworkSet {
+    /// Valid networks by name.
+    pub networks: BTreeMap<String, NetworkConfigList>,
+    /// The name of the network from the first valid file by file name.
+    pub default: Option<String>,
+    /// One message per bad file (or the dir itself, if unreadable).
+    pub errors: Vec<(PathBuf, String)>,
+}
+
+impl NetworkSet {
+    /// The network `name`, or the default one for `""`.
+    pub fn get(&self, name: &str) -> Option<&NetworkConfigList> {
+        if name.is_empty() {
+            self.networks.get(self.default.as_deref()?)
+        } else {
+            self.networks.get(name)
+        }
+    }
+}
+
+/// Loads every config file of `dir`. Never fails as a whole: an unreadable
+/// dir or a bad file becomes an entry in `errors`; of two files naming the
+/// same network, the later one (by file name) is the error.
+pub fn load_dir(dir: &Path) -> NetworkSet {
+    let mut set = NetworkSet::default();
+    let files = match config_files(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            set.errors
+                .push((dir.to_path_buf(), crate::cni::chain::error_chain(&e)));
+            return set;
+        }
+    };
+    for file in files {
+        match load_file(&file) {
+            Ok(net) => {
+                if let Some(first) = set.networks.get(&net.name) {
+                    let msg = format!(
+                        "CNI config {}: network {:?} is already defined by {}",
+                        file.display(),
+                        net.name,
+                        first.source.display()
+                    );
+                    set.errors.push((file, msg));
+                    continue;
+                }
+                if set.default.is_none() {
+                    set.default = Some(net.name.clone());
+                }
+                set.networks.insert(net.name.clone(), net);
+            }
+            Err(e) => set.errors.push((file, crate::cni::chain::error_chain(&e))),
+        }
+    }
+    set
+}
+
+/// The current network set, shared between the watcher (writer) and the
+/// runner (readers). A std lock, held only to clone an `Arc` in or out.
+#[derive(Debug, Default)]
+pub struct NetworkStore {
+    current: RwLock<Arc<NetworkSet>>,
+}
+
+impl NetworkStore {
+    pub fn new(set: NetworkSet) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(set)),
+        }
+    }
+
+    /// The set as it is now; later changes don't affect the returned value.
+    pub fn current(&self) -> Arc<NetworkSet> {
+        self.current
+            .read()
+            .expect("store lock is never poisoned")
+            .clone()
+    }
+
+    /// Replaces the set; returns whether it changed.
+    pub fn replace(&self, set: NetworkSet) -> bool {
+        let mut cur = self.current.write().expect("store lock is never poisoned");
+        if **cur == set {
+            return false;
+        }
+        *cur = Arc::new(set);
+        true
+    }
+}
+
+/// Quiet time after the last event of a burst before re-reading.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// A burst that never goes quiet is still read this soon after it began.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
+/// Periodic re-read: the safety net for missed events, and how a dir that
+/// did not exist (or was replaced) gets watched again.
+pub const RESCAN_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps `store` equal to `load_dir(dir)`: re-reads after inotify events
+/// (debounced), every [`RESCAN_EVERY`], and logs each change once. Never
+/// returns (run it under a cancellation select).
+pub async fn watch_dir(dir: PathBuf, store: Arc<NetworkStore>) {
+    watch_dir_every(dir, store, RESCAN_EVERY).await
+}
+
+/// [`watch_dir`] with the periodic re-read interval explicit (tests).
+pub async fn watch_dir_every(dir: PathBuf, store: Arc<NetworkStore>, rescan_every: Duration) {
+    use notify::Watcher;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher: Option<(notify::RecommendedWatcher, std::fs::Metadata)> = None;
+    let mut rescan = tokio::time::interval(rescan_every.max(Duration::from_millis(10)));
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut burst: Option<(tokio::time::Instant, tokio::time::Instant)>;
+    loop {
+        // (Re)establish the watch when there is none or the dir was replaced.
+        let same_dir = |m: &std::fs::Metadata| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&dir).is_ok_and(|n| n.ino() == m.ino() && n.dev() == m.dev())
+        };
+        if watcher.as_ref().is_none_or(|(_, m)| !same_dir(m))
+            && let Ok(meta) = std::fs::metadata(&dir)
+        {
+            let tx = tx.clone();
+            let w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                let relevant = match &ev {
+                    Ok(ev) => !matches!(
+                        ev.kind,
+                        notify::EventKind::Access(notify::event::AccessKind::Open(_))
+                            | notify::EventKind::Access(notify::event::AccessKind::Read)
+                            | notify::EventKind::Access(notify::event::AccessKind::Close(
+                                notify::event::AccessMode::Read
+                            ))
+                    ),
+                    Err(_) => true,
+                };
+                if relevant {
+                    let _ = tx.send(());
+                }
+            })
+            .and_then(|mut w| {
+                w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+                Ok(w)
+            });
+            match w {
+                Ok(w) => watcher = Some((w, meta)),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the CNI config dir; re-reading periodically")
+                }
+            }
+        }
+        let d = dir.clone();
+        let set = match tokio::task::spawn_blocking(move || load_dir(&d)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "CNI config scan failed");
+                NetworkSet::default()
+            }
+        };
+        let old = store.current();
+        if store.replace(set) {
+            log_change(&dir, &old, &store.current());
+        }
+        burst = None;
+        // Wait for the next reason to re-read.
+        loop {
+            let deadline = burst.map(|(first, last)| (last + DEBOUNCE).min(first + MAX_DEBOUNCE));
+            tokio::select! {
+                ev = rx.recv() => {
+                    if ev.is_some() {
+                        let now = tokio::time::Instant::now();
+                        burst = Some(burst.map_or((now, now), |(f, _)| (f, now)));
+                    }
+                }
+                () = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => break,
+                _ = rescan.tick() => break,
+            }
+        }
+    }
+}
+
+fn log_change(dir: &Path, old: &NetworkSet, new: &NetworkSet) {
+    for (file, msg) in new.errors.iter().filter(|e| !old.errors.contains(e)) {
+        tracing::warn!(file = %file.display(), error = %msg, "bad CNI network config");
+    }
+    tracing::info!(
+        dir = %dir.display(),
+        networks = ?new.networks.keys().collect::<Vec<_>>(),
+        default = ?new.default,
+        errors = new.errors.len(),
+        "CNI networks changed; new pods use them"
+    );
 }
 
 /// Spec: a network name starts with an alphanumeric character, followed by
@@ -383,6 +598,128 @@ mod tests {
             load_default(&empty.path().join("missing")),
             Err(CniConfigError::ReadDir { .. })
         ));
+    }
+
+    fn write(dir: &Path, name: &str, body: &str) {
+        std::fs::write(dir.join(name), body).unwrap();
+    }
+
+    fn list(name: &str, plugin: &str) -> String {
+        format!(r#"{{"cniVersion":"1.0.0","name":"{name}","plugins":[{{"type":"{plugin}"}}]}}"#)
+    }
+
+    #[test]
+    fn load_dir_keeps_good_networks_and_names_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "05-broken.conflist", "{not json");
+        write(d, "10-a.conflist", &list("net-a", "bridge"));
+        write(
+            d,
+            "20-b.conf",
+            r#"{"cniVersion":"0.4.0","name":"net-b","type":"macvlan"}"#,
+        );
+        write(d, "30-dup.conflist", &list("net-a", "ptp"));
+        write(
+            d,
+            "40-old.conflist",
+            r#"{"cniVersion":"0.2.0","name":"old","plugins":[{"type":"x"}]}"#,
+        );
+        write(
+            d,
+            "50-noplugins.conflist",
+            r#"{"cniVersion":"1.0.0","name":"np"}"#,
+        );
+        write(
+            d,
+            "60-notype.conflist",
+            r#"{"cniVersion":"1.1.0","name":"nt","plugins":[{}]}"#,
+        );
+        write(d, "README.md", "not a config");
+        let set = load_dir(d);
+        // The default is the first *valid* file by name.
+        assert_eq!(set.default.as_deref(), Some("net-a"));
+        assert_eq!(set.networks.keys().collect::<Vec<_>>(), ["net-a", "net-b"]);
+        assert_eq!(set.get("").unwrap().plugins[0].plugin_type, "bridge");
+        assert_eq!(set.get("net-b").unwrap().cni_version, "0.4.0");
+        assert!(set.get("nope").is_none());
+        let errs: Vec<(String, &str)> = set
+            .errors
+            .iter()
+            .map(|(p, m)| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    m.as_str(),
+                )
+            })
+            .collect();
+        let want = [
+            ("05-broken.conflist", "not valid JSON"),
+            ("30-dup.conflist", "network \"net-a\" is already defined by"),
+            ("40-old.conflist", "cniVersion \"0.2.0\" is not supported"),
+            ("50-noplugins.conflist", "missing \"plugins\""),
+            ("60-notype.conflist", "plugin 0 has no string \"type\""),
+        ];
+        assert_eq!(errs.len(), want.len(), "{errs:?}");
+        for ((file, msg), (wfile, wmsg)) in errs.iter().zip(want) {
+            assert_eq!(file, wfile);
+            assert!(msg.contains(wmsg), "{file}: {msg}");
+            // One line per file, naming it.
+            assert!(msg.contains(wfile) && !msg.contains('\n'), "{msg}");
+        }
+
+        let missing = load_dir(&d.join("missing"));
+        assert!(missing.networks.is_empty() && missing.default.is_none());
+        assert!(missing.errors[0].1.contains("cannot read CNI config dir"));
+    }
+
+    #[tokio::test]
+    async fn watcher_applies_a_change_within_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "10-a.conflist", &list("net-a", "bridge"));
+        let store = Arc::new(NetworkStore::default());
+        // A long periodic re-read: only inotify can be this fast.
+        let task = tokio::spawn(watch_dir_every(
+            dir.path().to_path_buf(),
+            store.clone(),
+            Duration::from_secs(3600),
+        ));
+        let st = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let wait_for = |pred: &dyn Fn(&NetworkSet) -> bool| {
+                let start = std::time::Instant::now();
+                loop {
+                    if pred(&st.current()) {
+                        return;
+                    }
+                    assert!(
+                        start.elapsed() < Duration::from_secs(1),
+                        "{:?}",
+                        st.current()
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            };
+            wait_for(&|s| s.default.as_deref() == Some("net-a"));
+            // A new file that sorts first becomes the default.
+            write(dir.path(), "05-z.conflist", &list("net-z", "ptp"));
+            wait_for(&|s| s.default.as_deref() == Some("net-z") && s.networks.len() == 2);
+            // Editor style: write a temp file, rename it over the config.
+            write(dir.path(), ".tmp", &list("net-a", "macvlan"));
+            std::fs::rename(dir.path().join(".tmp"), dir.path().join("10-a.conflist")).unwrap();
+            wait_for(&|s| {
+                s.get("net-a")
+                    .is_some_and(|n| n.plugins[0].plugin_type == "macvlan")
+            });
+            // A broken edit: the network goes, the error names the file.
+            write(dir.path(), "05-z.conflist", "{");
+            wait_for(&|s| s.default.as_deref() == Some("net-a") && s.errors.len() == 1);
+            std::fs::remove_file(dir.path().join("05-z.conflist")).unwrap();
+            wait_for(&|s| s.errors.is_empty());
+        })
+        .await
+        .unwrap();
+        task.abort();
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The delegating plugin (`minilet-cni`): the one plugin the container
-//! runtime knows. It answers VERSION itself and forwards ADD, DEL and CHECK
-//! over the agent's root-only unix socket; the agent runs its own chain and
-//! answers with the final result or a CNI error, which this prints in the
-//! CNI wire format. This file also defines that socket's request/response
+//! runtime knows. It answers VERSION itself, answers GC with success
+//! (minilet collects its own attachments), and forwards ADD, DEL, CHECK and
+//! STATUS over the agent's root-only unix socket; the agent runs its own
+//! networks and answers with the result or a CNI error, which this prints
+//! in the CNI wire format, the result converted to the runtime's cniVersion. This file also defines that socket's request/response
 //! types, shared with `server`.
 //!
 //! It runs as a short-lived process per CNI call, so it is synchronous and
@@ -23,11 +24,12 @@ use serde_json::{Map, Value};
 
 use super::exec::{Command, PluginError, codes};
 
-/// The CNI versions the delegating plugin accepts in the runtime's config.
-pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+/// The CNI versions the delegating plugin accepts in the runtime's config
+/// (results are converted to any of them).
+pub const SUPPORTED_VERSIONS: [&str; 5] = super::version::RESULT_VERSIONS;
 
 /// The version this plugin speaks when nothing else is asked for.
-pub const PLUGIN_VERSION: &str = "1.0.0";
+pub const PLUGIN_VERSION: &str = "1.1.0";
 
 /// Bound on the connect to the agent socket.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,9 +45,13 @@ pub const MAX_MESSAGE: u64 = 1 << 20;
 #[serde(rename_all = "camelCase")]
 pub struct AgentRequest {
     pub command: Command,
+    /// Empty for STATUS.
+    #[serde(default)]
     pub container_id: String,
     #[serde(default)]
     pub netns: String,
+    /// Empty for STATUS.
+    #[serde(default)]
     pub ifname: String,
     /// CNI_ARGS, split into pairs.
     #[serde(default)]
@@ -83,45 +89,14 @@ struct DelegateConf {
     prev_result: Option<Value>,
 }
 
-/// Result formats that differ only in the `cniVersion` string: 0.3.0 added
-/// the rich result, 0.3.1 and 0.4.0 kept its shape, 1.0.0 changed it.
-fn same_result_format(a: &str, b: &str) -> bool {
-    const V03_04: [&str; 3] = ["0.3.0", "0.3.1", "0.4.0"];
-    a == b || (V03_04.contains(&a) && V03_04.contains(&b))
-}
-
-/// Whether a result in `from` can be handed out in `to` (for now only when
-/// that is a relabel; real conversion is a later piece of work).
-pub fn convertible(from: &str, to: &str) -> bool {
-    same_result_format(from, to)
-}
-
-/// The error for a version pair `convertible` refuses.
-pub fn incompatible(from: &str, to: &str) -> PluginError {
-    PluginError {
+/// Converts the agent's result into the runtime's version.
+fn convert_result(result: Value, want: &str) -> Result<Value, PluginError> {
+    super::version::convert_result(&result, want).map_err(|e| PluginError {
         cni_version: String::new(),
         code: codes::INCOMPATIBLE_VERSION,
-        msg: format!(
-            "incompatible CNI versions: minilet's chain produces {from} results, the runtime config asks for {to}"
-        ),
-        details: "result version conversion is not supported yet; use the same cniVersion in both configs".into(),
-    }
-}
-
-/// Rewrites a result into `want` when that is a relabel; errors otherwise.
-fn convert_result(mut result: Value, want: &str) -> Result<Value, PluginError> {
-    let have = result
-        .get("cniVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    if !convertible(&have, want) {
-        return Err(incompatible(&have, want));
-    }
-    if let Some(obj) = result.as_object_mut() {
-        obj.insert("cniVersion".into(), Value::String(want.to_owned()));
-    }
-    Ok(result)
+        msg: format!("cannot hand the result out in cniVersion {want}: {e}"),
+        details: String::new(),
+    })
 }
 
 /// Splits CNI_ARGS (`K=V;K=V`); empty segments are skipped.
@@ -232,10 +207,18 @@ fn handle(
         )
     })?;
 
+    if command == Command::Gc {
+        // minilet's agent collects its own stale attachments (at start and
+        // periodically); the runtime's view adds nothing it lacks.
+        return Ok(None);
+    }
     let container_id = get("CNI_CONTAINERID");
     let ifname = get("CNI_IFNAME");
     let netns = get("CNI_NETNS");
-    if container_id.is_empty() || ifname.is_empty() || (netns.is_empty() && command != Command::Del)
+    if command != Command::Status
+        && (container_id.is_empty()
+            || ifname.is_empty()
+            || (netns.is_empty() && command != Command::Del))
     {
         return Err(err(
             codes::INVALID_ENV,
@@ -268,7 +251,7 @@ fn handle(
             codes::DECODE_FAILURE,
             "the agent answered ADD without a result",
         )),
-        // DEL and CHECK print nothing on success.
+        // DEL, CHECK and STATUS print nothing on success.
         _ => Ok(None),
     }
 }
@@ -395,23 +378,25 @@ mod tests {
     }
 
     #[test]
-    fn result_versions() {
-        let r = serde_json::json!({"cniVersion": "0.4.0", "ips": []});
+    fn results_are_converted_to_the_runtime_version() {
+        let r = serde_json::json!({"cniVersion": "0.4.0", "ips": [{"version": "4", "address": "10.0.0.2/24"}]});
         assert_eq!(
             convert_result(r.clone(), "0.3.1").unwrap()["cniVersion"],
             "0.3.1"
         );
         assert_eq!(convert_result(r.clone(), "0.4.0").unwrap(), r);
-        let r1 = serde_json::json!({"cniVersion": "1.0.0", "ips": []});
-        assert_eq!(convert_result(r1.clone(), "1.0.0").unwrap(), r1);
-        let e = convert_result(r1, "0.4.0").unwrap_err();
-        assert_eq!(e.code, codes::INCOMPATIBLE_VERSION);
-        assert!(
-            e.msg.contains("1.0.0") && e.msg.contains("0.4.0"),
-            "{}",
-            e.msg
+        assert_eq!(
+            convert_result(r, "1.1.0").unwrap(),
+            serde_json::json!({"cniVersion": "1.1.0", "ips": [{"address": "10.0.0.2/24"}]})
         );
-        assert!(convert_result(r, "1.0.0").is_err());
+        let r1 = serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "fd00::2/64"}]});
+        assert_eq!(
+            convert_result(r1, "0.4.0").unwrap(),
+            serde_json::json!({"cniVersion": "0.4.0", "ips": [{"version": "6", "address": "fd00::2/64"}]})
+        );
+        let e = convert_result(serde_json::json!({"cniVersion": "0.2.0"}), "1.0.0").unwrap_err();
+        assert_eq!(e.code, codes::INCOMPATIBLE_VERSION);
+        assert!(e.msg.contains("0.2.0"), "{}", e.msg);
     }
 
     fn run_with(env: &[(&str, &str)], stdin: &str) -> (i32, Value) {
@@ -435,8 +420,14 @@ mod tests {
         assert_eq!(code, 0);
         assert_eq!(
             out,
-            serde_json::json!({"cniVersion":"1.0.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0"]})
+            serde_json::json!({"cniVersion":"1.1.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]})
         );
+        // GC is answered locally too (no agent socket is dialled).
+        let (code, out) = run_with(
+            &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+            r#"{"cniVersion":"1.1.0","name":"minilet","agentSocket":"/nonexistent","cni.dev/valid-attachments":[]}"#,
+        );
+        assert_eq!((code, out), (0, Value::Null));
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub mod codes {
     pub const TRY_AGAIN_LATER: u32 = 11;
 }
 
-/// A CNI command. GC and STATUS (spec 1.1) join when they are implemented.
+/// A CNI command (spec 1.1: GC and STATUS included).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Command {
@@ -40,6 +40,11 @@ pub enum Command {
     Del,
     Check,
     Version,
+    /// Garbage collection (1.1.0): the config carries
+    /// `cni.dev/valid-attachments`; only CNI_COMMAND and CNI_PATH are set.
+    Gc,
+    /// Plugin readiness (1.1.0): only CNI_COMMAND and CNI_PATH are set.
+    Status,
 }
 
 impl Command {
@@ -50,14 +55,29 @@ impl Command {
             Command::Del => "DEL",
             Command::Check => "CHECK",
             Command::Version => "VERSION",
+            Command::Gc => "GC",
+            Command::Status => "STATUS",
         }
     }
 
     /// Parses a CNI_COMMAND value.
     pub fn parse(s: &str) -> Option<Command> {
-        [Command::Add, Command::Del, Command::Check, Command::Version]
-            .into_iter()
-            .find(|c| c.as_str() == s)
+        [
+            Command::Add,
+            Command::Del,
+            Command::Check,
+            Command::Version,
+            Command::Gc,
+            Command::Status,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+
+    /// Whether the command concerns one container attachment (and so gets
+    /// CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS).
+    pub fn per_attachment(self) -> bool {
+        matches!(self, Command::Add | Command::Del | Command::Check)
     }
 }
 
@@ -151,6 +171,19 @@ pub enum ExecError {
 }
 
 impl ExecError {
+    /// The plugin this is about.
+    pub fn plugin(&self) -> &str {
+        match self {
+            ExecError::NotFound { plugin, .. }
+            | ExecError::Spawn { plugin, .. }
+            | ExecError::Io { plugin, .. }
+            | ExecError::Timeout { plugin, .. }
+            | ExecError::Plugin { plugin, .. }
+            | ExecError::Exited { plugin, .. }
+            | ExecError::BadOutput { plugin, .. } => plugin,
+        }
+    }
+
     /// The CNI error object this failure is reported as to the runtime.
     /// A plugin's own error passes through untouched; the rest get the
     /// well-known code that fits, mapped here and nowhere else.
@@ -184,6 +217,13 @@ pub trait PluginExec: Send + Sync {
         env: &PluginEnv,
         stdin: &[u8],
     ) -> impl Future<Output = Result<Vec<u8>, ExecError>> + Send;
+
+    /// What identifies the binary behind `plugin_type` now (path and mtime
+    /// for real plugins): VERSION answers are cached until it changes. An
+    /// error when there is no such plugin.
+    fn identity(&self, plugin_type: &str) -> Result<String, ExecError> {
+        Ok(plugin_type.to_owned())
+    }
 }
 
 /// How many bytes of output an error message quotes.
@@ -276,12 +316,15 @@ impl ProcessExec {
             }
         }
         cmd.env("CNI_COMMAND", env.command.as_str())
-            .env("CNI_CONTAINERID", &env.container_id)
-            .env("CNI_NETNS", &env.netns)
-            .env("CNI_IFNAME", &env.ifname)
-            .env("CNI_ARGS", &env.args)
-            .env("CNI_PATH", self.cni_path())
-            .stdin(Stdio::piped())
+            .env("CNI_PATH", self.cni_path());
+        // VERSION, GC and STATUS get only CNI_COMMAND and CNI_PATH (spec).
+        if env.command.per_attachment() {
+            cmd.env("CNI_CONTAINERID", &env.container_id)
+                .env("CNI_NETNS", &env.netns)
+                .env("CNI_IFNAME", &env.ifname)
+                .env("CNI_ARGS", &env.args);
+        }
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Its own process group, so a timeout kills whatever it started
@@ -380,6 +423,12 @@ impl PluginExec for ProcessExec {
     ) -> Result<Vec<u8>, ExecError> {
         let path = self.find(plugin_type)?;
         self.run(&path, plugin_type, env, stdin).await
+    }
+
+    fn identity(&self, plugin_type: &str) -> Result<String, ExecError> {
+        let path = self.find(plugin_type)?;
+        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        Ok(format!("{}@{mtime:?}", path.display()))
     }
 }
 

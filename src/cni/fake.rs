@@ -1,7 +1,8 @@
 //! A hand-written `PluginExec` for unit tests of the chain and its users: it
 //! records every call and scripts replies, without starting processes.
 //! ADD answers with `prevResult` (or a fixed result) plus the plugin's name
-//! appended to a `plugins` list, like `testdata/record.sh`; DEL and CHECK
+//! appended to a `plugins` list, like `testdata/record.sh`; VERSION answers
+//! 0.3.0…1.1.0 (or what `set_versions` says); DEL, CHECK, GC and STATUS
 //! answer with nothing. Never used end to end.
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ pub struct Call {
 struct State {
     calls: Vec<Call>,
     failures: HashMap<(String, Command), PluginError>,
+    versions: HashMap<String, Vec<String>>,
     delay: Duration,
 }
 
@@ -45,6 +47,23 @@ impl FakeExec {
     pub fn fail(&self, plugin: &str, command: Command, error: PluginError) {
         let mut s = self.state.lock().unwrap();
         s.failures.insert((plugin.to_owned(), command), error);
+    }
+
+    /// Makes `plugin` answer VERSION with these supportedVersions.
+    pub fn set_versions(&self, plugin: &str, versions: &[&str]) {
+        let mut s = self.state.lock().unwrap();
+        s.versions.insert(
+            plugin.to_owned(),
+            versions.iter().map(|v| v.to_string()).collect(),
+        );
+    }
+
+    /// The calls so far other than VERSION, in order.
+    pub fn op_calls(&self) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.env.command != Command::Version)
+            .collect()
     }
 
     /// Forgets all scripted failures.
@@ -94,6 +113,23 @@ impl PluginExec for FakeExec {
                 plugin: plugin_type.to_owned(),
                 error,
             });
+        }
+        if env.command == Command::Version {
+            let versions = self
+                .state
+                .lock()
+                .unwrap()
+                .versions
+                .get(plugin_type)
+                .cloned();
+            let versions = versions.unwrap_or_else(|| {
+                super::version::RESULT_VERSIONS
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect()
+            });
+            let v = json!({"cniVersion": "1.1.0", "supportedVersions": versions});
+            return Ok(serde_json::to_vec(&v).expect("JSON serialises"));
         }
         if env.command != Command::Add {
             return Ok(Vec::new());

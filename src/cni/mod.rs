@@ -2,8 +2,12 @@
 //!
 //! The runtime execs minilet's delegating plugin (`delegate`), which forwards
 //! the request over a root-only unix socket to the agent (`server`); the agent
-//! runs the chain from its own config dir (`chain`, `config`) by exec'ing
-//! real plugins (`exec`), and the plugin prints the final result.
+//! runs the chains of its own networks (`config`: the config dir, watched;
+//! `chain`: ADD/DEL/CHECK/STATUS/GC; `version`: result conversion; `cache`:
+//! libcni's result cache) by exec'ing real plugins (`exec`), attaching the
+//! extra networks a pod's annotations ask for (`podnet`), and reports what it
+//! did (`observe`: metrics, events, network status). `tool` is the same
+//! machinery as a command (`minilet cni`), like cnitool.
 
 pub mod cache;
 pub mod chain;
@@ -12,4 +16,10 @@ pub mod delegate;
 pub mod exec;
 pub mod fake;
 pub mod install;
+pub mod observe;
+pub mod podnet;
 pub mod server;
+pub mod version;
+
+#[cfg(test)]
+mod real_tests;

@@ -1,14 +1,30 @@
 //! The agent side of the delegating plugin: a root-only unix socket on which
-//! each connection carries one `AgentRequest` from `minilet-cni`; the chain
-//! runs and the answer goes back as one `AgentResponse`.
+//! each connection carries one `AgentRequest` from `minilet-cni`; the
+//! networks run and the answer goes back as one `AgentResponse`.
 //!
-//! Port mappings come from the pod spec the agent holds (found by
-//! K8S_POD_UID in CNI_ARGS) when the pod is known, else from the runtime's
-//! `runtimeConfig`.
+//! ADD attaches the default network on the runtime's interface, then each
+//! extra network the pod's `k8s.v1.cni.cncf.io/networks` annotation names
+//! (as `net1`, `net2`, … or the interface it asks for); if one fails,
+//! everything added is detached again (reverse order) and the ADD fails.
+//! The runtime gets the default network's result, in its own cniVersion.
+//! DEL detaches everything the result cache holds for the container
+//! (extras in reverse interface order, the default last), so it works after
+//! an agent restart and after the annotation changed. CHECK checks every
+//! cached attachment; STATUS is the default network's.
+//!
+//! Capability args come from the pod the agent holds (found by K8S_POD_UID
+//! in CNI_ARGS): `portMappings` from the spec's host ports and `bandwidth`
+//! from its annotations (default network only), `ips`/`mac` from the
+//! network selection; for a pod the agent doesn't know, the runtime's
+//! `runtimeConfig` is used.
+//!
+//! Each operation leaves per-pod events (plugin timings, errors) and, on
+//! ADD/DEL, the pod's `network-status` on the shared boards.
 //!
 //! Side effects: creates (replacing a stale one) and serves the socket; runs
-//! the chain, which execs plugins and writes the result cache.
+//! the chains, which exec plugins and write the result cache.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -21,9 +37,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::chain::{Attachment, CniRunner};
-use super::delegate::{AgentRequest, AgentResponse, MAX_MESSAGE, convertible, incompatible};
+use super::cache::CachedAttachment;
+use super::chain::{Attachment, CniError, CniRunner, OpReport};
+use super::delegate::{AgentRequest, AgentResponse, MAX_MESSAGE};
 use super::exec::{Command, PluginError, PluginExec, codes};
+use super::observe::{CniEvents, EventType, NetworkStatus, NetworkStatusBoard};
+use super::podnet::{self, NetworkSelection};
+use super::version;
 
 /// A pod's host port, in the CNI `portMappings` capability convention.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,15 +58,37 @@ pub struct PortMapping {
     pub host_ip: String,
 }
 
+/// What the agent knows about a pod that matters to its networking.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodNetworkInfo {
+    /// Host port mappings from the pod spec (may be empty).
+    pub port_mappings: Vec<PortMapping>,
+    /// The pod's annotations (networks, bandwidth).
+    pub annotations: BTreeMap<String, String>,
+}
+
 /// What the server asks the agent's pod state about a pod.
 pub trait PodNetworkLookup: Send + Sync {
-    /// The pod's host port mappings; `None` when the agent doesn't know the
-    /// pod (then the runtime's runtimeConfig is used).
-    fn port_mappings(&self, pod_uid: &str) -> Option<Vec<PortMapping>>;
+    /// The pod's network-relevant facts; `None` when the agent doesn't know
+    /// the pod (then the runtime's runtimeConfig is used, and no extra
+    /// networks are attached).
+    fn pod_network_info(&self, pod_uid: &str) -> Option<PodNetworkInfo>;
+}
+
+/// Everything a request needs: the runner, the pods, and where outcomes go.
+pub struct CniHandler<E: PluginExec> {
+    pub runner: Arc<CniRunner<E>>,
+    pub pods: Arc<dyn PodNetworkLookup>,
+    pub events: Arc<CniEvents>,
+    pub status: Arc<NetworkStatusBoard>,
 }
 
 /// How long a client may take to send its request.
 const READ_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Event reasons.
+pub const REASON_TIMING: &str = "CNIPluginTiming";
+pub const REASON_ERROR: &str = "CNIError";
 
 /// Binds the agent socket at `path`, mode 0600. A stale socket (nobody
 /// listening) is replaced; a live one, or a non-socket file, is an error.
@@ -98,8 +140,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// way would leave the node in a state no cache describes.
 pub async fn serve<E: PluginExec + 'static>(
     listener: UnixListener,
-    runner: Arc<CniRunner<E>>,
-    pods: Arc<dyn PodNetworkLookup>,
+    handler: Arc<CniHandler<E>>,
     cancel: CancellationToken,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
@@ -109,7 +150,7 @@ pub async fn serve<E: PluginExec + 'static>(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tasks.spawn(handle_connection(stream, runner.clone(), pods.clone()));
+                    tasks.spawn(handle_connection(stream, handler.clone()));
                 }
                 Err(e) => {
                     // E.g. EMFILE: don't spin; the next accept may work.
@@ -131,11 +172,7 @@ fn fail(code: u32, msg: impl Into<String>) -> PluginError {
     }
 }
 
-async fn handle_connection<E: PluginExec>(
-    mut stream: UnixStream,
-    runner: Arc<CniRunner<E>>,
-    pods: Arc<dyn PodNetworkLookup>,
-) {
+async fn handle_connection<E: PluginExec>(mut stream: UnixStream, handler: Arc<CniHandler<E>>) {
     let response = match read_request(&mut stream).await {
         Ok(req) => {
             let pod = format!(
@@ -151,7 +188,7 @@ async fn handle_connection<E: PluginExec>(
             );
             async {
                 let start = std::time::Instant::now();
-                let outcome = process(&req, &runner, pods.as_ref()).await;
+                let outcome = handler.process(&req).await;
                 match &outcome {
                     Ok(_) => tracing::info!(elapsed_ms = start.elapsed().as_millis() as u64, "done"),
                     Err(e) => tracing::warn!(code = e.code, error = %e.msg, details = %e.details, "failed"),
@@ -182,13 +219,293 @@ async fn handle_connection<E: PluginExec>(
     let _ = stream.shutdown().await;
 }
 
+/// Natural order of interface names (`net2` before `net10`).
+fn ifname_key(s: &str) -> (String, u64, String) {
+    let digits = s.len() - s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (head, num) = s.split_at(s.len() - digits);
+    (head.to_owned(), num.parse().unwrap_or(0), s.to_owned())
+}
+
+impl<E: PluginExec> CniHandler<E> {
+    /// Answers one request (what the socket server does per connection).
+    pub async fn process(&self, req: &AgentRequest) -> Result<Option<Value>, PluginError> {
+        // Refuse before touching the node when the result couldn't be
+        // handed out in the runtime's version anyway.
+        if !version::RESULT_VERSIONS.contains(&req.cni_version.as_str()) {
+            return Err(PluginError {
+                details: format!("minilet converts results to {:?}", version::RESULT_VERSIONS),
+                ..fail(
+                    codes::INCOMPATIBLE_VERSION,
+                    format!("incompatible CNI version {:?}", req.cni_version),
+                )
+            });
+        }
+        let uid = arg(req, "K8S_POD_UID").unwrap_or("").to_owned();
+        let info = (!uid.is_empty())
+            .then(|| self.pods.pod_network_info(&uid))
+            .flatten();
+        let att = Attachment {
+            container_id: req.container_id.clone(),
+            netns: req.netns.clone(),
+            ifname: req.ifname.clone(),
+            args: req.args.clone(),
+            capability_args: req.runtime_config.clone(),
+        };
+        match req.command {
+            Command::Add => self.add(&uid, info.as_ref(), att).await.map(Some),
+            Command::Del => self
+                .del(&uid, info.as_ref(), att, req.prev_result.as_ref())
+                .await
+                .map(|()| None),
+            Command::Check => self.check(&uid, att).await.map(|()| None),
+            Command::Status => self
+                .runner
+                .status("")
+                .await
+                .map(|()| None)
+                .map_err(|e| e.to_plugin_error()),
+            // The runtime's GC: minilet collects its own attachments.
+            Command::Gc => Ok(None),
+            Command::Version => Err(fail(
+                codes::INVALID_ENV,
+                "VERSION is answered by the plugin",
+            )),
+        }
+    }
+
+    fn event(&self, uid: &str, kind: EventType, reason: &str, message: String) {
+        if !uid.is_empty() {
+            self.events.push(uid, kind, reason, message);
+        }
+    }
+
+    fn timing(&self, uid: &str, report: &OpReport) {
+        if !report.steps.is_empty() {
+            self.event(uid, EventType::Normal, REASON_TIMING, report.summary());
+        }
+    }
+
+    /// Records an error as a `CNIError` event and turns it into the wire
+    /// error.
+    fn error(&self, uid: &str, what: &str, e: &CniError) -> PluginError {
+        let pe = e.to_plugin_error();
+        let mut msg = format!("{what}: {} (code {})", pe.msg, pe.code);
+        if !pe.details.is_empty() {
+            msg.push_str(&format!("; details: {}", pe.details));
+        }
+        if let Some(plugin) = e.plugin()
+            && !msg.contains(plugin)
+        {
+            msg.push_str(&format!("; plugin {plugin}"));
+        }
+        self.event(uid, EventType::Warning, REASON_ERROR, msg);
+        // The plugin's own error object reaches the runtime untouched.
+        pe
+    }
+
+    /// The default network's capability args for this pod.
+    fn default_caps(
+        &self,
+        info: Option<&PodNetworkInfo>,
+        att: &mut Attachment,
+    ) -> Result<(), String> {
+        let Some(info) = info else {
+            return Ok(());
+        };
+        // The pod spec is the authority on host ports when we hold the pod.
+        if info.port_mappings.is_empty() {
+            att.capability_args.remove("portMappings");
+        } else {
+            let v = serde_json::to_value(&info.port_mappings).expect("port mappings serialise");
+            att.capability_args.insert("portMappings".into(), v);
+        }
+        match podnet::bandwidth_capability(&info.annotations)? {
+            Some(bw) => {
+                att.capability_args.insert("bandwidth".into(), bw);
+            }
+            None => {
+                att.capability_args.remove("bandwidth");
+            }
+        }
+        Ok(())
+    }
+
+    /// The extra networks of the pod with their interface names, checked
+    /// against the current config before anything runs.
+    fn extras(
+        &self,
+        info: Option<&PodNetworkInfo>,
+        primary: &str,
+    ) -> Result<Vec<(NetworkSelection, String)>, String> {
+        let Some(s) = info.and_then(|i| i.annotations.get(podnet::NETWORKS_ANNOTATION)) else {
+            return Ok(Vec::new());
+        };
+        let sel = podnet::parse_networks(s)?;
+        let names = podnet::extra_interfaces(&sel, primary)?;
+        let set = self.runner.store().current();
+        for s in &sel {
+            if !set.networks.contains_key(&s.name) {
+                return Err(format!(
+                    "{}: no CNI network named {:?} in the config dir",
+                    podnet::NETWORKS_ANNOTATION,
+                    s.name
+                ));
+            }
+        }
+        Ok(sel.into_iter().zip(names).collect())
+    }
+
+    async fn add(
+        &self,
+        uid: &str,
+        info: Option<&PodNetworkInfo>,
+        mut att: Attachment,
+    ) -> Result<Value, PluginError> {
+        let invalid = |m: String| {
+            self.event(uid, EventType::Warning, REASON_ERROR, m.clone());
+            fail(codes::INVALID_CONFIG, m)
+        };
+        self.default_caps(info, &mut att).map_err(invalid)?;
+        let extras = self.extras(info, &att.ifname).map_err(invalid)?;
+
+        let (r, report) = self.runner.add_report("", &att).await;
+        self.timing(uid, &report);
+        let default_name = report.network.clone();
+        let result =
+            r.map_err(|e| self.error(uid, &format!("ADD {default_name}/{}", att.ifname), &e))?;
+        if !has_container_ip(&result, &att.ifname) {
+            // containerd refuses such a result ("failed to find network
+            // info for sandbox"): say why here, where it's debuggable.
+            tracing::warn!(ifname = %att.ifname, "chain result has no IP on the container interface");
+        }
+        let mut statuses = vec![NetworkStatus::from_result(
+            &default_name,
+            &att.ifname,
+            true,
+            &result,
+        )];
+        // What this ADD attached, in order (the default first).
+        let mut added: Vec<(String, Attachment)> = vec![(default_name.clone(), att.clone())];
+        for (sel, ifname) in extras {
+            let extra = Attachment {
+                ifname: ifname.clone(),
+                capability_args: sel.capability_args(),
+                ..att.clone()
+            };
+            let (r, report) = self.runner.add_report(&sel.name, &extra).await;
+            self.timing(uid, &report);
+            match r {
+                Ok(res) => {
+                    statuses.push(NetworkStatus::from_result(
+                        &sel.display_name(),
+                        &ifname,
+                        false,
+                        &res,
+                    ));
+                    added.push((sel.name.clone(), extra));
+                }
+                Err(e) => {
+                    let pe = self.error(uid, &format!("ADD {}/{ifname}", sel.name), &e);
+                    // All or nothing: detach what this ADD attached.
+                    for (net, a) in added.iter().rev() {
+                        let (r, report) = self.runner.del_report(net, a, None).await;
+                        self.timing(uid, &report);
+                        if let Err(e) = r {
+                            self.error(uid, &format!("rollback DEL {net}/{}", a.ifname), &e);
+                        }
+                    }
+                    return Err(pe);
+                }
+            }
+        }
+        if !uid.is_empty() {
+            self.status.set(uid, statuses);
+        }
+        Ok(result)
+    }
+
+    async fn del(
+        &self,
+        uid: &str,
+        info: Option<&PodNetworkInfo>,
+        mut att: Attachment,
+        fallback: Option<&Value>,
+    ) -> Result<(), PluginError> {
+        let mut cached = self.runner.attachments(&att.container_id).await;
+        // The primary last; the extras in reverse interface order.
+        let primary: Vec<CachedAttachment> = cached
+            .iter()
+            .filter(|c| c.if_name == att.ifname)
+            .cloned()
+            .collect();
+        cached.retain(|c| c.if_name != att.ifname);
+        cached.sort_by_key(|c| std::cmp::Reverse(ifname_key(&c.if_name)));
+        let mut first_err = None;
+        for c in &cached {
+            let a = Attachment {
+                netns: att.netns.clone(),
+                ..Attachment::from_cached(c)
+            };
+            let (r, report) = self.runner.del_report(&c.network_name, &a, None).await;
+            self.timing(uid, &report);
+            if let Err(e) = r {
+                let pe = self.error(uid, &format!("DEL {}/{}", c.network_name, c.if_name), &e);
+                first_err.get_or_insert(pe);
+            }
+        }
+        // The cached args win (what ADD used); without a cache entry, the
+        // pod's current ones.
+        let nets: Vec<String> = if primary.is_empty() {
+            let _ = self.default_caps(info, &mut att);
+            vec![String::new()]
+        } else {
+            att.capability_args.clear();
+            primary.iter().map(|c| c.network_name.clone()).collect()
+        };
+        for net in nets {
+            let (r, report) = self.runner.del_report(&net, &att, fallback).await;
+            self.timing(uid, &report);
+            if let Err(e) = r {
+                let pe = self.error(uid, &format!("DEL {}/{}", report.network, att.ifname), &e);
+                first_err.get_or_insert(pe);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if !uid.is_empty() {
+            self.status.remove(uid);
+        }
+        Ok(())
+    }
+
+    async fn check(&self, uid: &str, att: Attachment) -> Result<(), PluginError> {
+        let cached = self.runner.attachments(&att.container_id).await;
+        if !cached.iter().any(|c| c.if_name == att.ifname) {
+            // Nothing cached for the runtime's interface: the runner's
+            // error says so.
+            let (r, _) = self.runner.check_report("", &att).await;
+            return r.map_err(|e| self.error(uid, &format!("CHECK {}", att.ifname), &e));
+        }
+        for c in cached {
+            let a = Attachment {
+                netns: att.netns.clone(),
+                ..Attachment::from_cached(&c)
+            };
+            let (r, report) = self.runner.check_report(&c.network_name, &a).await;
+            self.timing(uid, &report);
+            r.map_err(|e| self.error(uid, &format!("CHECK {}/{}", c.network_name, c.if_name), &e))?;
+        }
+        Ok(())
+    }
+}
+
 fn arg<'a>(req: &'a AgentRequest, key: &str) -> Option<&'a str> {
     req.args
         .iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
 }
-
 async fn read_request(stream: &mut UnixStream) -> Result<AgentRequest, PluginError> {
     // The socket is 0600, but check the peer as well: only our own user
     // (root) may drive the node's networking.
@@ -220,64 +537,6 @@ async fn read_request(stream: &mut UnixStream) -> Result<AgentRequest, PluginErr
     serde_json::from_slice(&body)
         .map_err(|e| fail(codes::DECODE_FAILURE, format!("malformed request: {e}")))
 }
-
-async fn process<E: PluginExec>(
-    req: &AgentRequest,
-    runner: &CniRunner<E>,
-    pods: &dyn PodNetworkLookup,
-) -> Result<Option<Value>, PluginError> {
-    // Refuse before touching the node when the result couldn't be handed
-    // out in the runtime's version anyway.
-    let chain_version = &runner.network().cni_version;
-    if !convertible(chain_version, &req.cni_version) {
-        return Err(incompatible(chain_version, &req.cni_version));
-    }
-    let mut att = Attachment {
-        container_id: req.container_id.clone(),
-        netns: req.netns.clone(),
-        ifname: req.ifname.clone(),
-        args: req.args.clone(),
-        capability_args: req.runtime_config.clone(),
-    };
-    // The pod spec is the authority on host ports when we hold the pod.
-    if let Some(mappings) = arg(req, "K8S_POD_UID").and_then(|uid| pods.port_mappings(uid)) {
-        if mappings.is_empty() {
-            att.capability_args.remove("portMappings");
-        } else {
-            let v = serde_json::to_value(mappings).expect("port mappings serialise");
-            att.capability_args.insert("portMappings".into(), v);
-        }
-    }
-    match req.command {
-        Command::Add => {
-            let result = runner.add(&att).await.map_err(|e| e.to_plugin_error())?;
-            if !has_container_ip(&result, &att.ifname) {
-                // containerd refuses such a result ("failed to find network
-                // info for sandbox"): say why here, where it's debuggable.
-                tracing::warn!(ifname = %att.ifname, "chain result has no IP on the container interface");
-            }
-            Ok(Some(result))
-        }
-        Command::Del => {
-            runner
-                .del_with_fallback(&att, req.prev_result.as_ref())
-                .await
-                .map_err(|e| e.to_plugin_error())?;
-            Ok(None)
-        }
-        Command::Check => Err(fail(
-            codes::UNSUPPORTED_FIELD,
-            "CHECK is not implemented by minilet yet",
-        )),
-        Command::Version => Err(fail(
-            codes::INVALID_ENV,
-            "VERSION is answered by the plugin",
-        )),
-    }
-}
-
-/// Whether the result holds an interface named `ifname` inside a sandbox
-/// with at least one IP pointing at it.
 fn has_container_ip(result: &Value, ifname: &str) -> bool {
     let Some(ifaces) = result.get("interfaces").and_then(Value::as_array) else {
         return false;
@@ -298,7 +557,6 @@ fn has_container_ip(result: &Value, ifname: &str) -> bool {
                 .any(|ip| ip.get("interface").and_then(Value::as_u64) == Some(idx as u64))
         })
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,18 +566,34 @@ mod tests {
     use std::collections::HashMap;
     use std::path::PathBuf;
 
-    /// Knows one pod, uid "uid-known", with one host port.
-    struct Pods;
+    /// Knows pods by uid: "uid-known" has one host port; others as set.
+    #[derive(Default)]
+    struct Pods(std::sync::Mutex<HashMap<String, PodNetworkInfo>>);
     impl PodNetworkLookup for Pods {
-        fn port_mappings(&self, pod_uid: &str) -> Option<Vec<PortMapping>> {
-            (pod_uid == "uid-known").then(|| {
-                vec![PortMapping {
+        fn pod_network_info(&self, pod_uid: &str) -> Option<PodNetworkInfo> {
+            self.0.lock().unwrap().get(pod_uid).cloned()
+        }
+    }
+    impl Pods {
+        fn known() -> Self {
+            let p = Pods::default();
+            p.set("uid-known", &[]);
+            p
+        }
+        fn set(&self, uid: &str, annotations: &[(&str, &str)]) {
+            let info = PodNetworkInfo {
+                port_mappings: vec![PortMapping {
                     host_port: 8080,
                     container_port: 80,
                     protocol: "tcp".into(),
                     host_ip: String::new(),
-                }]
-            })
+                }],
+                annotations: annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            };
+            self.0.lock().unwrap().insert(uid.into(), info);
         }
     }
 
@@ -328,49 +602,93 @@ mod tests {
         socket: PathBuf,
         cancel: CancellationToken,
         task: tokio::task::JoinHandle<()>,
+        handler: Arc<CniHandler<ProcessExec>>,
+        pods: Arc<Pods>,
     }
 
-    /// An agent on a temp socket running the recording plugin as a chain
-    /// of `first` and `ports` (which declares portMappings).
+    /// An agent on a temp socket running the recording plugin: the default
+    /// network `chain` = `first` + `ports` (declares portMappings and
+    /// bandwidth); extra networks `net-a` = `a1` (declares mac, ips) and
+    /// `net-b` = `b1` (0.4.0), and `net-c` = `c1`.
     async fn start_agent() -> Agent {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cni/testdata/record.sh");
-        for n in ["first", "ports"] {
+        for n in ["first", "ports", "a1", "b1", "c1"] {
             std::fs::copy(&src, bin.join(n)).unwrap();
             std::fs::set_permissions(bin.join(n), std::fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let net = crate::cni::config::parse(
-            br#"{"cniVersion":"1.0.0","name":"chain","plugins":[{"type":"first"},{"type":"ports","capabilities":{"portMappings":true}}]}"#,
-            true,
-            Path::new("test.conflist"),
-        )
-        .unwrap();
+        let conf = dir.path().join("net.d");
+        std::fs::create_dir(&conf).unwrap();
+        for (file, body) in [
+            (
+                "10-chain.conflist",
+                r#"{"cniVersion":"1.0.0","name":"chain","plugins":[{"type":"first"},{"type":"ports","capabilities":{"portMappings":true,"bandwidth":true}}]}"#,
+            ),
+            (
+                "20-a.conflist",
+                r#"{"cniVersion":"1.0.0","name":"net-a","plugins":[{"type":"a1","capabilities":{"mac":true,"ips":true}}]}"#,
+            ),
+            (
+                "30-b.conf",
+                r#"{"cniVersion":"0.4.0","name":"net-b","type":"b1"}"#,
+            ),
+            (
+                "40-c.conf",
+                r#"{"cniVersion":"1.0.0","name":"net-c","type":"c1"}"#,
+            ),
+        ] {
+            std::fs::write(conf.join(file), body).unwrap();
+        }
+        let set = crate::cni::config::load_dir(&conf);
+        assert!(set.errors.is_empty(), "{:?}", set.errors);
         let runner = Arc::new(CniRunner::new(
             ProcessExec::new(vec![bin], Duration::from_secs(10)),
-            net,
+            Arc::new(crate::cni::config::NetworkStore::new(set)),
             ResultCache::new(dir.path().join("cache")),
+            Arc::new(crate::cni::observe::CniMetrics::new()),
         ));
+        let pods = Arc::new(Pods::known());
+        let handler = Arc::new(CniHandler {
+            runner,
+            pods: pods.clone(),
+            events: Arc::new(CniEvents::new()),
+            status: Arc::new(NetworkStatusBoard::new()),
+        });
         let socket = dir.path().join("run/cni.sock");
         let listener = bind(&socket).unwrap();
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, runner, Arc::new(Pods), cancel.clone()));
+        let task = tokio::spawn(serve(listener, handler.clone(), cancel.clone()));
         Agent {
             dir,
             socket,
             cancel,
             task,
+            handler,
+            pods,
         }
     }
 
-    fn plugin_log(agent: &Agent) -> Vec<Value> {
+    /// The recording plugins' log: (plugin, command, stdin).
+    fn full_log(agent: &Agent) -> Vec<(String, String, Value)> {
         std::fs::read_to_string(agent.dir.path().join("bin/log"))
             .unwrap_or_default()
             .lines()
-            .map(|l| serde_json::from_str(l.splitn(3, ' ').nth(2).unwrap()).unwrap())
+            .map(|l| {
+                let mut p = l.splitn(3, ' ');
+                (
+                    p.next().unwrap().to_owned(),
+                    p.next().unwrap().to_owned(),
+                    serde_json::from_str(p.next().unwrap()).unwrap(),
+                )
+            })
             .collect()
+    }
+
+    fn plugin_log(agent: &Agent) -> Vec<Value> {
+        full_log(agent).into_iter().map(|(_, _, v)| v).collect()
     }
 
     /// Runs the real plugin code path in a blocking thread.
@@ -389,6 +707,24 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+        tokio::task::spawn_blocking(move || {
+            let start = std::time::Instant::now();
+            let mut out = Vec::new();
+            let code = delegate::run(&env, &mut stdin.as_bytes(), &mut out);
+            (code, String::from_utf8(out).unwrap(), start.elapsed())
+        })
+        .await
+        .unwrap()
+    }
+
+    /// STATUS as the runtime sends it: no container, only the config.
+    async fn run_status(socket: &Path) -> (i32, String, Duration) {
+        let env: HashMap<String, String> =
+            [("CNI_COMMAND", "STATUS"), ("CNI_PATH", "/opt/cni/bin")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+        let stdin = runtime_conf(socket, "1.1.0", 60);
         tokio::task::spawn_blocking(move || {
             let start = std::time::Instant::now();
             let mut out = Vec::new();
@@ -474,14 +810,24 @@ mod tests {
             9999
         );
 
-        // A runtime config in another result format: refused before any plugin runs.
+        // A runtime config in the older result format: converted.
         let (code, out, _) =
             run_plugin("ADD", "uid-other", runtime_conf(&agent.socket, "0.4.0", 60)).await;
+        assert_eq!(code, 0, "{out}");
+        let r: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(r["cniVersion"], "0.4.0");
+        assert_eq!(r["ips"][0]["version"], "4");
+        // One the agent can't produce: refused before any plugin runs.
+        let n = plugin_log(&agent).len();
+        let (code, out, _) =
+            run_plugin("ADD", "uid-other", runtime_conf(&agent.socket, "0.2.0", 60)).await;
         assert_eq!(code, 1);
         let e: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(e["code"], codes::INCOMPATIBLE_VERSION);
-        assert_eq!(e["cniVersion"], "0.4.0");
-        assert_eq!(plugin_log(&agent).len(), 6);
+        assert_eq!(plugin_log(&agent).len(), n);
+        let (code, _, _) =
+            run_plugin("DEL", "uid-other", runtime_conf(&agent.socket, "1.0.0", 60)).await;
+        assert_eq!(code, 0);
 
         // A plugin error's code/msg/details reach the runtime intact.
         let failing = agent.dir.path().join("bin/ports");
@@ -523,15 +869,23 @@ mod tests {
         let (code, out, _) =
             run_plugin("ADD", "uid-known", runtime_conf(&agent.socket, "1.0.0", 60)).await;
         assert_eq!(code, 0, "{out}");
-        // CHECK is not there yet, and says so.
+        // CHECK goes through to the plugins, in list order.
+        let n = full_log(&agent).len();
         let (code, out, _) = run_plugin(
             "CHECK",
             "uid-known",
             runtime_conf(&agent.socket, "1.0.0", 60),
         )
         .await;
-        assert_eq!(code, 1);
-        assert!(out.contains("CHECK is not implemented"), "{out}");
+        assert_eq!((code, out.as_str()), (0, ""));
+        let checks: Vec<_> = full_log(&agent)[n..]
+            .iter()
+            .map(|(p, c, _)| format!("{p} {c}"))
+            .collect();
+        assert_eq!(checks, ["first CHECK", "ports CHECK"]);
+        // STATUS: the default network's (1.0.0: the plugins answer VERSION).
+        let (code, out, _) = run_status(&agent.socket).await;
+        assert_eq!((code, out.as_str()), (0, ""));
         agent.cancel.cancel();
         agent.task.await.unwrap();
     }
@@ -591,6 +945,220 @@ mod tests {
                 .contains("did not answer within 1s"),
             "{e}"
         );
+    }
+
+    fn req(command: Command, uid: &str, ifname: &str) -> AgentRequest {
+        AgentRequest {
+            command,
+            container_id: "sb1".into(),
+            netns: "/var/run/netns/x".into(),
+            ifname: ifname.into(),
+            args: vec![
+                ("K8S_POD_NAMESPACE".into(), "default".into()),
+                ("K8S_POD_NAME".into(), "web".into()),
+                ("K8S_POD_UID".into(), uid.into()),
+            ],
+            runtime_config: serde_json::Map::new(),
+            cni_version: "1.0.0".into(),
+            prev_result: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn extra_networks_attach_in_order_and_detach_in_reverse() {
+        let agent = start_agent().await;
+        agent.pods.set(
+            "uid-multi",
+            &[
+                (
+                    podnet::NETWORKS_ANNOTATION,
+                    r#"[{"name":"net-a","namespace":"team","mac":"02:00:00:00:00:0a","ips":["10.9.0.7/24"]},{"name":"net-b","interface":"data"},{"name":"net-c"}]"#,
+                ),
+                (podnet::INGRESS_BANDWIDTH_ANNOTATION, "10M"),
+            ],
+        );
+        let h = &agent.handler;
+        let result = h
+            .process(&req(Command::Add, "uid-multi", "eth0"))
+            .await
+            .unwrap()
+            .unwrap();
+        // The runtime gets the default network's result.
+        assert_eq!(result["plugins"], serde_json::json!(["first", "ports"]));
+        let log = full_log(&agent);
+        let order: Vec<_> = log
+            .iter()
+            .map(|(p, c, s)| format!("{p} {c} {}", s["name"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "first ADD chain",
+                "ports ADD chain",
+                "a1 ADD net-a",
+                "b1 ADD net-b",
+                "c1 ADD net-c"
+            ]
+        );
+        // Capability args: ports + bandwidth on the default, mac/ips on net-a.
+        assert_eq!(
+            log[1].2["runtimeConfig"],
+            serde_json::json!({
+                "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}],
+                "bandwidth": {"ingressRate": 10_000_000, "ingressBurst": 4_294_967_295u64}
+            })
+        );
+        assert_eq!(
+            log[2].2["runtimeConfig"],
+            serde_json::json!({"mac": "02:00:00:00:00:0a", "ips": ["10.9.0.7/24"]})
+        );
+        assert!(log[3].2.get("runtimeConfig").is_none());
+        assert_eq!(log[3].2["cniVersion"], "0.4.0");
+        let ifnames: Vec<_> = h
+            .runner
+            .attachments("sb1")
+            .await
+            .iter()
+            .map(|a| format!("{}/{}", a.network_name, a.if_name))
+            .collect();
+        assert_eq!(
+            ifnames,
+            ["chain/eth0", "net-a/net1", "net-b/data", "net-c/net3"]
+        );
+        // network-status, Multus style.
+        let status = h.status.get("uid-multi").unwrap();
+        let brief: Vec<_> = status
+            .iter()
+            .map(|s| format!("{} {} {}", s.name, s.interface, s.default))
+            .collect();
+        assert_eq!(
+            brief,
+            [
+                "chain eth0 true",
+                "team/net-a net1 false",
+                "net-b data false",
+                "net-c net3 false"
+            ]
+        );
+        assert_eq!(status[0].ips, ["10.1.2.3"]);
+        // Timing events, one per network.
+        let ev = h.events.events("uid-multi");
+        assert_eq!(ev.len(), 4);
+        assert!(ev[0].message.starts_with("ADD first "), "{}", ev[0].message);
+        assert!(
+            ev[0].message.ends_with("on chain/eth0"),
+            "{}",
+            ev[0].message
+        );
+        assert_eq!(ev[0].reason, REASON_TIMING);
+
+        // The annotation changes: DEL still detaches what the cache holds,
+        // extras in reverse interface order, the default last.
+        agent.pods.set("uid-multi", &[]);
+        let n = full_log(&agent).len();
+        h.process(&req(Command::Del, "uid-multi", "eth0"))
+            .await
+            .unwrap();
+        let order: Vec<_> = full_log(&agent)[n..]
+            .iter()
+            .map(|(p, c, _)| format!("{p} {c}"))
+            .collect();
+        assert_eq!(
+            order,
+            ["c1 DEL", "a1 DEL", "b1 DEL", "ports DEL", "first DEL"]
+        );
+        assert!(h.runner.attachments("sb1").await.is_empty());
+        assert!(h.status.get("uid-multi").is_none());
+        // Idempotent.
+        h.process(&req(Command::Del, "uid-multi", "eth0"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn failing_extra_network_undoes_the_whole_add() {
+        let agent = start_agent().await;
+        agent
+            .pods
+            .set("uid-f", &[(podnet::NETWORKS_ANNOTATION, "net-a, net-b")]);
+        std::fs::write(
+            agent.dir.path().join("bin/b1"),
+            "#!/bin/sh
+cat >/dev/null
+[ \"$CNI_COMMAND\" = VERSION ] && { echo '{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"0.4.0\"]}'; exit 0; }
+[ \"$CNI_COMMAND\" = DEL ] && { echo \"b1 DEL {}\" >> $(dirname $0)/log; exit 0; }
+echo '{\"code\":7,\"msg\":\"no such parent\",\"details\":\"eth9\"}'; exit 1
+",
+        )
+        .unwrap();
+        let h = &agent.handler;
+        let e = h
+            .process(&req(Command::Add, "uid-f", "eth0"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.msg.as_str(), e.details.as_str()),
+            (7, "no such parent", "eth9")
+        );
+        let order: Vec<_> = full_log(&agent)
+            .iter()
+            .map(|(p, c, _)| format!("{p} {c}"))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "first ADD",
+                "ports ADD",
+                "a1 ADD",
+                "b1 DEL",
+                "a1 DEL",
+                "ports DEL",
+                "first DEL"
+            ]
+        );
+        assert!(
+            h.runner.attachments("sb1").await.is_empty(),
+            "nothing leaks"
+        );
+        assert!(h.status.get("uid-f").is_none());
+        let ev = h.events.events("uid-f");
+        let err = ev.iter().find(|e| e.reason == REASON_ERROR).unwrap();
+        assert!(
+            err.message.contains("ADD net-b/net2")
+                && err.message.contains("no such parent")
+                && err.message.contains("code 7")
+                && err.message.contains("eth9"),
+            "{}",
+            err.message
+        );
+        // Bad annotations fail before anything runs.
+        let n = full_log(&agent).len();
+        for bad in ["nope", "net-a@eth0", "-x"] {
+            agent
+                .pods
+                .set("uid-f", &[(podnet::NETWORKS_ANNOTATION, bad)]);
+            let e = h
+                .process(&req(Command::Add, "uid-f", "eth0"))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, codes::INVALID_CONFIG, "{bad}: {}", e.msg);
+        }
+        agent
+            .pods
+            .set("uid-f", &[(podnet::EGRESS_BANDWIDTH_ANNOTATION, "lots")]);
+        let e = h
+            .process(&req(Command::Add, "uid-f", "eth0"))
+            .await
+            .unwrap_err();
+        assert!(e.msg.contains("egress-bandwidth"), "{}", e.msg);
+        assert_eq!(full_log(&agent).len(), n);
+    }
+
+    #[test]
+    fn natural_interface_order() {
+        let mut v = vec!["net10", "net2", "data", "net1"];
+        v.sort_by_key(|s| ifname_key(s));
+        assert_eq!(v, ["data", "net1", "net2", "net10"]);
     }
 
     #[test]

@@ -1,14 +1,19 @@
 #!/bin/sh
 # Recording test plugin (copied under several names by the tests).
 # Appends "<its name> <CNI_COMMAND> <stdin on one line>" to ./log next to
-# itself; on ADD prints a result whose "plugins" list is prevResult's list
-# plus its own name (the rest of the result is fixed).
+# itself (VERSION is not logged); on ADD prints a result whose "plugins" list is prevResult's list
+# plus its own name (the rest of the result is fixed). VERSION answers
+# 0.3.0…1.1.0 unless ./versions says otherwise; other commands print nothing.
 name=$(basename "$0")
 stdin=$(cat)
-printf '%s %s %s\n' "$name" "$CNI_COMMAND" "$stdin" >> "$(dirname "$0")/log"
+[ "$CNI_COMMAND" = VERSION ] || printf '%s %s %s\n' "$name" "$CNI_COMMAND" "$stdin" >> "$(dirname "$0")/log"
 case "$CNI_COMMAND" in
 ADD) ;;
-VERSION) echo '{"cniVersion":"1.0.0","supportedVersions":["1.0.0"]}'; exit 0 ;;
+VERSION)
+  # ./versions next to the plugin overrides the answer (a JSON list).
+  v='["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]'
+  [ -f "$(dirname "$0")/versions" ] && v=$(cat "$(dirname "$0")/versions")
+  printf '{"cniVersion":"1.1.0","supportedVersions":%s}\n' "$v"; exit 0 ;;
 *) exit 0 ;;
 esac
 version=$(printf '%s' "$stdin" | sed -n 's/.*"cniVersion":"\([^"]*\)".*/\1/p')
