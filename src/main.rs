@@ -54,6 +54,23 @@ enum Command {
     },
     /// Check that this node can run pods; one line per finding.
     Doctor,
+    /// cnitool's verbs on minilet's CNI networks and cache (no agent needed).
+    Cni {
+        verb: minilet::cni::tool::ToolVerb,
+        /// The network (default: the default network); unused by gc.
+        network: Option<String>,
+        /// Path of the network namespace (add, check, del).
+        #[arg(long)]
+        netns: Option<String>,
+        /// Container id (default: derived from --netns, like cnitool).
+        #[arg(long)]
+        container_id: Option<String>,
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+        /// CNI_ARGS, e.g. "K8S_POD_NAME=web;K8S_POD_NAMESPACE=default".
+        #[arg(long)]
+        args: Option<String>,
+    },
     /// Print a container's log from the running agent's pods.
     Logs {
         pod: String,
@@ -140,6 +157,25 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::SUCCESS
             }
+        }
+        Command::Cni {
+            verb,
+            network,
+            netns,
+            container_id,
+            ifname,
+            args,
+        } => {
+            let code = runtime().block_on(minilet::cni::tool::run_tool(
+                &cfg,
+                verb,
+                network,
+                netns,
+                container_id,
+                ifname,
+                args,
+            ));
+            ExitCode::from(code as u8)
         }
         Command::Logs {
             pod,

@@ -334,6 +334,11 @@ impl<E: PluginExec> CniRunner<E> {
         &self.store
     }
 
+    /// The plugin executor.
+    pub fn exec(&self) -> &E {
+        &self.exec
+    }
+
     /// The result cache.
     pub fn cache(&self) -> &ResultCache {
         &self.cache

@@ -19,6 +19,7 @@ pub mod install;
 pub mod observe;
 pub mod podnet;
 pub mod server;
+pub mod tool;
 pub mod version;
 
 #[cfg(test)]

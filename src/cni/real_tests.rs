@@ -42,8 +42,9 @@ fn uniq(tag: &str) -> (String, u64) {
 struct HostGuard {
     netns: Vec<String>,
     bridges: Vec<String>,
-    /// (network, container id, ifname, netns path).
-    attachments: Vec<(NetworkConfigList, String, String, String)>,
+    /// (network, container id, ifname, netns path, runtimeConfig): portmap
+    /// removes its rules only when told the port mappings again.
+    attachments: Vec<(NetworkConfigList, String, String, String, Value)>,
 }
 
 impl HostGuard {
@@ -59,11 +60,12 @@ impl Drop for HostGuard {
     fn drop(&mut self) {
         use std::io::Write;
         use std::process::Stdio;
-        for (net, cid, ifname, netns) in self.attachments.iter().rev() {
+        for (net, cid, ifname, netns, rc) in self.attachments.iter().rev() {
             for p in net.plugins.iter().rev() {
                 let mut conf = p.raw.clone();
                 conf.insert("name".into(), net.name.clone().into());
                 conf.insert("cniVersion".into(), net.cni_version.clone().into());
+                conf.insert("runtimeConfig".into(), rc.clone());
                 let child = Proc::new(format!("{PLUGINS}/{}", p.plugin_type))
                     .env("CNI_COMMAND", "DEL")
                     .env("CNI_CONTAINERID", cid)
@@ -217,15 +219,27 @@ async fn bridge_pods_reach_each_other_with_tuning_bandwidth_and_an_extra_network
     let (ns_a, ns_b) = (format!("mltest-a-{id}"), format!("mltest-b-{id}"));
     let (path_a, path_b) = (guard.netns(&ns_a), guard.netns(&ns_b));
     let (cid_a, cid_b) = (format!("mltest-a-{id}"), format!("mltest-b-{id}"));
-    guard
-        .attachments
-        .push((net.clone(), cid_a.clone(), "eth0".into(), path_a.clone()));
-    guard
-        .attachments
-        .push((extra.clone(), cid_a.clone(), "net1".into(), path_a.clone()));
-    guard
-        .attachments
-        .push((net.clone(), cid_b.clone(), "eth0".into(), path_b.clone()));
+    guard.attachments.push((
+        net.clone(),
+        cid_a.clone(),
+        "eth0".into(),
+        path_a.clone(),
+        json!({"portMappings": [{"hostPort": host_port, "containerPort": 80, "protocol": "tcp"}]}),
+    ));
+    guard.attachments.push((
+        extra.clone(),
+        cid_a.clone(),
+        "net1".into(),
+        path_a.clone(),
+        json!({}),
+    ));
+    guard.attachments.push((
+        net.clone(),
+        cid_b.clone(),
+        "eth0".into(),
+        path_b.clone(),
+        json!({}),
+    ));
 
     let cache = tempfile::tempdir().unwrap();
     let runner = Arc::new(CniRunner::new(
@@ -339,8 +353,8 @@ async fn bridge_pods_reach_each_other_with_tuning_bandwidth_and_an_extra_network
         (status[1].interface.as_str(), status[1].mac.as_str()),
         ("net1", mac)
     );
-    assert_eq!(status[1].ips, [static_ip.clone()]);
-    assert_eq!(status[0].ips, [ip_a.clone()]);
+    assert_eq!(status[1].ips, [static_ip.as_str()]);
+    assert_eq!(status[0].ips, [ip_a.as_str()]);
     // bandwidth: tbf on the host veth (ingress) and on an ifb (egress).
     let veth_a = host_veth(&ra, &br);
     let (_, q) = sh(&["tc", "qdisc", "show", "dev", &veth_a]);
@@ -408,7 +422,7 @@ async fn bridge_pods_reach_each_other_with_tuning_bandwidth_and_an_extra_network
             .unwrap_or_default()
     };
     assert_eq!(leases(&net).len(), 2);
-    assert_eq!(leases(&extra), [static_ip.clone()]);
+    assert_eq!(leases(&extra), [static_ip.as_str()]);
     handler
         .process(&req(Command::Del, &cid_a, &path_a))
         .await
@@ -507,9 +521,13 @@ async fn failing_plugins_after_a_real_bridge_leave_nothing_behind() {
             vec![json!({"type": plugin})],
         );
         let cid = format!("mltest-f{i}-{id}");
-        guard
-            .attachments
-            .push((net.clone(), cid.clone(), "eth0".into(), path.clone()));
+        guard.attachments.push((
+            net.clone(),
+            cid.clone(),
+            "eth0".into(),
+            path.clone(),
+            json!({}),
+        ));
         let cache = tempfile::tempdir().unwrap();
         let runner = CniRunner::new(
             ProcessExec::new(
@@ -622,9 +640,13 @@ async fn gc_collects_what_a_crash_between_add_and_cache_leaked() {
     let ns = format!("mltest-c-{id}");
     let path = guard.netns(&ns);
     let cid = format!("mltest-c-{id}");
-    guard
-        .attachments
-        .push((net.clone(), cid.clone(), "eth0".into(), path.clone()));
+    guard.attachments.push((
+        net.clone(),
+        cid.clone(),
+        "eth0".into(),
+        path.clone(),
+        json!({}),
+    ));
     let params = json!({
         "net": serde_json::from_slice::<Value>(&net.bytes).unwrap(),
         "cache": cache.path(),
