@@ -465,6 +465,12 @@ impl<E: PluginExec> CniHandler<E> {
         for net in nets {
             let (r, report) = self.runner.del_report(&net, &att, fallback).await;
             self.timing(uid, &report);
+            if let Err(CniError::NoDefaultNetwork) = r {
+                // Nothing cached and no network to run: nothing of ours is
+                // attached, and a DEL must not block the sandbox's removal.
+                tracing::warn!(container_id = %att.container_id, "DEL without a cache entry or a default network: nothing to do");
+                continue;
+            }
             if let Err(e) = r {
                 let pe = self.error(uid, &format!("DEL {}/{}", report.network, att.ifname), &e);
                 first_err.get_or_insert(pe);
