@@ -3,6 +3,7 @@
 //! Every check reads the runtime (CRI), the files on disk or the network.
 //! They need root and the stack, and FAIL (never skip) without them.
 
+mod cni;
 mod harness;
 
 use std::time::Duration;
@@ -491,6 +492,31 @@ fn bad_manifests_leave_other_pods_alone() {
                 .get_pods()
                 .lines()
                 .any(|l| l.starts_with("good-") && l.contains("Running"))
+        );
+    });
+}
+
+/// hostNetwork pods skip CNI: no address is allocated, the pod sees the
+/// host's interfaces.
+#[test]
+fn host_network_pods_skip_cni() {
+    on_stack(async {
+        let agent = Agent::start("e2e-hostnet");
+        let cri = agent.stack.cri().await;
+        let manifest = sleeper("hostnet", &[("app", "ip -o link show; sleep 3600")])
+            .replace("spec:\n", "spec:\n  hostNetwork: true\n");
+        agent.write_manifest("hostnet.yaml", &manifest);
+        running_container(&cri, &agent, "hostnet", "app").await;
+        let out = eventually("links printed", Duration::from_secs(15), || async {
+            let l = agent.cli(&["logs", "hostnet"]).1;
+            (!l.is_empty()).then_some(l)
+        })
+        .await;
+        assert!(!out.contains("eth0@"), "no veth of ours inside: {out}");
+        assert!(allocated_ips(&agent).is_empty(), "no address allocated");
+        assert!(
+            !agent.log().contains("cni_request"),
+            "the CNI path was not used"
         );
     });
 }

@@ -236,8 +236,10 @@ pub fn sandbox_config(pod: &Pod, host: &HostContext, attempt: u32) -> api::PodSa
     let (name, namespace, uid) = meta(pod);
     let s = spec(pod);
     let host_net = s.host_network.unwrap_or(false);
+    // As kubelet: a host-network pod shares the host's UTS namespace, so it
+    // gets no hostname of its own (runc refuses to set one there).
     let hostname = if host_net {
-        host.node_name.clone()
+        String::new()
     } else {
         let h = s.hostname.clone().unwrap_or_else(|| name.to_string());
         h.chars()
@@ -821,6 +823,19 @@ spec:
         assert_eq!(dns.searches, vec!["example.org"]);
         assert_eq!(sb.labels["app"], "web");
         assert_eq!(sb.labels[labels::MANAGED_BY_NODE], "node1");
+
+        let mut host_net = p.clone();
+        host_net.spec.as_mut().unwrap().host_network = Some(true);
+        let sb = sandbox_config(&host_net, &host, 0);
+        assert_eq!(sb.hostname, "", "host network: the host's own hostname");
+        let ns = sb
+            .linux
+            .unwrap()
+            .security_context
+            .unwrap()
+            .namespace_options
+            .unwrap();
+        assert_eq!(ns.network, api::NamespaceMode::Node as i32);
     }
 
     #[test]
