@@ -64,11 +64,26 @@ pub const BRIDGE: &str = "minie2e0";
 pub const SUBNET_PREFIX: &str = "10.245.";
 pub const NETWORK: &str = "e2e-bridge";
 
+/// What a test may add to the agent's default setup.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Extra CNI configs for cniConfDir: (file name, content). The default
+    /// network (10-e2e.conflist) sorts first unless a file sorts before it.
+    pub cni_configs: Vec<(String, String)>,
+    /// Extra directories searched for CNI plugins (before Debian's).
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// Environment for the agent process.
+    pub env: Vec<(String, String)>,
+    /// cniPluginTimeout (default 20s).
+    pub plugin_timeout: Option<String>,
+}
+
 /// A minilet process with its own config, manifests, state and logs.
 pub struct Agent {
     pub node: String,
     pub dir: tempfile::TempDir,
     pub stack: Stack,
+    pub options: Options,
     child: Option<Child>,
 }
 
@@ -92,6 +107,11 @@ impl Agent {
 
     /// Write a config for `node` and start the agent.
     pub fn start(node: &str) -> Agent {
+        Agent::start_with(node, Options::default())
+    }
+
+    /// `start` with extra CNI configs, plugin dirs or environment.
+    pub fn start_with(node: &str, options: Options) -> Agent {
         let stack = Stack::load();
         let dir = tempfile::Builder::new()
             .prefix("minilet-e2e-")
@@ -115,19 +135,29 @@ impl Agent {
             serde_json::to_vec_pretty(&conflist).unwrap(),
         )
         .unwrap();
+        for (name, content) in &options.cni_configs {
+            std::fs::write(root.join("net.d").join(name), content).unwrap();
+        }
+        let mut bin_dirs: Vec<String> = options
+            .cni_bin_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        bin_dirs.push(stack.get("CNI_PLUGIN_DIR").to_string());
         let config = format!(
             "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
              staticPodPath: {m}\ncontainerRuntimeEndpoint: {sock}\npodLogsDir: {logs}\n\
              fileCheckFrequency: 5s\n---\n\
              apiVersion: minilet.io/v1alpha1\nkind: MiniletConfiguration\n\
              stateDir: {state}\ncniConfDir: {netd}\ncniBinDirs: [{plugins}]\n\
-             runtimeCNIConfDir: {rconf}\nruntimeCNIBinDir: {rbin}\ncniPluginTimeout: 20s\n",
+             runtimeCNIConfDir: {rconf}\nruntimeCNIBinDir: {rbin}\ncniPluginTimeout: {timeout}\n",
             m = root.join("manifests").display(),
             sock = stack.get("CONTAINERD_SOCK"),
             logs = root.join("logs").display(),
             state = root.join("state").display(),
             netd = root.join("net.d").display(),
-            plugins = stack.get("CNI_PLUGIN_DIR"),
+            plugins = bin_dirs.join(", "),
+            timeout = options.plugin_timeout.as_deref().unwrap_or("20s"),
             rconf = stack.get("RUNTIME_CNI_CONF_DIR"),
             rbin = stack.get("RUNTIME_CNI_BIN_DIR"),
         );
@@ -136,6 +166,7 @@ impl Agent {
             node: node.to_string(),
             dir,
             stack,
+            options,
             child: None,
         };
         agent.spawn();
@@ -156,6 +187,7 @@ impl Agent {
                 &self.node,
             ])
             .args(["--log-level", "info,minilet=debug"])
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -204,6 +236,13 @@ impl Agent {
                 "minilet ignored SIGTERM"
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Collect an agent process that died on its own.
+    pub fn reap(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
         }
     }
 
