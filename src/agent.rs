@@ -63,19 +63,19 @@ impl cni::server::PodNetworkLookup for DesiredPorts {
         let snapshot = self.0.borrow();
         let desired = snapshot.pods.get(pod_uid)?;
         let port_mappings = spec::port_mappings(&desired.pod)
-                .into_iter()
-                .map(|p| cni::server::PortMapping {
-                    host_port: p.host_port,
-                    container_port: p.container_port,
-                    protocol: match crate::cri::api::Protocol::try_from(p.protocol) {
-                        Ok(crate::cri::api::Protocol::Udp) => "udp",
-                        Ok(crate::cri::api::Protocol::Sctp) => "sctp",
-                        _ => "tcp",
-                    }
-                    .into(),
-                    host_ip: p.host_ip,
-                })
-                .collect();
+            .into_iter()
+            .map(|p| cni::server::PortMapping {
+                host_port: p.host_port,
+                container_port: p.container_port,
+                protocol: match crate::cri::api::Protocol::try_from(p.protocol) {
+                    Ok(crate::cri::api::Protocol::Udp) => "udp",
+                    Ok(crate::cri::api::Protocol::Sctp) => "sctp",
+                    _ => "tcp",
+                }
+                .into(),
+                host_ip: p.host_ip,
+            })
+            .collect();
         let annotations = desired.pod.metadata.annotations.clone().unwrap_or_default();
         Some(cni::server::PodNetworkInfo {
             port_mappings,
@@ -117,6 +117,82 @@ async fn connect_runtime(cfg: &Config, cancel: &CancellationToken) -> Option<Rem
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// How often cached CNI attachments are checked against the runtime's
+/// sandboxes (spec 1.1 GC); the first pass runs at start.
+pub const CNI_GC_PERIOD: Duration = Duration::from_secs(15);
+
+type Runner = cni::chain::CniRunner<cni::exec::ProcessExec>;
+
+/// CNI GC, at start and then periodically: attachments in the cache whose
+/// sandbox the runtime no longer has get DEL (then GC for 1.1 plugins).
+async fn gc_loop(rt: &impl Runtime, runner: &Runner, board: &Board) {
+    loop {
+        match rt.list_pod_sandboxes(Default::default()).await {
+            Ok(sandboxes) => {
+                let live = sandboxes.into_iter().map(|s| s.id).collect();
+                let report = runner.gc(&live).await;
+                if !report.deleted.is_empty() || !report.errors.is_empty() {
+                    info!(deleted = ?report.deleted, errors = ?report.errors, "cni gc");
+                }
+            }
+            Err(e) => warn!(error = %crate::error_chain(&e), "cni gc: cannot list sandboxes"),
+        }
+        // Events of pods that are gone go too.
+        let uids: std::collections::HashSet<String> = board.uids().into_iter().collect();
+        board.cni.events.retain(|uid| uids.contains(uid));
+        tokio::time::sleep(CNI_GC_PERIOD).await;
+    }
+}
+
+/// After a restart, CHECK (CNI ≥ 0.4.0) the attachments of the sandboxes
+/// this node already runs; a failure is logged and recorded as an event of
+/// the pod (the runtime keeps the sandbox; kubelet would not recreate it).
+async fn check_adopted(rt: &impl Runtime, runner: &Runner, board: &Board, node: &str) {
+    let selector =
+        crate::cri::Labels::from([(crate::labels::MANAGED_BY_NODE.to_string(), node.to_string())]);
+    let Ok(sandboxes) = rt.list_pod_sandboxes(selector).await else {
+        return;
+    };
+    for sb in sandboxes
+        .iter()
+        .filter(|s| s.state == crate::cri::api::PodSandboxState::SandboxReady as i32)
+    {
+        let uid = sb
+            .labels
+            .get(crate::labels::POD_UID)
+            .cloned()
+            .unwrap_or_default();
+        for cached in runner.attachments(&sb.id).await {
+            if cached.result.is_null() {
+                continue;
+            }
+            let att = cni::chain::Attachment {
+                container_id: cached.container_id.clone(),
+                netns: cached.netns.clone(),
+                ifname: cached.if_name.clone(),
+                args: cached.cni_args.clone(),
+                capability_args: cached.capability_args.clone(),
+            };
+            let (result, report) = runner.check_report(&cached.network_name, &att).await;
+            match result {
+                Ok(()) => {
+                    info!(pod_uid = %uid, network = %cached.network_name, timings = %report.summary(), "cni check passed for adopted pod")
+                }
+                Err(e) => {
+                    let msg = crate::error_chain(&e);
+                    warn!(pod_uid = %uid, network = %cached.network_name, error = %msg, "cni check failed for adopted pod");
+                    board.cni.events.push(
+                        &uid,
+                        cni::observe::EventType::Warning,
+                        "CNICheckFailed",
+                        msg,
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -183,11 +259,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
             }
         });
     }
+    let board = Board::default();
     let runner = Arc::new(cni::chain::CniRunner::new(
         cni::exec::ProcessExec::from_config(&cfg),
         store,
         cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
-        Arc::new(cni::observe::CniMetrics::new()),
+        board.cni.metrics.clone(),
     ));
     let cni_socket = cfg.cni_socket();
     let listener = cni::server::bind(&cni_socket).map_err(|source| AgentError::Bind {
@@ -195,15 +272,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         source,
     })?;
     let handler = Arc::new(cni::server::CniHandler {
-        runner,
+        runner: runner.clone(),
         pods: Arc::new(DesiredPorts(snap_rx.clone())),
-        events: Arc::new(cni::observe::CniEvents::new()),
-        status: Arc::new(cni::observe::NetworkStatusBoard::new()),
+        events: board.cni.events.clone(),
+        status: board.cni.network_status.clone(),
     });
     tasks.spawn(cni::server::serve(listener, handler, cancel.clone()));
     cni::install::install(&cfg).map_err(AgentError::CniInstall)?;
 
-    let board = Board::default();
     let control_socket = cfg.control_socket();
     let listener = control::bind_private(&control_socket).map_err(|source| AgentError::Bind {
         path: control_socket.clone(),
@@ -237,11 +313,26 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
             memory_capacity: memory_capacity(),
         },
         pods_dir: cfg.state_dir.join("pods"),
-        board,
+        board: board.clone(),
         runtime_name: if runtime_name.is_empty() { "cri".into() } else { runtime_name },
         sync_frequency: cfg.sync_frequency,
         sandbox_slots: tokio::sync::Semaphore::new(crate::pod::worker::PARALLEL_SANDBOXES),
     });
+    check_adopted(&*shared.runtime, &runner, &board, &cfg.node_name).await;
+    {
+        let (rt, runner, board, c) = (
+            shared.runtime.clone(),
+            runner.clone(),
+            board.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = gc_loop(&*rt, &runner, &board) => {}
+            }
+        });
+    }
     info!(node = %cfg.node_name, "minilet started");
     Manager::new(shared, cfg.max_pods as usize, cancel.clone())
         .run(snap_rx, RELIST_PERIOD)

@@ -163,6 +163,51 @@ pub fn pods_table(view: &BoardView, now: jiff::Timestamp) -> String {
     out
 }
 
+fn ago(then: jiff::Timestamp, now: jiff::Timestamp) -> String {
+    let secs = (now.as_second() - then.as_second()).max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 3600 * 3 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
+/// `kubectl get events`' columns: LAST SEEN TYPE REASON OBJECT MESSAGE.
+pub fn events_table(view: &BoardView, now: jiff::Timestamp) -> String {
+    if view.events.is_empty() {
+        return "No events found.\n".into();
+    }
+    let mut rows = vec![["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"].map(String::from)];
+    for e in &view.events {
+        rows.push([
+            ago(e.event.time, now),
+            serde_json::to_value(e.event.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            e.event.reason.clone(),
+            format!("pod/{}", e.pod),
+            e.event.message.clone(),
+        ]);
+    }
+    let mut widths = [0usize; 4];
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r[..4]
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(&format!("{}   {}\n", cells.join("   "), r[4]));
+    }
+    out
+}
+
 /// A v1 PodList, as `kubectl get pods -o json` prints.
 pub fn pod_list(view: &BoardView) -> serde_json::Value {
     let items: Vec<serde_json::Value> = view
@@ -369,6 +414,7 @@ mod tests {
                 message: "line 2 column 1: mapping values are not allowed".into(),
             }],
             pod_logs_dir: "/var/log/pods".into(),
+            ..Default::default()
         };
         let t = pods_table(&view, jiff::Timestamp::now());
         let mut lines = t.lines();

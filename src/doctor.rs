@@ -114,48 +114,82 @@ fn find_plugin(cfg: &Config, plugin: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn check_cni(cfg: &Config) -> Vec<Finding> {
+async fn check_cni(cfg: &Config) -> Vec<Finding> {
     let mut out = vec![];
-    match cni::config::load_default(&cfg.cni_conf_dir) {
-        Ok(net) => {
-            out.push(finding(
-                Level::Ok,
-                "cni network",
-                format!(
-                    "default {:?} (cniVersion {}) from {}",
-                    net.name,
-                    net.cni_version,
-                    cfg.cni_conf_dir.display()
-                ),
-            ));
-            // Each plugin, and the IPAM plugin a main plugin delegates to.
-            let ipam = net
-                .plugins
-                .iter()
-                .filter_map(|p| p.raw.get("ipam")?.get("type")?.as_str().map(str::to_string));
-            let types: Vec<String> = net
-                .plugins
-                .iter()
-                .map(|p| p.plugin_type.clone())
-                .chain(ipam)
-                .collect();
-            for t in types {
-                out.push(match find_plugin(cfg, &t) {
-                    Some(path) => finding(
-                        Level::Ok,
-                        "cni plugin",
-                        format!("{t} at {}", path.display()),
-                    ),
-                    None => finding(
-                        Level::Fail,
-                        "cni plugin",
-                        format!("{t} not found in {:?}", cfg.cni_bin_dirs),
-                    ),
-                });
-            }
-        }
-        Err(e) => out.push(finding(Level::Fail, "cni network", crate::error_chain(&e))),
+    let set = cni::config::load_dir(&cfg.cni_conf_dir);
+    for (file, error) in &set.errors {
+        out.push(finding(
+            Level::Fail,
+            "cni config",
+            format!("{}: {error}", file.display()),
+        ));
     }
+    let Some(default) = set.default.clone() else {
+        out.push(finding(
+            Level::Fail,
+            "cni network",
+            format!("no valid network config in {}", cfg.cni_conf_dir.display()),
+        ));
+        return out;
+    };
+    for net in set.networks.values() {
+        let role = if net.name == default {
+            "default"
+        } else {
+            "extra"
+        };
+        out.push(finding(
+            Level::Ok,
+            "cni network",
+            format!(
+                "{role} {:?} (cniVersion {}) from {}",
+                net.name,
+                net.cni_version,
+                net.source.display()
+            ),
+        ));
+        // Each plugin, and the IPAM plugin a main plugin delegates to.
+        let ipam = net
+            .plugins
+            .iter()
+            .filter_map(|p| p.raw.get("ipam")?.get("type")?.as_str().map(str::to_string));
+        let types: Vec<String> = net
+            .plugins
+            .iter()
+            .map(|p| p.plugin_type.clone())
+            .chain(ipam)
+            .collect();
+        for t in types {
+            out.push(match find_plugin(cfg, &t) {
+                Some(path) => finding(
+                    Level::Ok,
+                    "cni plugin",
+                    format!("{t} at {}", path.display()),
+                ),
+                None => finding(
+                    Level::Fail,
+                    "cni plugin",
+                    format!("{t} not found in {:?}", cfg.cni_bin_dirs),
+                ),
+            });
+        }
+    }
+    // STATUS (CNI 1.1) of the default network: what the runtime's network
+    // readiness reflects. Plugins older than 1.1 answer by being present.
+    let runner = cni::chain::CniRunner::new(
+        cni::exec::ProcessExec::from_config(cfg),
+        std::sync::Arc::new(cni::config::NetworkStore::new(set)),
+        cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
+        Default::default(),
+    );
+    out.push(match runner.status("").await {
+        Ok(()) => finding(
+            Level::Ok,
+            "cni status",
+            format!("default network {default:?} ready"),
+        ),
+        Err(e) => finding(Level::Fail, "cni status", crate::error_chain(&e)),
+    });
     out
 }
 
@@ -245,7 +279,7 @@ fn check_static_pods(cfg: &Config) -> Finding {
 /// Every check, in the order they are printed.
 pub async fn run(cfg: &Config) -> Vec<Finding> {
     let mut out = vec![check_runtime(cfg).await, check_oom()];
-    out.extend(check_cni(cfg));
+    out.extend(check_cni(cfg).await);
     out.extend(check_delegate(cfg));
     out.push(check_static_pods(cfg));
     out.push(check_agent(cfg).await);

@@ -46,7 +46,8 @@ enum Command {
     Run,
     /// Show pods of the running agent.
     Get {
-        /// Only `pods` (or `pod`, `po`) exists.
+        /// `pods`, `events` (the pods' CNI timings and errors) or `metrics`
+        /// (Prometheus text).
         resource: String,
         /// Output format: json, or the table when omitted.
         #[arg(short = 'o', long)]
@@ -120,16 +121,25 @@ fn main() -> ExitCode {
     match args.command.unwrap_or(Command::Run) {
         Command::Run => run_agent(cfg, &args.log_level),
         Command::Get { resource, output } => {
-            if !matches!(resource.as_str(), "pods" | "pod" | "po") {
-                return fail(format!("unknown resource {resource:?}: only pods"));
-            }
+            let kind = match resource.as_str() {
+                "pods" | "pod" | "po" => "pods",
+                "events" | "event" | "ev" => "events",
+                "metrics" => "metrics",
+                other => {
+                    return fail(format!(
+                        "unknown resource {other:?}: pods, events or metrics"
+                    ));
+                }
+            };
             let view = match runtime().block_on(control::fetch(&cfg.control_socket())) {
                 Ok(v) => v,
                 Err(e) => return fail(minilet::error_chain(&e)),
             };
-            match output.as_deref() {
-                None | Some("wide") => print!("{}", cli::pods_table(&view, jiff::Timestamp::now())),
-                Some("json") => {
+            match (kind, output.as_deref()) {
+                ("pods", None | Some("wide")) => {
+                    print!("{}", cli::pods_table(&view, jiff::Timestamp::now()))
+                }
+                ("pods", Some("json")) => {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&cli::pod_list(&view)).unwrap_or_default()
@@ -138,9 +148,18 @@ fn main() -> ExitCode {
                         eprintln!("manifest error: {}: {}", e.file, e.message);
                     }
                 }
-                Some(other) => {
-                    return fail(format!("unknown output format {other:?}: json or none"));
+                ("events", None) => print!("{}", cli::events_table(&view, jiff::Timestamp::now())),
+                ("events", Some("json")) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&view.events).unwrap_or_default()
+                    )
                 }
+                ("metrics", None) => print!("{}", view.metrics),
+                (_, Some(other)) => {
+                    return fail(format!("unknown output format {other:?} for {kind}"));
+                }
+                _ => unreachable!("kinds are matched above"),
             }
             ExitCode::SUCCESS
         }

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 
+use crate::cni::observe::{CniEvent, CniEvents, CniMetrics, NetworkStatusBoard};
 use crate::pod::lifecycle::{self, CState, ContainerObs, Memory, Observed};
 use crate::source::SourceError;
 
@@ -338,20 +339,43 @@ pub fn compute(pod: &Pod, obs: &Observed, mem: &Memory, runtime: &str, now: i64)
     }
 }
 
+/// One event of a pod, as `minilet get events` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EventView {
+    pub namespace: String,
+    pub pod: String,
+    #[serde(flatten)]
+    pub event: CniEvent,
+}
+
 /// What `minilet get pods` shows: every pod the workers know, plus the
-/// sources' errors.
+/// sources' errors, the pods' events and the metrics text.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BoardView {
     pub pods: Vec<Pod>,
     pub errors: Vec<SourceError>,
     /// kubelet `podLogsDir`, so `minilet logs` can find the files.
     pub pod_logs_dir: String,
+    #[serde(default)]
+    pub events: Vec<EventView>,
+    /// Prometheus text exposition of the agent's counters.
+    #[serde(default)]
+    pub metrics: String,
+}
+
+/// What the CNI server records per pod and per plugin, shared with status.
+#[derive(Clone, Default)]
+pub struct CniBoards {
+    pub events: Arc<CniEvents>,
+    pub network_status: Arc<NetworkStatusBoard>,
+    pub metrics: Arc<CniMetrics>,
 }
 
 /// Shared status of all pods, written by workers, read by the control socket.
 #[derive(Clone, Default)]
 pub struct Board {
     inner: Arc<RwLock<BoardInner>>,
+    pub cni: CniBoards,
 }
 
 #[derive(Default)]
@@ -374,8 +398,28 @@ impl Board {
     pub fn set_errors(&self, errors: Vec<SourceError>) {
         self.inner.write().unwrap().errors = errors;
     }
+    /// Uids of the pods on the board.
+    pub fn uids(&self) -> Vec<String> {
+        self.inner.read().unwrap().pods.keys().cloned().collect()
+    }
     pub fn view(&self, pod_logs_dir: &str) -> BoardView {
         let inner = self.inner.read().unwrap();
+        let mut events: Vec<EventView> = inner
+            .pods
+            .iter()
+            .flat_map(|(uid, p)| {
+                self.cni
+                    .events
+                    .events(uid)
+                    .into_iter()
+                    .map(|event| EventView {
+                        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                        pod: p.metadata.name.clone().unwrap_or_default(),
+                        event,
+                    })
+            })
+            .collect();
+        events.sort_by_key(|e| e.event.time);
         let mut pods: Vec<Pod> = inner.pods.values().cloned().collect();
         pods.sort_by(|a, b| {
             (&a.metadata.namespace, &a.metadata.name)
@@ -385,6 +429,8 @@ impl Board {
             pods,
             errors: inner.errors.clone(),
             pod_logs_dir: pod_logs_dir.to_string(),
+            events,
+            metrics: self.cni.metrics.render(),
         }
     }
 }

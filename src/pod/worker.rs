@@ -41,6 +41,9 @@ pub struct Shared<R> {
     pub sandbox_slots: tokio::sync::Semaphore,
 }
 
+/// Where a pod's network attachments are reported (Multus' convention).
+pub const NETWORK_STATUS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/network-status";
+
 /// Default size of `Shared::sandbox_slots`.
 pub const PARALLEL_SANDBOXES: usize = 4;
 
@@ -217,6 +220,13 @@ impl<R: Runtime> Worker<R> {
             ));
             if desired.is_none() {
                 view.metadata.deletion_timestamp = status::time(now);
+            }
+            // Multus' convention: what each network attachment got.
+            if let Some(net) = self.shared.board.cni.network_status.annotation(&self.uid) {
+                view.metadata
+                    .annotations
+                    .get_or_insert_default()
+                    .insert(NETWORK_STATUS_ANNOTATION.into(), net);
             }
             self.shared.board.set_pod(&self.uid, view);
         }
