@@ -2,7 +2,7 @@
 //! /usr/lib/cni, in network namespaces the tests create. They need root and
 //! FAIL (never skip) without it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command as Proc;
 use std::sync::Arc;
@@ -583,135 +583,6 @@ async fn failing_plugins_after_a_real_bridge_leave_nothing_behind() {
     }
 }
 
-/// Environment of the child process of the crash test.
-const CHILD_ENV: &str = "MINILET_TEST_CRASH_CHILD";
-
-/// The child half of `gc_collects_what_a_crash_between_add_and_cache_leaked`:
-/// runs one ADD with the fault hook set, which aborts the process after the
-/// plugins' ADD and before the result is cached. Ignored: it only makes
-/// sense as that test's child (it is started with `--ignored --exact`).
-#[tokio::test]
-#[ignore = "child process of gc_collects_what_a_crash_between_add_and_cache_leaked"]
-async fn crash_child() {
-    let params: Value = serde_json::from_str(&std::env::var(CHILD_ENV).unwrap()).unwrap();
-    let net: NetworkConfigList = parse(params["net"].clone());
-    let runner = CniRunner::new(
-        ProcessExec::new(vec![PLUGINS.into()], Duration::from_secs(30)),
-        store(&[&net]),
-        ResultCache::new(params["cache"].as_str().unwrap()),
-        Arc::new(CniMetrics::new()),
-    );
-    let cid = params["cid"].as_str().unwrap();
-    let _ = runner
-        .add(
-            "",
-            &Attachment {
-                container_id: cid.into(),
-                netns: params["netns"].as_str().unwrap().into(),
-                ifname: "eth0".into(),
-                args: args(cid, "u"),
-                capability_args: Default::default(),
-            },
-        )
-        .await;
-    unreachable!("MINILET_FAULT must have aborted the process");
-}
-
-/// A process dies (SIGABRT, as hard as kill -9 for this purpose) between
-/// the plugins' ADD and the result cache write; a new runner over the same
-/// cache (the restarted agent) finds the pending entry, GC deletes the
-/// attachment for real, and nothing is left.
-#[tokio::test]
-async fn gc_collects_what_a_crash_between_add_and_cache_leaked() {
-    let (id, r) = uniq("crash");
-    let (o2, o3) = (200 + (r >> 32) % 50, (r >> 40) % 250);
-    let br = format!("mlc{id}");
-    let data = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let mut guard = HostGuard::default();
-    guard.bridges = vec![br.clone()];
-    let net = bridge_net(
-        &format!("mlc-{id}"),
-        &br,
-        &format!("10.{o2}.{o3}.0/24"),
-        data.path(),
-        vec![json!({"type": "portmap", "capabilities": {"portMappings": true}})],
-    );
-    let ns = format!("mltest-c-{id}");
-    let path = guard.netns(&ns);
-    let cid = format!("mltest-c-{id}");
-    guard.attachments.push((
-        net.clone(),
-        cid.clone(),
-        "eth0".into(),
-        path.clone(),
-        json!({}),
-    ));
-    let params = json!({
-        "net": serde_json::from_slice::<Value>(&net.bytes).unwrap(),
-        "cache": cache.path(),
-        "cid": cid,
-        "netns": path,
-    });
-    let out = Proc::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "cni::real_tests::crash_child",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(CHILD_ENV, params.to_string())
-        .env("MINILET_FAULT", super::chain::FAULT_ABORT_AFTER_ADD)
-        .output()
-        .unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGABRT),
-        "child must abort: {out:?}"
-    );
-
-    // What the crash left: the attachment, and only a pending cache entry.
-    let (ok, _) = sh(&["ip", "-n", &ns, "link", "show", "eth0"]);
-    assert!(ok, "eth0 was made before the crash");
-    let lease_dir = data.path().join(&net.name);
-    let leases = || -> usize {
-        std::fs::read_dir(&lease_dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("10."))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    assert_eq!(leases(), 1);
-    let restarted = CniRunner::new(
-        ProcessExec::new(vec![PLUGINS.into()], Duration::from_secs(30)),
-        store(&[&net]),
-        ResultCache::new(cache.path()),
-        Arc::new(CniMetrics::new()),
-    );
-    let cached = restarted.attachments(&cid).await;
-    assert_eq!(cached.len(), 1);
-    assert!(cached[0].result.is_null(), "pending entry: {:?}", cached[0]);
-
-    // Within the grace period GC leaves it; afterwards it DELs it.
-    let none = HashSet::new();
-    let report = restarted.gc(&none).await;
-    assert_eq!(report.deferred.len(), 1);
-    let restarted = restarted.with_gc_grace(Duration::ZERO);
-    let report = restarted.gc(&none).await;
-    assert!(report.errors.is_empty(), "{report:?}");
-    assert_eq!(
-        report.deleted,
-        [(net.name.clone(), cid.clone(), "eth0".into())]
-    );
-    assert_eq!(leases(), 0, "lease released");
-    assert!(
-        !sh(&["ip", "-n", &ns, "link", "show", "eth0"]).0,
-        "eth0 removed"
-    );
-    let (_, ports) = sh(&["ip", "link", "show", "master", &br]);
-    assert!(ports.trim().is_empty(), "{ports}");
-    assert!(restarted.cache().list().await.unwrap().is_empty());
-}
+// The crash between a plugin's ADD and the cache write is tested end to end
+// with the real binary and the fault hook: integration/e2e/cni.rs,
+// `kill9_between_add_and_cache_write_is_collected`.
