@@ -80,6 +80,28 @@ fn pods_reach_each_other_over_the_bridge() {
             || async { logs(&agent, "client").contains("from-server").then_some(()) },
         )
         .await;
+        // Per-plugin timings are the pods' events and metrics-ready counters.
+        let (code, events, _) = agent.cli(&["get", "events"]);
+        assert_eq!(code, 0);
+        let timing = events
+            .lines()
+            .find(|l| l.contains("CNIPluginTiming") && l.contains("pod/server-"))
+            .unwrap_or_else(|| panic!("a timing event for the server pod:\n{events}"));
+        assert!(
+            timing.contains("bridge") && timing.contains("portmap"),
+            "{timing}"
+        );
+        let (_, metrics, _) = agent.cli(&["get", "metrics"]);
+        let adds = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("minilet_cni_plugin_operations_total")
+                    && l.contains("plugin=\"bridge\"")
+                    && l.contains("command=\"ADD\"")
+            })
+            .unwrap_or_else(|| panic!("bridge ADD counter:\n{metrics}"));
+        let count: f64 = adds.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(count >= 2.0, "two pods, two bridge ADDs: {adds}");
     });
 }
 

@@ -387,6 +387,12 @@ fn kill9_then_restart_adopts_and_tears_down_orphans() {
         assert_eq!(cs.len(), 1);
         assert_eq!(cs[0].id, keep.id, "same container");
         assert_eq!(allocated_ips(&agent).len(), 1, "exactly one IP held");
+        // CNI CHECK ran for the adopted pod's attachment after the restart.
+        assert!(
+            agent.log().contains("cni check"),
+            "CHECK after restart:\n{}",
+            agent.log()
+        );
         assert!(agent.get_pods().contains("Running"));
     });
 }
