@@ -54,20 +54,8 @@ enum Request {
     Pods,
 }
 
-/// Bind a unix socket that only root can use, replacing a stale one.
-pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
+/// Bind the control socket: root-only, like the CNI socket.
+pub use crate::socket::bind_private;
 
 /// Serve the board until cancelled.
 pub async fn serve(

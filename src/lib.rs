@@ -12,6 +12,7 @@ pub mod control;
 pub mod cri;
 pub mod doctor;
 pub mod pod;
+pub mod socket;
 pub mod source;
 pub mod status;
 pub mod volume;
