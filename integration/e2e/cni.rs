@@ -372,7 +372,84 @@ fn kill9_between_add_and_cache_write_is_collected() {
         )
         .await;
         assert!(ip != leaked || allocated_ips(&agent).len() == 1);
-        assert_eq!(sandboxes(&cri, &agent, "p").await.len(), 1);
+        // containerd keeps the sandbox whose network setup died (NotReady);
+        // the worker removes it, and its CNI DEL finds the write-ahead entry.
+        eventually(
+            "the dead sandbox removed",
+            Duration::from_secs(30),
+            || async { (sandboxes(&cri, &agent, "p").await.len() == 1).then_some(()) },
+        )
+        .await;
+    });
+}
+
+/// GC proper: a minilet process killed between its plugins' ADD and the
+/// cache write, for a sandbox the runtime never knew; after the agent
+/// restarts, its CNI GC (grace 30 s, period 15 s) DELs the attachment from
+/// the write-ahead entry, releasing the address.
+#[test]
+fn gc_after_a_restart_releases_what_a_killed_add_held() {
+    on_stack(async {
+        let mut agent = Agent::start("e2e-gc");
+        agent.kill9();
+        let netns = format!("minilet-e2e-gc-{}", std::process::id());
+        assert!(
+            std::process::Command::new("ip")
+                .args(["netns", "add", &netns])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_minilet"))
+            .args([
+                "--config",
+                agent.config().to_str().unwrap(),
+                "--hostname-override",
+                &agent.node,
+            ])
+            .args([
+                "cni",
+                "add",
+                NETWORK,
+                "--netns",
+                &format!("/var/run/netns/{netns}"),
+                "--container-id",
+                "e2e-gc-leak",
+            ])
+            .env("MINILET_FAULT", "cni-abort-after-add")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the fault hook aborted the ADD");
+        assert_eq!(
+            allocated_ips(&agent).len(),
+            1,
+            "the killed ADD holds an address"
+        );
+        let entry = agent.dir.path().join(format!(
+            "state/cni/cache/results/{NETWORK}-e2e-gc-leak-eth0"
+        ));
+        assert!(entry.exists(), "write-ahead entry at {}", entry.display());
+        // The "sandbox" is gone before anyone cleaned up.
+        assert!(
+            std::process::Command::new("ip")
+                .args(["netns", "del", &netns])
+                .status()
+                .unwrap()
+                .success()
+        );
+
+        agent.restart();
+        eventually(
+            "GC released the address",
+            Duration::from_secs(90),
+            || async { (allocated_ips(&agent).is_empty() && !entry.exists()).then_some(()) },
+        )
+        .await;
+        assert!(
+            agent.log().contains("cni gc"),
+            "the agent's GC did it:\n{}",
+            agent.log()
+        );
     });
 }
 

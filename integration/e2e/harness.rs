@@ -313,6 +313,15 @@ impl Drop for Agent {
     /// Leave the runtime clean: remove every manifest, let the agent tear the
     /// pods down (through CNI DEL), then stop it.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The agent's own account of what happened, for the failure report.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("---- agent {} log (last 80 lines) ----", self.node);
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         if self.child.is_none() {
             self.spawn();
         }
