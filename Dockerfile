@@ -10,14 +10,15 @@ COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY integration integration
 COPY proto proto
-RUN cargo build --release --locked --bin minilet
+# Static and non-PIE: the runtime execs it as the CNI plugin per operation.
+RUN integration/build-release.sh
 
-# Minimal final stage: glibc for the binary, iptables for the CNI plugins
+# Minimal final stage: the static binary, and iptables for the CNI plugins
 # minilet execs (portmap, bridge ipMasq).
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends iptables \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/minilet /usr/local/bin/minilet
+COPY --from=build /src/target/minilet /usr/local/bin/minilet
 COPY config/minilet.yaml /etc/minilet/minilet.yaml
 COPY config/cni/ /etc/minilet/net.d/
 ENTRYPOINT ["/usr/local/bin/minilet"]

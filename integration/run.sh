@@ -3,7 +3,7 @@
 # registry on 127.0.0.1:5000, Debian's CNI plugins), build minilet, and run
 # it in the foreground on the example manifests in manifests/.
 #
-# In another terminal:  target/release/minilet --config integration/.run/minilet/minilet.yaml get pods
+# In another terminal:  target/minilet --config integration/.run/minilet/minilet.yaml get pods
 # Ctrl-C stops minilet and leaves the pods running (as kubelet does);
 # `integration/stack.sh down` removes everything.
 set -euo pipefail
@@ -14,7 +14,7 @@ integration/stack.sh up
 # shellcheck disable=SC1091
 . integration/.run/env
 
-cargo build --release --bin minilet
+BIN=$(integration/build-release.sh)
 
 DIR=$MINILET_STACK_DIR/minilet
 mkdir -p "$DIR"
@@ -36,5 +36,5 @@ runtimeCNIBinDir: $RUNTIME_CNI_BIN_DIR
 CONFIG
 
 echo "minilet: running on manifests/ — in another terminal:"
-echo "  $REPO/target/release/minilet --config $DIR/minilet.yaml get pods"
-exec "$REPO/target/release/minilet" --config "$DIR/minilet.yaml" "$@"
+echo "  $BIN --config $DIR/minilet.yaml get pods"
+exec "$BIN" --config "$DIR/minilet.yaml" "$@"

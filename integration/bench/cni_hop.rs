@@ -74,7 +74,7 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from)
 }
 
-/// Build `minilet` (release) unless MINILET_BIN names a binary to use.
+/// Build the shipped `minilet` unless MINILET_BIN names a binary to use.
 fn minilet_binary() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("MINILET_BIN") {
         let bin = PathBuf::from(bin);
@@ -83,20 +83,19 @@ fn minilet_binary() -> Result<PathBuf> {
         }
         return Ok(bin);
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("cni_hop: cargo build --release --bin minilet");
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--bin", "minilet"])
+    // The binary minilet ships: static, non-PIE (integration/build-release.sh).
+    eprintln!("cni_hop: integration/build-release.sh");
+    let out = Command::new(repo().join("integration/build-release.sh"))
         .current_dir(repo())
-        .stdout(Stdio::null())
-        .status()
-        .context("running cargo build --release --bin minilet")?;
-    if !status.success() {
-        bail!("cargo build --release --bin minilet failed ({status})");
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running integration/build-release.sh")?;
+    if !out.status.success() {
+        bail!("integration/build-release.sh failed ({})", out.status);
     }
-    let bin = target_dir().join("release/minilet");
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     if !bin.is_file() {
-        bail!("{} missing after cargo build", bin.display());
+        bail!("{} missing after the build", bin.display());
     }
     Ok(bin)
 }
