@@ -330,6 +330,17 @@ impl Drop for Agent {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        // First every worker must be done: a sandbox whose RunPodSandbox is
+        // still in flight is not listed by the runtime yet, so an empty list
+        // alone could stop the agent before it removes that sandbox.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            let (code, out, _) = self.cli(&["get", "pods"]);
+            if code == 0 && out.starts_with("No resources found.") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let selector = self.selector();
         let sock = self.stack.get("CONTAINERD_SOCK").to_string();
         // Its own thread and runtime: Drop may run inside a test's runtime.
