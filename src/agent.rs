@@ -55,10 +55,11 @@ pub enum AgentError {
     },
 }
 
-/// Answers the CNI server's questions from the pods the sources want.
-struct DesiredPorts(watch::Receiver<Snapshot>);
+/// Answers the CNI server's questions (host ports, network annotations)
+/// from the pods the sources want.
+struct DesiredPodNetworks(watch::Receiver<Snapshot>);
 
-impl cni::server::PodNetworkLookup for DesiredPorts {
+impl cni::server::PodNetworkLookup for DesiredPodNetworks {
     fn pod_network_info(&self, pod_uid: &str) -> Option<cni::server::PodNetworkInfo> {
         let snapshot = self.0.borrow();
         let desired = snapshot.pods.get(pod_uid)?;
@@ -273,7 +274,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     })?;
     let handler = Arc::new(cni::server::CniHandler {
         runner: runner.clone(),
-        pods: Arc::new(DesiredPorts(snap_rx.clone())),
+        pods: Arc::new(DesiredPodNetworks(snap_rx.clone())),
         events: board.cni.events.clone(),
         status: board.cni.network_status.clone(),
     });
