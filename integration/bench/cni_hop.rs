@@ -7,6 +7,8 @@
 //! a table, whether the target is met, and JSON; it exits non-zero only when
 //! a run is broken (errors, leftovers).
 
+mod common;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -64,40 +66,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from)
-}
-
-/// Build the shipped `minilet` unless MINILET_BIN names a binary to use.
-fn minilet_binary() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("MINILET_BIN") {
-        let bin = PathBuf::from(bin);
-        if !bin.is_file() {
-            bail!("MINILET_BIN={} is not a file", bin.display());
-        }
-        return Ok(bin);
-    }
-    // The binary minilet ships: static, non-PIE (integration/build-release.sh).
-    eprintln!("cni_hop: integration/build-release.sh");
-    let out = Command::new(repo().join("integration/build-release.sh"))
-        .current_dir(repo())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running integration/build-release.sh")?;
-    if !out.status.success() {
-        bail!("integration/build-release.sh failed ({})", out.status);
-    }
-    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if !bin.is_file() {
-        bail!("{} missing after the build", bin.display());
-    }
-    Ok(bin)
 }
 
 // ---------------------------------------------------------------- host
@@ -183,7 +151,7 @@ struct Chain {
 /// with the bench's own name, bridge, a /16 subnet and host-local state in
 /// `data_dir`.
 fn bridge_chain(data_dir: &Path) -> Result<Chain> {
-    let path = repo().join("config/cni/10-bridge.conflist");
+    let path = common::repo().join("config/cni/10-bridge.conflist");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut v: Value = serde_json::from_str(&text)?;
     v["name"] = json!(NET_NAME);
@@ -874,9 +842,9 @@ fn run() -> Result<bool> {
             );
         }
     }
-    let bin = minilet_binary()?;
+    let bin = common::minilet_binary("cni_hop")?;
     let bin_bytes = fs::metadata(&bin)?.len();
-    let out = target_dir().join("bench-cni-hop");
+    let out = common::target_dir().join("bench-cni-hop");
     fs::create_dir_all(&out)?;
     let work = tempfile::Builder::new()
         .prefix("minilet-cni-hop-")

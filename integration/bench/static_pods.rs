@@ -6,6 +6,8 @@
 //! Runs as root against the stack of `integration/stack.sh up`. Not a
 //! pass/fail test: it prints a table, whether each target is met, and JSON.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -90,17 +92,9 @@ struct Stack {
     plugin_dir: PathBuf,
 }
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from)
-}
-
 fn load_stack() -> Result<Stack> {
     let path = std::env::var_os("MINILET_STACK_DIR")
-        .map_or_else(|| repo().join("integration/.run"), PathBuf::from)
+        .map_or_else(|| common::repo().join("integration/.run"), PathBuf::from)
         .join("env");
     let text = fs::read_to_string(&path).map_err(|e| {
         anyhow!(
@@ -128,32 +122,6 @@ fn load_stack() -> Result<Stack> {
             .unwrap_or_else(|_| "/usr/lib/cni".into())
             .into(),
     })
-}
-
-/// Build the shipped `minilet` unless MINILET_BIN names a binary to use.
-fn minilet_binary() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("MINILET_BIN") {
-        let bin = PathBuf::from(bin);
-        if !bin.is_file() {
-            bail!("MINILET_BIN={} is not a file", bin.display());
-        }
-        return Ok(bin);
-    }
-    // The binary minilet ships: static, non-PIE (integration/build-release.sh).
-    eprintln!("static_pods: integration/build-release.sh");
-    let out = Command::new(repo().join("integration/build-release.sh"))
-        .current_dir(repo())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running integration/build-release.sh")?;
-    if !out.status.success() {
-        bail!("integration/build-release.sh failed ({})", out.status);
-    }
-    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if !bin.is_file() {
-        bail!("{} missing after the build", bin.display());
-    }
-    Ok(bin)
 }
 
 fn node_label(node: &str) -> Labels {
@@ -185,7 +153,7 @@ spec:
 /// The bridge + host-local + portmap chain of config/cni/10-bridge.conflist
 /// with the benchmark's own name, bridge and a /16 subnet.
 fn bench_conflist() -> Result<String> {
-    let path = repo().join("config/cni/10-bridge.conflist");
+    let path = common::repo().join("config/cni/10-bridge.conflist");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut v: serde_json::Value = serde_json::from_str(&text)?;
     v["name"] = json!(NET_NAME);
@@ -851,8 +819,8 @@ async fn run() -> Result<bool> {
             stack.busybox
         );
     }
-    let bin = minilet_binary()?;
-    let out = target_dir().join("bench-static-pods");
+    let bin = common::minilet_binary("static_pods")?;
+    let out = common::target_dir().join("bench-static-pods");
     fs::create_dir_all(&out)?;
     let work = tempfile::Builder::new()
         .prefix("minilet-bench-")
