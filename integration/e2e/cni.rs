@@ -445,11 +445,14 @@ fn gc_after_a_restart_releases_what_a_killed_add_held() {
             || async { (allocated_ips(&agent).is_empty() && !entry.exists()).then_some(()) },
         )
         .await;
-        assert!(
-            agent.log().contains("cni gc"),
-            "the agent's GC did it:\n{}",
-            agent.log()
-        );
+        // The GC logs its report once the pass is over, a moment after the
+        // address is released.
+        eventually(
+            "the agent's GC reported it",
+            Duration::from_secs(10),
+            || async { agent.log().contains("cni gc").then_some(()) },
+        )
+        .await;
     });
 }
 
