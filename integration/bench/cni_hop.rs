@@ -541,15 +541,6 @@ fn run_hop(runtime: &Runtime, chain: &Chain, pod: &Pod) -> Result<(f64, f64)> {
 
 // ---------------------------------------------------------------- stats
 
-/// Nearest-rank percentile of a sorted slice.
-fn pct(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Stats {
     p50: f64,
@@ -563,9 +554,9 @@ impl Stats {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
         Some(Stats {
-            p50: pct(&s, 50.0)?,
-            p90: pct(&s, 90.0)?,
-            p99: pct(&s, 99.0)?,
+            p50: common::pct(&s, 50.0)?,
+            p90: common::pct(&s, 90.0)?,
+            p99: common::pct(&s, 99.0)?,
             mean: s.iter().sum::<f64>() / s.len() as f64,
         })
     }
@@ -581,10 +572,10 @@ impl Stats {
 
     fn json(self) -> Value {
         json!({
-            "p50_ms": round3(self.p50),
-            "p90_ms": round3(self.p90),
-            "p99_ms": round3(self.p99),
-            "mean_ms": round3(self.mean),
+            "p50_ms": common::round3(self.p50),
+            "p90_ms": common::round3(self.p90),
+            "p99_ms": common::round3(self.p99),
+            "mean_ms": common::round3(self.mean),
         })
     }
 
@@ -594,10 +585,6 @@ impl Stats {
             None => format!("{:>8}{:>8}{:>8}{:>8}", "-", "-", "-", "-"),
         }
     }
-}
-
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
 }
 
 /// Per-iteration samples of one chain, indexed by `Mode as usize`; only
@@ -824,14 +811,7 @@ fn run() -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         bail!("must run as root (netns, bridge, iptables)");
     }
-    let iters: usize = match std::env::var("BENCH_ITERS") {
-        Ok(v) => v
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| anyhow!("BENCH_ITERS={v:?} is not a positive number"))?,
-        Err(_) => DEFAULT_ITERS,
-    };
+    let iters: usize = common::env_positive("BENCH_ITERS", DEFAULT_ITERS)?;
     let plugin_dir = std::env::var_os("CNI_PLUGIN_DIR")
         .map_or_else(|| PathBuf::from("/usr/lib/cni"), PathBuf::from);
     for p in ["bridge", "host-local", "portmap", "loopback"] {
@@ -1004,7 +984,7 @@ fn run() -> Result<bool> {
                 "iterations": n,
                 "add": add.json(),
                 "del": del.json(),
-                "overhead_p50_ms": over.map(round3),
+                "overhead_p50_ms": over.map(common::round3),
                 "target_met": met,
             }),
         );

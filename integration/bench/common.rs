@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -38,4 +38,30 @@ pub fn minilet_binary(bench: &str) -> Result<PathBuf> {
         bail!("{} missing after the build", bin.display());
     }
     Ok(bin)
+}
+
+/// A positive count from the environment, or `default` when unset.
+pub fn env_positive(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| anyhow!("{name}={v:?} is not a positive number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// The value at percentile `p` (nearest rank) of sorted samples.
+pub fn pct(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Three decimals, for the JSON line.
+pub fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }

@@ -743,15 +743,6 @@ async fn measure(
 
 // ---------------------------------------------------------------- output
 
-/// Nearest-rank percentile of a sorted slice.
-fn pct(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
 fn secs(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.2} s"))
 }
@@ -761,17 +752,13 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
 fn run_json(total: Option<f64>, per_pod: &[f64]) -> serde_json::Value {
     json!({
-        "total_s": total.map(round3),
-        "p50_pod_s": pct(per_pod, 50.0).map(round3),
-        "p99_pod_s": pct(per_pod, 99.0).map(round3),
-        "min_pod_s": per_pod.first().copied().map(round3),
-        "max_pod_s": per_pod.last().copied().map(round3),
+        "total_s": total.map(common::round3),
+        "p50_pod_s": common::pct(per_pod, 50.0).map(common::round3),
+        "p99_pod_s": common::pct(per_pod, 99.0).map(common::round3),
+        "min_pod_s": per_pod.first().copied().map(common::round3),
+        "max_pod_s": per_pod.last().copied().map(common::round3),
     })
 }
 
@@ -779,22 +766,8 @@ async fn run() -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         bail!("must run as root (it drives containerd and CNI)");
     }
-    let n: usize = match std::env::var("BENCH_PODS") {
-        Ok(v) => v
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| anyhow!("BENCH_PODS={v:?} is not a positive number"))?,
-        Err(_) => 30,
-    };
-    let parallel: usize = match std::env::var("BENCH_PARALLEL") {
-        Ok(v) => v
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| anyhow!("BENCH_PARALLEL={v:?} is not a positive number"))?,
-        Err(_) => PARALLEL,
-    };
+    let n: usize = common::env_positive("BENCH_PODS", 30)?;
+    let parallel: usize = common::env_positive("BENCH_PARALLEL", PARALLEL)?;
     let stack = load_stack()?;
     let rt = match tokio::time::timeout(
         Duration::from_secs(10),
@@ -902,8 +875,8 @@ async fn run() -> Result<bool> {
         println!(
             "{label:<26}{:>10}{:>10}{:>10}{rss:>11}{cpu:>11}",
             secs(total),
-            secs(pct(pods, 50.0)),
-            secs(pct(pods, 99.0)),
+            secs(common::pct(pods, 50.0)),
+            secs(common::pct(pods, 99.0)),
         )
     };
     row(
@@ -951,7 +924,7 @@ async fn run() -> Result<bool> {
         m.peak_rss_during_start_mib,
         m.idle_rss_mib,
         secs(m.teardown_s),
-        secs(pct(&m.per_pod_runtime, 50.0)),
+        secs(common::pct(&m.per_pod_runtime, 50.0)),
         secs(m.per_pod_runtime.last().copied()),
     );
     println!(
@@ -975,25 +948,25 @@ async fn run() -> Result<bool> {
         "direct_seq": run_json(Some(seq.total), &seq_pods),
         "direct_parallel": run_json(Some(par.total), &par_pods),
         "minilet": {
-            "total_s": m.total.map(round3),
-            "p50_pod_s": pct(&m.per_pod, 50.0).map(round3),
-            "p99_pod_s": pct(&m.per_pod, 99.0).map(round3),
+            "total_s": m.total.map(common::round3),
+            "p50_pod_s": common::pct(&m.per_pod, 50.0).map(common::round3),
+            "p99_pod_s": common::pct(&m.per_pod, 99.0).map(common::round3),
             "running": m.running,
-            "runtime_started_at_p50_s": pct(&m.per_pod_runtime, 50.0).map(round3),
-            "runtime_started_at_max_s": m.per_pod_runtime.last().copied().map(round3),
-            "ready_after_s": round3(m.ready_after),
-            "peak_rss_mib": round3(m.peak_rss_mib),
-            "max_sampled_rss_mib": round3(m.peak_rss_during_start_mib),
-            "idle_rss_mib": round3(m.idle_rss_mib),
-            "start_cpu_s": round3(m.start_cpu_s),
-            "idle_cpu_pct": m.idle_cpu_pct.map(round3),
-            "teardown_s": m.teardown_s.map(round3),
-            "peak_rss_by_phase_mib": m.hwm.iter().map(|(k, v)| ((*k).to_string(), json!(round3(*v)))).collect::<serde_json::Map<_, _>>(),
+            "runtime_started_at_p50_s": common::pct(&m.per_pod_runtime, 50.0).map(common::round3),
+            "runtime_started_at_max_s": m.per_pod_runtime.last().copied().map(common::round3),
+            "ready_after_s": common::round3(m.ready_after),
+            "peak_rss_mib": common::round3(m.peak_rss_mib),
+            "max_sampled_rss_mib": common::round3(m.peak_rss_during_start_mib),
+            "idle_rss_mib": common::round3(m.idle_rss_mib),
+            "start_cpu_s": common::round3(m.start_cpu_s),
+            "idle_cpu_pct": m.idle_cpu_pct.map(common::round3),
+            "teardown_s": m.teardown_s.map(common::round3),
+            "peak_rss_by_phase_mib": m.hwm.iter().map(|(k, v)| ((*k).to_string(), json!(common::round3(*v)))).collect::<serde_json::Map<_, _>>(),
             "t0_utc": m.t0_utc,
             "log": m.log.display().to_string(),
         },
         "targets": {
-            "time_limit_s": round3(limit),
+            "time_limit_s": common::round3(limit),
             "time_met": time_met,
             "rss_limit_mib": TARGET_RSS_MIB,
             "rss_met": rss_met,
