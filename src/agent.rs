@@ -299,6 +299,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     };
     let (runtime_name, runtime_version) = runtime.version().await.unwrap_or_default();
     info!(runtime = %runtime_name, version = %runtime_version, api = ?runtime.api_version(), "container runtime connected");
+    board.readiness.runtime_connected();
 
     let shared = Arc::new(Shared {
         runtime: Arc::new(runtime),

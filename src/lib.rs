@@ -11,11 +11,21 @@ pub mod config;
 pub mod control;
 pub mod cri;
 pub mod doctor;
+pub mod locks;
 pub mod pod;
+pub mod readiness;
 pub mod socket;
 pub mod source;
 pub mod status;
 pub mod volume;
+
+// The pod manager restarts a worker task that panicked: tokio catches the
+// unwind and reports it on the task's handle. With panic = "abort" the same
+// panic would end the whole agent, and every pod on the node with it.
+#[cfg(panic = "abort")]
+compile_error!(
+    "minilet must be built with panic = \"unwind\": the pod manager restarts workers that panic"
+);
 
 /// An error and its causes on one line ("what: cause: cause"), for logs and
 /// for the one-line messages people see.

@@ -46,8 +46,10 @@ enum Command {
     Run,
     /// Show pods of the running agent.
     Get {
-        /// `pods`, `events` (the pods' CNI timings and errors) or `metrics`
-        /// (Prometheus text).
+        /// `pods`, `events` (the pods' CNI timings and errors), `metrics`
+        /// (Prometheus text) or `ready` (exits 0 once the agent has caught
+        /// up with the node: runtime connected, sources synced, first relist
+        /// reconciled; says what is missing otherwise).
         resource: String,
         /// Output format: json, or the table when omitted.
         #[arg(short = 'o', long)]
@@ -125,9 +127,10 @@ fn main() -> ExitCode {
                 "pods" | "pod" | "po" => "pods",
                 "events" | "event" | "ev" => "events",
                 "metrics" => "metrics",
+                "ready" | "readyz" => "ready",
                 other => {
                     return fail(format!(
-                        "unknown resource {other:?}: pods, events or metrics"
+                        "unknown resource {other:?}: pods, events, metrics or ready"
                     ));
                 }
             };
@@ -156,6 +159,21 @@ fn main() -> ExitCode {
                     )
                 }
                 ("metrics", None) => print!("{}", view.metrics),
+                ("ready", None | Some("json")) => {
+                    if output.is_some() {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&view.agent).unwrap_or_default()
+                        );
+                    } else if view.agent.ready {
+                        println!("ready");
+                    } else {
+                        println!("not ready: {}", view.agent.not_ready_reasons().join("; "));
+                    }
+                    if !view.agent.ready {
+                        return ExitCode::FAILURE;
+                    }
+                }
                 (_, Some(other)) => {
                     return fail(format!("unknown output format {other:?} for {kind}"));
                 }

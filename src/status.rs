@@ -16,7 +16,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 
 use crate::cni::observe::{CniEvent, CniEvents, CniMetrics, NetworkStatusBoard};
+use crate::locks::{read, write};
 use crate::pod::lifecycle::{self, CState, ContainerObs, Memory, Observed};
+use crate::readiness::{AgentStatus, Readiness};
 use crate::source::SourceError;
 
 /// A Time from CRI nanoseconds; `None` for 0 (unset).
@@ -361,6 +363,9 @@ pub struct BoardView {
     /// Prometheus text exposition of the agent's counters.
     #[serde(default)]
     pub metrics: String,
+    /// Whether the agent has caught up with the node (`minilet get ready`).
+    #[serde(default)]
+    pub agent: AgentStatus,
 }
 
 /// What the CNI server records per pod and per plugin, shared with status.
@@ -376,6 +381,7 @@ pub struct CniBoards {
 pub struct Board {
     inner: Arc<RwLock<BoardInner>>,
     pub cni: CniBoards,
+    pub readiness: Arc<Readiness>,
 }
 
 #[derive(Default)]
@@ -386,24 +392,20 @@ struct BoardInner {
 
 impl Board {
     pub fn set_pod(&self, uid: &str, pod: Pod) {
-        self.inner
-            .write()
-            .unwrap()
-            .pods
-            .insert(uid.to_string(), pod);
+        write(&self.inner).pods.insert(uid.to_string(), pod);
     }
     pub fn remove_pod(&self, uid: &str) {
-        self.inner.write().unwrap().pods.remove(uid);
+        write(&self.inner).pods.remove(uid);
     }
     pub fn set_errors(&self, errors: Vec<SourceError>) {
-        self.inner.write().unwrap().errors = errors;
+        write(&self.inner).errors = errors;
     }
     /// Uids of the pods on the board.
     pub fn uids(&self) -> Vec<String> {
-        self.inner.read().unwrap().pods.keys().cloned().collect()
+        read(&self.inner).pods.keys().cloned().collect()
     }
     pub fn view(&self, pod_logs_dir: &str) -> BoardView {
-        let inner = self.inner.read().unwrap();
+        let inner = read(&self.inner);
         let mut events: Vec<EventView> = inner
             .pods
             .iter()
@@ -431,6 +433,7 @@ impl Board {
             pod_logs_dir: pod_logs_dir.to_string(),
             events,
             metrics: self.cni.metrics.render(),
+            agent: self.readiness.status(),
         }
     }
 }

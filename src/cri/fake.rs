@@ -17,6 +17,8 @@ struct State {
     calls: Vec<String>,
     /// Method name → message of a `Rejected` error for its next call.
     fail_next: HashMap<String, String>,
+    /// Methods whose next call panics (a bug in the caller's task).
+    panic_next: HashSet<String>,
 }
 
 /// The fake. Timestamps advance by one second per mutating call.
@@ -53,6 +55,14 @@ impl FakeRuntime {
             .fail_next
             .insert(method.to_string(), message.to_string());
     }
+    /// The next call of `method` panics, as a bug on the caller's path would.
+    pub fn panic_next(&self, method: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .panic_next
+            .insert(method.to_string());
+    }
     /// The container's process exits with `code`.
     pub fn exit_container(&self, id: &str, code: i32) {
         let mut s = self.state.lock().unwrap();
@@ -78,6 +88,11 @@ impl FakeRuntime {
         s.calls
             .push(format!("{method} {arg}").trim_end().to_string());
         s.now += 1;
+        if s.panic_next.remove(method) {
+            // Not while holding the lock: the fake must outlive the panic.
+            drop(s);
+            panic!("fake runtime: scripted panic in {method}");
+        }
         if let Some(message) = s.fail_next.remove(method) {
             return Err(CriError::Rejected {
                 op: "fake",

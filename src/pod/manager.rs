@@ -5,30 +5,59 @@
 //! workers whose pod changed, so a crashed container is noticed within a
 //! relist period without every worker polling.
 //!
+//! A worker task that dies (a panic in it, or its task aborted) is noticed
+//! on the JoinSet and started again, with a log line: one pod's bug must not
+//! leave that pod unmanaged, nor take the other pods down. Restarts of the
+//! same pod back off (at once, then 1 s doubling to 60 s; reset once a
+//! worker has lived 5 minutes), so a worker that panics on every step
+//! costs little.
+//!
 //! Side effects: ListPodSandbox / ListContainers; spawning worker tasks.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::PodStatus;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+#[cfg(test)]
+use tokio::task::AbortHandle;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::lifecycle::next_delay;
 use super::worker::{Handle, Shared, Worker};
 use crate::cri::{Labels, Runtime};
 use crate::labels;
 use crate::source::Snapshot;
+
+/// Delay before the second restart of a dead worker (the first is at once).
+pub const WORKER_RESTART_START: Duration = Duration::from_secs(1);
+/// Longest delay between restarts of a worker that keeps dying.
+pub const WORKER_RESTART_MAX: Duration = Duration::from_secs(60);
+/// A worker that lived this long died for a new reason: restart at once.
+pub const WORKER_RESTART_RESET: Duration = Duration::from_secs(300);
+
+/// One worker task, by its task id.
+struct Life {
+    uid: String,
+    started: Instant,
+    /// The delay this worker was started after, if it replaced a dead one.
+    restart_delay: Option<Duration>,
+    /// For the test hook that kills a worker.
+    #[cfg(test)]
+    abort: AbortHandle,
+}
 
 pub struct Manager<R: Runtime> {
     shared: Arc<Shared<R>>,
     max_pods: usize,
     workers: HashMap<String, Handle>,
     tasks: JoinSet<String>,
+    lives: HashMap<tokio::task::Id, Life>,
     fingerprints: HashMap<String, u64>,
     snapshot: Snapshot,
     cancel: CancellationToken,
@@ -41,6 +70,7 @@ impl<R: Runtime> Manager<R> {
             max_pods,
             workers: HashMap::new(),
             tasks: JoinSet::new(),
+            lives: HashMap::new(),
             fingerprints: HashMap::new(),
             snapshot: Snapshot::default(),
             cancel,
@@ -48,14 +78,95 @@ impl<R: Runtime> Manager<R> {
     }
 
     fn spawn(&mut self, uid: &str, desired: Option<Arc<crate::source::DesiredPod>>) {
+        self.spawn_after(uid, desired, None);
+    }
+
+    /// Start a worker for `uid`; `restart_delay` when it replaces a dead one
+    /// (it waits that long before its first step).
+    fn spawn_after(
+        &mut self,
+        uid: &str,
+        desired: Option<Arc<crate::source::DesiredPod>>,
+        restart_delay: Option<Duration>,
+    ) {
         let (worker, handle) = Worker::new(uid.to_string(), self.shared.clone(), desired);
         let cancel = self.cancel.child_token();
         let uid_owned = uid.to_string();
-        self.tasks.spawn(async move {
+        let delay = restart_delay.unwrap_or_default();
+        self.shared.board.readiness.worker_started(uid);
+        let abort = self.tasks.spawn(async move {
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return uid_owned,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
             worker.run(cancel).await;
             uid_owned
         });
+        self.lives.insert(
+            abort.id(),
+            Life {
+                uid: uid.to_string(),
+                started: Instant::now(),
+                restart_delay,
+                #[cfg(test)]
+                abort,
+            },
+        );
         self.workers.insert(uid.to_string(), handle);
+    }
+
+    /// A worker task ended: forget it; if the pod is still wanted start a
+    /// new one (at once when it finished normally, with backoff when it
+    /// died). A dead worker of a pod nobody wants is left to the relist,
+    /// which adopts whatever the runtime still holds of it.
+    fn worker_exited(&mut self, done: Result<(tokio::task::Id, String), JoinError>) {
+        let id = match &done {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        let Some(life) = self.lives.remove(&id) else {
+            return;
+        };
+        let uid = life.uid;
+        self.workers.remove(&uid);
+        self.fingerprints.remove(&uid);
+        self.shared.board.readiness.worker_synced(&uid);
+        let restart_delay = match done {
+            Ok(_) => {
+                debug!(uid = %uid, "worker ended");
+                None
+            }
+            Err(e) => {
+                let delay = match life.restart_delay {
+                    Some(prev) if life.started.elapsed() < WORKER_RESTART_RESET => {
+                        next_delay(prev, WORKER_RESTART_START, WORKER_RESTART_MAX)
+                    }
+                    _ => Duration::ZERO,
+                };
+                let cause = if e.is_panic() {
+                    panic_message(e.into_panic())
+                } else {
+                    "task aborted".to_string()
+                };
+                error!(uid = %uid, %cause, restart_in = ?delay, "pod worker died; starting a new one");
+                self.shared.board.readiness.worker_restarted();
+                Some(delay)
+            }
+        };
+        // Level-triggered: if the pod is wanted, start over.
+        if let Some(d) = self.snapshot.pods.get(&uid).cloned() {
+            self.spawn_after(&uid, Some(d), restart_delay);
+        }
+    }
+
+    /// Test hook: abort the worker of `uid` as if its task had died.
+    #[cfg(test)]
+    fn abort_worker(&self, uid: &str) {
+        for life in self.lives.values().filter(|l| l.uid == uid) {
+            life.abort.abort();
+        }
     }
 
     /// Bring the set of workers in line with a source snapshot.
@@ -168,6 +279,10 @@ impl<R: Runtime> Manager<R> {
                 handle.wake.notify_one();
             }
         }
+        self.shared
+            .board
+            .readiness
+            .relisted(seen.keys().cloned().collect::<Vec<_>>());
         self.fingerprints = seen;
     }
 
@@ -177,6 +292,7 @@ impl<R: Runtime> Manager<R> {
     pub async fn run(mut self, mut snapshots: watch::Receiver<Snapshot>, relist_every: Duration) {
         let first = snapshots.borrow_and_update().clone();
         self.apply(first);
+        self.shared.board.readiness.sources_synced();
         self.relist().await;
         let mut tick = tokio::time::interval(relist_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -191,16 +307,7 @@ impl<R: Runtime> Manager<R> {
                     self.apply(snap);
                 }
                 _ = tick.tick() => self.relist().await,
-                Some(done) = self.tasks.join_next() => {
-                    let Ok(uid) = done else { continue };
-                    debug!(uid = %uid, "worker ended");
-                    self.workers.remove(&uid);
-                    self.fingerprints.remove(&uid);
-                    // Level-triggered: if the pod is wanted again, start over.
-                    if let Some(d) = self.snapshot.pods.get(&uid).cloned() {
-                        self.spawn(&uid, Some(d));
-                    }
-                }
+                Some(done) = self.tasks.join_next_with_id() => self.worker_exited(done),
             }
         }
         while self.tasks.join_next().await.is_some() {}
@@ -213,6 +320,16 @@ impl<R: Runtime> Manager<R> {
 
     pub fn is_empty(&self) -> bool {
         self.workers.is_empty()
+    }
+}
+
+/// The text of a panic payload (`panic!` gives a `&str` or a `String`).
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(p) => p
+            .downcast_ref::<&str>()
+            .map_or_else(|| "panic".to_string(), |s| s.to_string()),
     }
 }
 
@@ -244,11 +361,44 @@ mod tests {
         s
     }
 
-    async fn settle() {
-        for _ in 0..50 {
-            tokio::task::yield_now().await;
+    /// Wait until `cond` holds, failing after a bound (no sleeps as
+    /// synchronisation: the condition is the signal).
+    async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// A manager running on `sh`, wanting pods `uids`, relisting every 20 ms.
+    fn run_manager(
+        sh: &Arc<Shared<FakeRuntime>>,
+        uids: &[&str],
+    ) -> (
+        watch::Sender<Snapshot>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let cancel = CancellationToken::new();
+        let (tx, rx) = watch::channel(snap(uids));
+        let m = Manager::new(sh.clone(), 10, cancel.clone());
+        (
+            tx,
+            cancel,
+            tokio::spawn(m.run(rx, Duration::from_millis(20))),
+        )
+    }
+
+    fn running_containers(rt: &FakeRuntime) -> usize {
+        rt.containers()
+            .iter()
+            .filter(|c| c.state == crate::cri::api::ContainerState::ContainerRunning as i32)
+            .count()
+    }
+
+    fn calls_of(rt: &FakeRuntime, method: &str) -> usize {
+        rt.calls().iter().filter(|c| c.starts_with(method)).count()
     }
 
     #[tokio::test]
@@ -260,7 +410,10 @@ mod tests {
         let mut m = Manager::new(sh.clone(), 2, cancel.clone());
         m.apply(snap(&["a", "b", "c"]));
         assert_eq!(m.len(), 2);
-        settle().await;
+        wait_until("both admitted pods running", || {
+            running_containers(&rt) == 2 && sh.board.view("").pods.len() == 3
+        })
+        .await;
         let view = sh.board.view("");
         let rejected: Vec<_> = view
             .pods
@@ -268,6 +421,8 @@ mod tests {
             .filter(|p| p.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("OutOfpods"))
             .collect();
         assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].metadata.uid.as_deref(), Some("c"));
+        assert_eq!(rt.sandboxes().len(), 2, "the rejected pod got no sandbox");
         cancel.cancel();
     }
 
@@ -275,47 +430,119 @@ mod tests {
     async fn orphans_in_the_runtime_are_torn_down() {
         let tmp = tempfile::tempdir().unwrap();
         let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
-        let sh = shared(rt.clone(), tmp.path());
-        let cancel = CancellationToken::new();
-        let (tx, rx) = watch::channel(snap(&["a"]));
-        let m = Manager::new(sh.clone(), 10, cancel.clone());
-        let task = tokio::spawn(m.run(rx, Duration::from_millis(20)));
-        settle().await;
+        let (tx, cancel, task) = run_manager(&shared(rt.clone(), tmp.path()), &["a"]);
+        wait_until("a running", || running_containers(&rt) == 1).await;
         assert_eq!(rt.sandboxes().len(), 1);
         // The source drops the pod: the runtime ends up empty.
         tx.send(Snapshot::default()).unwrap();
-        for _ in 0..100 {
-            if rt.sandboxes().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(rt.sandboxes().is_empty() && rt.containers().is_empty());
-        // A new manager with an empty source adopts and removes leftovers.
-        let rt2 = Arc::new(FakeRuntime::with_images(&["img:1"]));
-        let sh2 = shared(rt2.clone(), tmp.path());
-        let (tx2, rx2) = watch::channel(snap(&["b"]));
-        let m2 = Manager::new(sh2.clone(), 10, cancel.child_token());
-        let t2 = tokio::spawn(m2.run(rx2, Duration::from_millis(20)));
-        settle().await;
-        assert_eq!(rt2.sandboxes().len(), 1);
+        wait_until("a torn down", || {
+            rt.sandboxes().is_empty() && rt.containers().is_empty()
+        })
+        .await;
         cancel.cancel();
         task.await.unwrap();
+        // A new manager with an empty source adopts and removes leftovers.
+        let rt2 = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let (_tx2, cancel2, t2) = run_manager(&shared(rt2.clone(), tmp.path()), &["b"]);
+        wait_until("b running", || running_containers(&rt2) == 1).await;
+        assert_eq!(rt2.sandboxes().len(), 1);
+        cancel2.cancel();
         t2.await.unwrap();
-        let m3_cancel = CancellationToken::new();
-        let (_tx3, rx3) = watch::channel(Snapshot::default());
-        let t3 = tokio::spawn(
-            Manager::new(sh2.clone(), 10, m3_cancel.clone()).run(rx3, Duration::from_millis(20)),
-        );
-        for _ in 0..100 {
-            if rt2.sandboxes().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(rt2.sandboxes().is_empty(), "orphan sandbox removed");
-        m3_cancel.cancel();
+        let sh3 = shared(rt2.clone(), tmp.path());
+        let (_tx3, cancel3, t3) = run_manager(&sh3, &[]);
+        wait_until("orphan sandbox removed", || rt2.sandboxes().is_empty()).await;
+        // The restarted agent said what its first relist found.
+        assert_eq!(sh3.board.readiness.status().first_relist_pods, ["b"]);
+        cancel3.cancel();
         t3.await.unwrap();
-        drop(tx2);
+    }
+
+    #[tokio::test]
+    async fn ready_once_the_first_relist_is_reconciled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let sh = shared(rt.clone(), tmp.path());
+        sh.board.readiness.runtime_connected();
+        // a's first step (sandbox creation) waits for a slot.
+        let slots = sh
+            .sandbox_slots
+            .acquire_many(super::super::worker::PARALLEL_SANDBOXES as u32)
+            .await
+            .unwrap();
+        let (_tx, cancel, task) = run_manager(&sh, &["a"]);
+        wait_until("a few relists", || sh.board.readiness.status().relists >= 3).await;
+        let st = sh.board.readiness.status();
+        assert!(!st.ready, "relisted, but a has not been reconciled: {st:?}");
+        assert_eq!(st.pending_pods, ["a"]);
+        drop(slots);
+        wait_until("ready", || sh.board.readiness.status().ready).await;
+        // Ready means a's worker has acted: its sandbox exists.
+        assert_eq!(rt.sandboxes().len(), 1);
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    /// A worker that panics mid-step is noticed and replaced, and the new
+    /// one finishes what the dead one started.
+    #[tokio::test]
+    async fn a_worker_that_panics_is_started_again_and_converges() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        rt.panic_next("CreateContainer");
+        let sh = shared(rt.clone(), tmp.path());
+        let (_tx, cancel, task) = run_manager(&sh, &["a"]);
+        wait_until("a running after its worker died", || {
+            running_containers(&rt) == 1
+        })
+        .await;
+        assert_eq!(sh.board.readiness.status().worker_restarts, 1);
+        assert_eq!(calls_of(&rt, "CreateContainer"), 2, "{:?}", rt.calls());
+        assert_eq!(
+            rt.sandboxes().len(),
+            1,
+            "the new worker adopted the sandbox"
+        );
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    /// A worker whose task is aborted is replaced; a worker that keeps dying
+    /// is restarted with a growing delay.
+    #[tokio::test]
+    async fn an_aborted_worker_is_replaced_with_backoff() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let sh = shared(rt.clone(), tmp.path());
+        let cancel = CancellationToken::new();
+        let mut m = Manager::new(sh.clone(), 10, cancel.clone());
+        let delays = |m: &Manager<FakeRuntime>| -> Vec<Option<Duration>> {
+            m.lives.values().map(|l| l.restart_delay).collect()
+        };
+        m.apply(snap(&["a"]));
+        for want in [
+            Duration::ZERO,
+            WORKER_RESTART_START,
+            WORKER_RESTART_START * 2,
+        ] {
+            // Killed before its first step (nothing awaited since the spawn).
+            m.abort_worker("a");
+            let done = m.tasks.join_next_with_id().await.unwrap();
+            assert!(done.as_ref().is_err_and(JoinError::is_cancelled));
+            m.worker_exited(done);
+            assert_eq!(m.len(), 1, "a new worker for a");
+            assert_eq!(delays(&m), [Some(want)]);
+        }
+        assert_eq!(sh.board.readiness.status().worker_restarts, 3);
+        assert!(rt.sandboxes().is_empty(), "the dead workers did nothing");
+        // The last one starts after its delay and converges.
+        tokio::time::pause();
+        let done = tokio::select! {
+            d = m.tasks.join_next_with_id() => Some(d),
+            _ = async { wait_until("a running", || running_containers(&rt) == 1).await } => None,
+        };
+        assert!(done.is_none(), "the worker lives: {done:?}");
+        assert_eq!(rt.sandboxes().len(), 1);
+        cancel.cancel();
+        while m.tasks.join_next().await.is_some() {}
     }
 }

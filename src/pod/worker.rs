@@ -83,6 +83,13 @@ pub enum StepError {
         #[source]
         source: std::io::Error,
     },
+    /// The plan asked to build something for a pod no source wants (a bug
+    /// in `plan`): the step fails and is retried, the worker lives on.
+    #[error("cannot {0}: no source wants this pod")]
+    NotDesired(&'static str),
+    /// The sandbox slots were closed (only at shutdown).
+    #[error("waiting for a sandbox slot")]
+    SandboxSlots(#[from] tokio::sync::AcquireError),
 }
 
 /// The handle the manager keeps for one worker.
@@ -165,6 +172,8 @@ impl<R: Runtime> Worker<R> {
             loop {
                 let desired = self.desired.borrow_and_update().clone();
                 let step = self.step(desired.as_deref()).await;
+                // Reconciled once since the agent started (readiness).
+                self.shared.board.readiness.worker_synced(&self.uid);
                 let until = match step {
                     Ok(Some(Action::Finished)) => {
                         info!("pod removed");
@@ -433,7 +442,7 @@ impl<R: Runtime> Worker<R> {
             }
             Action::CreateSandbox { attempt } => {
                 let pod = &desired
-                    .expect("plan creates sandboxes only for desired pods")
+                    .ok_or(StepError::NotDesired("create a sandbox"))?
                     .pod;
                 self.create_sandbox(pod, *attempt).await;
                 Ok(())
@@ -445,7 +454,7 @@ impl<R: Runtime> Worker<R> {
                 restart_count,
             } => {
                 let pod = &desired
-                    .expect("plan starts containers only for desired pods")
+                    .ok_or(StepError::NotDesired("start a container"))?
                     .pod;
                 self.start_container(pod, obs, sandbox_id, name, *init, *restart_count)
                     .await
@@ -462,12 +471,7 @@ impl<R: Runtime> Worker<R> {
                 path: config.log_directory.clone().into(),
                 source,
             })?;
-            let _slot = self
-                .shared
-                .sandbox_slots
-                .acquire()
-                .await
-                .expect("never closed");
+            let _slot = self.shared.sandbox_slots.acquire().await?;
             info!(attempt, "creating sandbox");
             Ok::<_, StepError>(self.shared.runtime.run_pod_sandbox(config).await?)
         }

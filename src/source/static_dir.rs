@@ -1385,8 +1385,14 @@ mod tests {
             Duration::from_secs(3600),
             tx,
         ));
-        // Let the initial scan and the watch start.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The watch is live once it reports a file: it installs inotify
+        // before its first scan, so from then on only inotify can report.
+        write(dir.path(), "probe.yaml", &pod_yaml("probe", "v1"));
+        let s = next_change(&mut rx, Duration::from_secs(10)).await;
+        assert_eq!(names(&s), ["default/probe-node1"]);
+        fs::remove_file(dir.path().join("probe.yaml")).unwrap();
+        let s = next_change(&mut rx, Duration::from_secs(1)).await;
+        assert!(s.pods.is_empty());
 
         write(dir.path(), "web.yaml", &pod_yaml("web", "v1"));
         let s = next_change(&mut rx, Duration::from_secs(1)).await;
