@@ -193,16 +193,41 @@ impl Agent {
             .spawn()
             .expect("spawn minilet");
         self.child = Some(child);
-        // Ready once the control socket answers.
+        // Ready once the agent says so: runtime connected, sources synced,
+        // its first relist done and every pod found then reconciled once.
+        // (The control socket answers long before that.)
         let start = Instant::now();
-        while self.cli(&["get", "pods"]).0 != 0 {
+        loop {
+            let (code, out, err) = self.cli(&["get", "ready"]);
+            if code == 0 {
+                break;
+            }
             assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "minilet did not come up:\n{}",
+                start.elapsed() < Duration::from_secs(60),
+                "minilet did not become ready: {out}{err}\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agent's readiness report (`minilet get ready -o json`).
+    pub fn ready(&self) -> serde_json::Value {
+        let (_, out, err) = self.cli(&["get", "ready", "-o", "json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("get ready -o json: {e}: {out}{err}"))
+    }
+
+    /// Wait until the agent has relisted the runtime `n` more times: every
+    /// pod it manages has been looked at again since the call.
+    pub async fn wait_relists(&self, n: u64) {
+        let relists = |a: &Agent| a.ready()["relists"].as_u64().unwrap_or(0);
+        let target = relists(self) + n;
+        eventually(
+            &format!("{n} more relists"),
+            Duration::from_secs(30),
+            || async { (relists(self) >= target).then_some(()) },
+        )
+        .await;
     }
 
     /// Start the agent again with the same config and dirs.

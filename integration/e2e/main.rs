@@ -362,9 +362,25 @@ fn kill9_then_restart_adopts_and_tears_down_orphans() {
         let gone_ip = pod_ip(&cri, &agent, "gone").await;
         assert!(allocated_ips(&agent).contains(&gone_ip));
 
+        let keep_uid = keep.labels["io.kubernetes.pod.uid"].clone();
+        let gone_uid =
+            containers(&cri, &agent, "gone").await[0].labels["io.kubernetes.pod.uid"].clone();
         agent.kill9();
         agent.remove_manifest("gone.yaml");
+        let log_before = agent.log().len();
         agent.restart();
+        // Ready: the first relist after the restart found both pods, and
+        // each one's worker has reconciled it once.
+        let ready = agent.ready();
+        let found = &ready["firstRelistPods"];
+        assert!(
+            [&keep_uid, &gone_uid].iter().all(|u| found
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == u.as_str())),
+            "first relist covered both pods: {ready}"
+        );
 
         eventually("orphan torn down", Duration::from_secs(60), || async {
             sandboxes(&cri, &agent, "gone")
@@ -378,8 +394,8 @@ fn kill9_then_restart_adopts_and_tears_down_orphans() {
             !allocated_ips(&agent).contains(&gone_ip),
             "orphan's IP released"
         );
-        // Give the adopted pod a few relists: nothing may change.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // A few more relists of the adopted pod: nothing may change.
+        agent.wait_relists(3).await;
         let sb = sandboxes(&cri, &agent, "keep").await;
         assert_eq!(sb.len(), 1, "no second sandbox");
         assert_eq!(sb[0].id, keep_sb[0].id);
@@ -387,14 +403,41 @@ fn kill9_then_restart_adopts_and_tears_down_orphans() {
         assert_eq!(cs.len(), 1);
         assert_eq!(cs[0].id, keep.id, "same container");
         assert_eq!(allocated_ips(&agent).len(), 1, "exactly one IP held");
-        // CNI CHECK ran for the adopted pod's attachment after the restart.
+        // CNI CHECK passed for the adopted pod's attachment after the restart.
+        let log = agent.log()[log_before..].to_string();
         assert!(
-            agent.log().contains("cni check"),
-            "CHECK after restart:\n{}",
-            agent.log()
+            log.lines()
+                .any(|l| l.contains("cni check passed for adopted pod")
+                    && l.contains(&format!("pod_uid={keep_uid}"))),
+            "CHECK passed after restart:\n{log}"
         );
-        assert!(agent.get_pods().contains("Running"));
+        assert!(!log.contains("cni check failed"), "{log}");
+        // The restarted agent reports the container it adopted.
+        assert_adopted(&agent, "keep", &keep.id);
     });
+}
+
+/// The agent's status (filled only by this agent process's workers) shows
+/// `pod`'s only container as the running container `id`.
+fn assert_adopted(agent: &Agent, pod: &str, id: &str) {
+    let list = agent.pods_json();
+    let p = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["metadata"]["name"] == format!("{pod}-{}", agent.node))
+        .unwrap_or_else(|| panic!("{pod} on the board: {list}"));
+    let status = &p["status"];
+    assert_eq!(status["phase"], "Running", "{status}");
+    let c = &status["containerStatuses"][0];
+    assert_eq!(
+        c["containerID"]
+            .as_str()
+            .and_then(|s| s.split("://").nth(1)),
+        Some(id),
+        "{status}"
+    );
+    assert!(c["state"]["running"].is_object(), "{status}");
 }
 
 /// SIGTERM stops the agent and leaves pods running; a restart adopts them.
@@ -407,18 +450,30 @@ fn sigterm_leaves_pods_running() {
         let c = running_container(&cri, &agent, "p", "app").await;
         let status = agent.terminate();
         assert!(status.success(), "clean exit on SIGTERM: {status:?}");
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The agent has exited: what it left is what the runtime shows now.
         let still = containers(&cri, &agent, "p").await;
         assert!(
             still.iter().any(|x| x.id == c.id && running(x)),
             "pod kept running"
         );
         agent.restart();
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Ready: the first relist found the pod and its worker reconciled it.
+        let ready = agent.ready();
+        let uid = &c.labels["io.kubernetes.pod.uid"];
+        assert!(
+            ready["firstRelistPods"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == uid.as_str()),
+            "first relist covered the pod: {ready}"
+        );
+        agent.wait_relists(3).await;
         let cs = containers(&cri, &agent, "p").await;
         assert_eq!(cs.len(), 1);
         assert_eq!(cs[0].id, c.id);
         assert_eq!(sandboxes(&cri, &agent, "p").await.len(), 1);
+        assert_adopted(&agent, "p", &c.id);
     });
 }
 
@@ -488,7 +543,9 @@ fn bad_manifests_leave_other_pods_alone() {
             || async { agent.get_pods().contains("good.yaml").then_some(()) },
         )
         .await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The bad version is applied (its error is shown); a few relists
+        // later the last good version still runs, untouched.
+        agent.wait_relists(3).await;
         let cs = containers(&cri, &agent, "good").await;
         assert_eq!(cs.len(), 1);
         assert_eq!(cs[0].id, c.id, "last good version keeps running, untouched");
