@@ -27,6 +27,20 @@ pub enum CacheError {
         #[source]
         source: std::io::Error,
     },
+    /// The entry could not be encoded as JSON.
+    #[error("encoding result cache entry {}", path.display())]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The blocking task writing the entry died (panicked).
+    #[error("writing result cache {}", path.display())]
+    Writer {
+        path: PathBuf,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// The file is not a cache entry we can read.
     #[error("result cache {} is corrupt", path.display())]
     Corrupt {
@@ -85,14 +99,20 @@ impl ResultCache {
     /// Writes an entry atomically: a reader sees the old file or the new one.
     pub async fn save(&self, entry: &CachedAttachment) -> Result<(), CacheError> {
         let path = self.path(&entry.network_name, &entry.container_id, &entry.if_name);
-        let bytes = serde_json::to_vec(entry).expect("cache entries serialise");
+        let bytes = serde_json::to_vec(entry).map_err(|source| CacheError::Encode {
+            path: path.clone(),
+            source,
+        })?;
         let dir = self.results_dir();
+        let writer_path = path.clone();
         tokio::task::spawn_blocking(move || {
-            write_atomic(&dir, &path, &bytes, 0o600)
-                .map_err(|source| CacheError::Io { path, source })
+            write_atomic(&dir, &writer_path, &bytes, 0o600).map_err(|source| CacheError::Io {
+                path: writer_path,
+                source,
+            })
         })
         .await
-        .expect("cache writer does not panic")
+        .map_err(|source| CacheError::Writer { path, source })?
     }
 
     /// Reads an entry; `None` when there is none.

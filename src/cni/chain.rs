@@ -36,6 +36,7 @@ use super::config::{NetworkConfigList, NetworkStore, PluginConfig, is_identifier
 use super::exec::{Command, ExecError, PluginEnv, PluginError, PluginExec, codes, parse_result};
 use super::observe::{CniMetrics, short_duration};
 use super::version::{self, ConvertError, PluginInfo};
+use crate::locks::lock;
 
 /// The environment value of the fault hook (see the module header).
 pub const FAULT_ABORT_AFTER_ADD: &str = "cni-abort-after-add";
@@ -161,6 +162,9 @@ pub enum CniError {
         #[source]
         source: ConvertError,
     },
+    /// A network list with no plugins (config validation refuses these).
+    #[error("network {network} has no plugins")]
+    EmptyNetwork { network: String },
     /// The result cache could not be written or read.
     #[error("{network}")]
     Cache {
@@ -187,7 +191,8 @@ impl CniError {
             CniError::Unsupported { .. } => codes::INCOMPATIBLE_VERSION,
             CniError::UnknownNetwork { .. }
             | CniError::NoDefaultNetwork
-            | CniError::CheckUnavailable { .. } => codes::INVALID_CONFIG,
+            | CniError::CheckUnavailable { .. }
+            | CniError::EmptyNetwork { .. } => codes::INVALID_CONFIG,
             CniError::NotAdded { .. } => codes::INVALID_CONFIG,
             CniError::Convert { .. } => codes::DECODE_FAILURE,
             CniError::Cache { .. } => codes::IO_FAILURE,
@@ -460,7 +465,9 @@ impl<E: PluginExec> CniRunner<E> {
                 }
             }
         }
-        let result = prev.expect("a validated list has at least one plugin");
+        let result = prev.ok_or_else(|| CniError::EmptyNetwork {
+            network: net.name.clone(),
+        })?;
         if self.abort_after_add {
             // Test-only: see the module header.
             tracing::error!(
@@ -906,10 +913,7 @@ impl<E: PluginExec> CniRunner<E> {
         let ty = &plugin.plugin_type;
         let identity = self.exec.identity(ty)?;
         {
-            let v = self
-                .versions
-                .lock()
-                .expect("versions lock is never poisoned");
+            let v = lock(&self.versions);
             if let Some((id, info)) = v.get(ty)
                 && *id == identity
             {
@@ -923,8 +927,9 @@ impl<E: PluginExec> CniRunner<E> {
             ifname: String::new(),
             args: String::new(),
         };
-        let stdin =
-            serde_json::to_vec(&json!({"cniVersion": net.cni_version})).expect("JSON serialises");
+        let stdin = json!({"cniVersion": net.cni_version})
+            .to_string()
+            .into_bytes();
         let start = Instant::now();
         let out = self.exec.exec(ty, &env, &stdin).await;
         self.metrics
@@ -943,10 +948,7 @@ impl<E: PluginExec> CniRunner<E> {
         } else {
             info
         };
-        self.versions
-            .lock()
-            .expect("versions lock is never poisoned")
-            .insert(ty.clone(), (identity, info.clone()));
+        lock(&self.versions).insert(ty.clone(), (identity, info.clone()));
         Ok(info)
     }
 }
@@ -991,7 +993,8 @@ fn plugin_stdin(
     if let Some((k, v)) = extra {
         conf.insert(k.into(), v);
     }
-    serde_json::to_vec(&conf).expect("a JSON map serialises")
+    // A Value's text is its JSON: no error to handle.
+    Value::Object(conf).to_string().into_bytes()
 }
 
 /// One async mutex per container id with an operation in flight; an entry
@@ -1017,7 +1020,7 @@ struct ContainerGuard {
 impl ContainerLocks {
     async fn lock(&self, key: &str) -> ContainerGuard {
         let m = {
-            let mut map = self.map.lock().expect("lock map is never poisoned");
+            let mut map = lock(&self.map);
             let entry = map.entry(key.to_owned()).or_default();
             entry.1 += 1;
             entry.0.clone()
@@ -1033,10 +1036,7 @@ impl ContainerLocks {
 
     /// Whether an operation on `key` is running or waiting.
     fn held(&self, key: &str) -> bool {
-        self.map
-            .lock()
-            .expect("lock map is never poisoned")
-            .contains_key(key)
+        lock(&self.map).contains_key(key)
     }
 
     #[cfg(test)]
@@ -1048,7 +1048,7 @@ impl ContainerLocks {
 impl Drop for ContainerGuard {
     fn drop(&mut self) {
         self.guard.take();
-        let mut map = self.map.lock().expect("lock map is never poisoned");
+        let mut map = lock(&self.map);
         if let Some(entry) = map.get_mut(&self.key) {
             entry.1 -= 1;
             if entry.1 == 0 {

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use crate::locks::{read, write};
+
 /// Why a network configuration could not be loaded. Every variant names the
 /// file or directory it is about.
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +173,8 @@ pub fn parse(
             }
         }
         list.insert("plugins".into(), Value::Array(vec![Value::Object(top)]));
-        let bytes = serde_json::to_vec(&list).expect("a JSON map serialises");
+        let bytes = serde_json::to_vec(&list)
+            .map_err(|e| invalid(format!("cannot encode as a list: {e}")))?;
         (list, bytes)
     };
 
@@ -314,15 +317,12 @@ impl NetworkStore {
 
     /// The set as it is now; later changes don't affect the returned value.
     pub fn current(&self) -> Arc<NetworkSet> {
-        self.current
-            .read()
-            .expect("store lock is never poisoned")
-            .clone()
+        read(&self.current).clone()
     }
 
     /// Replaces the set; returns whether it changed.
     pub fn replace(&self, set: NetworkSet) -> bool {
-        let mut cur = self.current.write().expect("store lock is never poisoned");
+        let mut cur = write(&self.current);
         if **cur == set {
             return false;
         }

@@ -351,9 +351,14 @@ impl ProcessExec {
             }
         };
         let pgid = child.id();
-        let mut child_in = child.stdin.take().expect("stdin is piped");
-        let mut child_out = child.stdout.take().expect("stdout is piped");
-        let mut child_err = child.stderr.take().expect("stderr is piped");
+        let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let (Some(mut child_in), Some(mut child_out), Some(mut child_err)) = pipes else {
+            return Err(ExecError::Spawn {
+                plugin: plugin.to_owned(),
+                path: path.to_path_buf(),
+                source: std::io::Error::other("the plugin's stdio was not piped"),
+            });
+        };
 
         let work = async {
             let write = async {

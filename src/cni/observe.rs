@@ -20,6 +20,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::locks::lock;
+
 /// The pod annotation holding the network status (Multus convention).
 pub const NETWORK_STATUS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/network-status";
 
@@ -61,7 +63,7 @@ impl CniMetrics {
             command: command.to_owned(),
             result: if ok { "success" } else { "error" },
         };
-        let mut s = self.series.lock().expect("metrics lock is never poisoned");
+        let mut s = lock(&self.series);
         let v = s.entry(key).or_default();
         v.count += 1;
         v.total += took;
@@ -69,7 +71,7 @@ impl CniMetrics {
 
     /// Every series, sorted.
     pub fn snapshot(&self) -> Vec<(MetricKey, MetricValue)> {
-        let s = self.series.lock().expect("metrics lock is never poisoned");
+        let s = lock(&self.series);
         s.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
@@ -163,7 +165,7 @@ impl CniEvents {
             reason: reason.to_owned(),
             message: message.into(),
         };
-        let mut pods = self.pods.lock().expect("events lock is never poisoned");
+        let mut pods = lock(&self.pods);
         let list = pods.entry(uid.to_owned()).or_default();
         if list.len() == EVENTS_PER_POD {
             list.pop_front();
@@ -173,7 +175,7 @@ impl CniEvents {
 
     /// The pod's events, oldest first.
     pub fn events(&self, uid: &str) -> Vec<CniEvent> {
-        let pods = self.pods.lock().expect("events lock is never poisoned");
+        let pods = lock(&self.pods);
         pods.get(uid)
             .map(|l| l.iter().cloned().collect())
             .unwrap_or_default()
@@ -181,7 +183,7 @@ impl CniEvents {
 
     /// Forgets pods for which `keep` is false (pods that are gone).
     pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
-        let mut pods = self.pods.lock().expect("events lock is never poisoned");
+        let mut pods = lock(&self.pods);
         pods.retain(|uid, _| keep(uid));
     }
 }
@@ -273,23 +275,29 @@ impl NetworkStatusBoard {
     }
 
     pub fn set(&self, uid: &str, status: Vec<NetworkStatus>) {
-        let mut p = self.pods.lock().expect("status lock is never poisoned");
+        let mut p = lock(&self.pods);
         p.insert(uid.to_owned(), status);
     }
 
     pub fn get(&self, uid: &str) -> Option<Vec<NetworkStatus>> {
-        let p = self.pods.lock().expect("status lock is never poisoned");
+        let p = lock(&self.pods);
         p.get(uid).cloned()
     }
 
     /// The annotation value (a JSON list), as Multus writes it.
     pub fn annotation(&self, uid: &str) -> Option<String> {
         self.get(uid)
-            .map(|s| serde_json::to_string(&s).expect("statuses serialise"))
+            .and_then(|s| match serde_json::to_string(&s) {
+                Ok(text) => Some(text),
+                Err(error) => {
+                    tracing::warn!(pod_uid = %uid, %error, "cannot encode the network-status annotation");
+                    None
+                }
+            })
     }
 
     pub fn remove(&self, uid: &str) {
-        let mut p = self.pods.lock().expect("status lock is never poisoned");
+        let mut p = lock(&self.pods);
         p.remove(uid);
     }
 }

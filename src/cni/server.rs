@@ -169,7 +169,13 @@ async fn handle_connection<E: PluginExec>(mut stream: UnixStream, handler: Arc<C
             error: Some(error),
         },
     };
-    let body = serde_json::to_vec(&response).expect("responses serialise");
+    let body = serde_json::to_vec(&response).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot encode the cni reply");
+        // Still an answer the plugin understands: a CNI error object.
+        serde_json::json!({"error": {"code": super::exec::codes::IO_FAILURE, "msg": format!("the agent could not encode its reply: {e}")}})
+            .to_string()
+            .into_bytes()
+    });
     // The plugin may have given up already; nothing more to do then.
     let _ = stream.write_all(&body).await;
     let _ = stream.shutdown().await;
@@ -272,7 +278,8 @@ impl<E: PluginExec> CniHandler<E> {
         if info.port_mappings.is_empty() {
             att.capability_args.remove("portMappings");
         } else {
-            let v = serde_json::to_value(&info.port_mappings).expect("port mappings serialise");
+            let v = serde_json::to_value(&info.port_mappings)
+                .map_err(|e| format!("encoding the pod's port mappings: {e}"))?;
             att.capability_args.insert("portMappings".into(), v);
         }
         match podnet::bandwidth_capability(&info.annotations)? {

@@ -45,6 +45,10 @@ pub enum CriError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The gRPC path built for a call is not a valid URI path (a bug: the
+    /// names it is made of are constants).
+    #[error("{op}: invalid gRPC method path {path:?}")]
+    BadPath { op: &'static str, path: String },
     /// The endpoint string is not a `unix://` path.
     #[error("unsupported runtime endpoint {endpoint:?}: only unix:// sockets are supported")]
     BadEndpoint { endpoint: String },

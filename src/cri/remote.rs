@@ -119,7 +119,8 @@ impl RemoteRuntime {
             Service::Image => (self.image.clone(), "ImageService"),
         };
         let path = format!("/{}.{}/{}", self.api.package(), service_name, method);
-        let path = PathAndQuery::try_from(path).expect("static CRI method path is valid");
+        let path = PathAndQuery::try_from(path.as_str())
+            .map_err(|_| CriError::BadPath { op: method, path })?;
         let fut = async move {
             grpc.ready()
                 .await

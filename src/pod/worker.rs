@@ -819,4 +819,27 @@ spec:
         );
         assert_eq!(rt.sandboxes().len(), 1);
     }
+
+    /// A plan that asks to build a pod no source wants fails the step (and
+    /// is retried); it does not panic the worker.
+    #[tokio::test]
+    async fn building_an_unwanted_pod_is_an_error_not_a_panic() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), None);
+        let start = Action::StartContainer {
+            sandbox_id: "sb1".into(),
+            name: "app".into(),
+            init: false,
+            restart_count: 0,
+        };
+        for action in [Action::CreateSandbox { attempt: 0 }, start] {
+            let err = w
+                .act(&action, None, &Observed::default())
+                .await
+                .unwrap_err();
+            assert!(matches!(err, StepError::NotDesired(_)), "{err:?}");
+        }
+        assert!(rt.sandboxes().is_empty() && rt.containers().is_empty());
+    }
 }
