@@ -53,6 +53,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// A node-wide task ended before the agent was told to stop.
+    #[error("{cause}")]
+    TaskDied { cause: String },
 }
 
 /// Answers the CNI server's questions (host ports, network annotations)
@@ -336,11 +339,95 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         });
     }
     info!(node = %cfg.node_name, "minilet started");
-    Manager::new(shared, cfg.max_pods as usize, cancel.clone())
-        .run(snap_rx, RELIST_PERIOD)
-        .await;
-    cancel.cancel();
-    while tasks.join_next().await.is_some() {}
+    let manager =
+        Manager::new(shared, cfg.max_pods as usize, cancel.clone()).run(snap_rx, RELIST_PERIOD);
+    let died = supervise(manager, &mut tasks, &cancel).await;
     info!("minilet stopped; pods keep running");
-    Ok(())
+    match died {
+        Some(cause) => Err(AgentError::TaskDied { cause }),
+        None => Ok(()),
+    }
+}
+
+/// Run `manager` beside the node-wide `tasks` (sources, CNI server, control
+/// socket, CNI GC) until `cancel`. Those tasks end only when cancelled: one
+/// that ends before (a panic in it) leaves the node without, say, its CNI
+/// server, which a restart of the agent fixes and nothing less would. So it
+/// stops the agent, pods kept running, with the cause; a supervisor
+/// (systemd, the container runtime) starts it again and it adopts them. A
+/// pod's own worker dying is the manager's business, not this.
+async fn supervise(
+    manager: impl std::future::Future<Output = ()>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    cancel: &CancellationToken,
+) -> Option<String> {
+    let mut manager = std::pin::pin!(manager);
+    let mut manager_done = false;
+    let died = loop {
+        tokio::select! {
+            () = &mut manager => {
+                manager_done = true;
+                break None;
+            }
+            Some(done) = tasks.join_next() => {
+                if cancel.is_cancelled() {
+                    // Ending because the agent stops.
+                    continue;
+                }
+                break Some(match done {
+                    Err(e) if e.is_panic() => "a node-wide agent task panicked".to_string(),
+                    Err(_) => "a node-wide agent task was aborted".to_string(),
+                    Ok(()) => "a node-wide agent task ended".to_string(),
+                });
+            }
+        }
+    };
+    if let Some(cause) = &died {
+        error!(%cause, "stopping the agent (pods keep running); restart it to recover");
+    }
+    cancel.cancel();
+    if !manager_done {
+        manager.await;
+    }
+    while tasks.join_next().await.is_some() {}
+    died
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_node_wide_task_that_panics_stops_the_agent_cleanly() {
+        let cancel = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let c = cancel.clone();
+        tasks.spawn(async move { c.cancelled().await });
+        tasks.spawn(async { panic!("boom") });
+        let c = cancel.clone();
+        let manager = async move { c.cancelled().await };
+        let died = tokio::time::timeout(
+            Duration::from_secs(10),
+            supervise(manager, &mut tasks, &cancel),
+        )
+        .await
+        .expect("the death stops the agent");
+        assert_eq!(died.as_deref(), Some("a node-wide agent task panicked"));
+        assert!(cancel.is_cancelled() && tasks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_agent_is_not_a_death() {
+        let cancel = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..3 {
+            let c = cancel.clone();
+            tasks.spawn(async move { c.cancelled().await });
+        }
+        let c = cancel.clone();
+        let manager = async move { c.cancelled().await };
+        cancel.cancel();
+        assert_eq!(supervise(manager, &mut tasks, &cancel).await, None);
+        assert!(tasks.is_empty());
+    }
 }
