@@ -1068,9 +1068,11 @@ spec:
             "the fourth crash waits 40 s"
         );
 
-        // Running again: lastState is the attempt before, read from the
-        // runtime (this worker never saw it run).
-        w2.step(Some(&d)).await.unwrap();
+        // Running again (and this time for good): lastState is the attempt
+        // before, read from the runtime (this worker never saw it run), and
+        // the garbage rule keeps it there.
+        rt.exit_after("app", Duration::from_secs(3600), 1);
+        simulate(&mut w2, Some(&d), Duration::from_secs(30), RELIST, || false).await;
         let st = app_status(&w2);
         assert_eq!(st.restart_count, 4);
         assert!(st.state.as_ref().unwrap().running.is_some());
