@@ -62,6 +62,8 @@ struct State {
     /// Container names whose process survives StopContainer (which still
     /// answers OK), as an unkillable process or a lagging runtime does.
     ignore_stop: HashSet<String>,
+    /// Sandboxes stop being ready this long after they were made.
+    sandbox_dies_after: Option<Duration>,
     /// Each mutating call takes this long (tokio time).
     latency: Duration,
     in_flight: usize,
@@ -76,6 +78,13 @@ impl State {
     /// Processes scripted with `exit_after` that are due by `now` exit, at
     /// the time they were due.
     fn apply_exits(&mut self, now: i64) {
+        if let Some(after) = self.sandbox_dies_after {
+            for sb in self.sandboxes.iter_mut() {
+                if sb.created_at + after.as_nanos() as i64 <= now {
+                    sb.state = api::PodSandboxState::SandboxNotready as i32;
+                }
+            }
+        }
         for (c, _) in self.containers.iter_mut() {
             let name = c.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or("");
             let Some(&(after, code)) = self.exit_after.get(name) else {
@@ -182,6 +191,11 @@ impl FakeRuntime {
             .unwrap()
             .exit_after
             .insert(name.into(), (after, code));
+    }
+    /// Every sandbox stops being ready `after` it was made (its pause
+    /// process dies), as a broken network or runtime handler does.
+    pub fn sandboxes_die_after(&self, after: Duration) {
+        self.state.lock().unwrap().sandbox_dies_after = Some(after);
     }
     /// StopContainer answers OK for containers named `name` but leaves them running.
     pub fn ignore_stop(&self, name: &str) {

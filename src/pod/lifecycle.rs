@@ -280,8 +280,16 @@ impl Memory {
         self.ops.contains_key(&(op, id.to_string()))
     }
     /// Forget the backoffs of calls whose object left the state they act
-    /// on: a stopped container, a removed one, a stopped sandbox…
-    pub fn forget_settled(&mut self, obs: &Observed) {
+    /// on (a stopped container, a removed one, a stopped sandbox…), and the
+    /// sandbox backoff once a sandbox has stayed ready as long as its cap.
+    pub fn forget_settled(&mut self, obs: &Observed, now: i64) {
+        if obs
+            .sandboxes
+            .iter()
+            .any(|s| s.ready && now - s.created_at >= ns(SANDBOX_BACKOFF.max))
+        {
+            self.sandbox_backoff = None;
+        }
         let container = |id: &str| obs.containers.iter().find(|c| c.id == id);
         let sandbox = |id: &str| obs.sandboxes.iter().find(|s| s.id == id);
         self.ops.retain(|(op, id), _| match op {
@@ -1251,7 +1259,7 @@ mod tests {
         // Stopped at last: the memory of it goes.
         let mut stopped = obs.clone();
         stopped.containers[0].state = CState::Exited;
-        mem.forget_settled(&stopped);
+        mem.forget_settled(&stopped, 12 * S);
         assert!(mem.ops.is_empty());
         // The same for the sandbox.
         mem.attempted(Op::StopSandbox, "s1", 12 * S);

@@ -254,8 +254,8 @@ impl<R: Runtime> Worker<R> {
             self.last_pod = Some(d.pod.clone());
         }
         let obs = self.observe().await?;
-        self.mem.forget_settled(&obs);
         let now = self.now();
+        self.mem.forget_settled(&obs, now);
         if let Some(pod) = desired.map(|d| &d.pod).or(self.last_pod.as_ref()) {
             let mut view = pod.clone();
             view.status = Some(status::compute(
@@ -539,7 +539,16 @@ impl<R: Runtime> Worker<R> {
             Ok(id) => {
                 info!(sandbox = %id, "sandbox ready");
                 self.mem.sandbox_error = None;
-                self.mem.sandbox_backoff = None;
+                // A re-creation counts even when it succeeds: a sandbox that
+                // dies at once is not re-made in a loop. The backoff ends
+                // once a sandbox has lived (`Memory::forget_settled`).
+                self.mem.sandbox_backoff = (attempt > 0).then(|| {
+                    Backoff::after(
+                        self.mem.sandbox_backoff,
+                        lifecycle::SANDBOX_BACKOFF,
+                        self.now(),
+                    )
+                });
             }
             Err(e) => {
                 let msg = crate::error_chain(&e);
@@ -1274,5 +1283,23 @@ spec:
         let now = rt.containers();
         assert_eq!(now.len(), 1);
         assert_eq!(now[0].state, api::ContainerState::ContainerRunning as i32);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sandbox_that_dies_at_once_is_not_remade_in_a_loop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        rt.sandboxes_die_after(Duration::ZERO);
+        let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        simulate(&mut w, Some(&d), Duration::from_secs(60), RELIST, || false).await;
+        assert_eq!(
+            gaps_secs(&times(&rt, "RunPodSandbox")),
+            vec![0, 1, 2, 4, 8, 16]
+        );
+        // Once sandboxes live, the backoff is forgotten.
+        rt.sandboxes_die_after(Duration::from_secs(3600));
+        simulate(&mut w, Some(&d), Duration::from_secs(120), RELIST, || false).await;
+        assert!(w.mem.sandbox_backoff.is_none());
     }
 }
