@@ -132,6 +132,9 @@ pub struct Worker<R> {
     last_pod: Option<Pod>,
     /// Backoff of failed steps (observe and the like); zero after a good one.
     error_delay: Duration,
+    /// No step before this (clock ns) after a failed one, even when woken:
+    /// wake-ups (relists, manifest rescans) must not shorten the backoff.
+    error_until: i64,
 }
 
 /// What the run loop does after one turn.
@@ -172,6 +175,7 @@ impl<R: Runtime> Worker<R> {
             cache: Cache::default(),
             last_pod: None,
             error_delay: Duration::ZERO,
+            error_until: 0,
         };
         (worker, Handle { desired: tx, wake })
     }
@@ -219,6 +223,10 @@ impl<R: Runtime> Worker<R> {
 
     /// One step, and how long the loop may sleep after it.
     async fn turn(&mut self, desired: Option<&DesiredPod>) -> Next {
+        let left = self.error_until - self.now();
+        if left > 0 {
+            return Next::Sleep(Duration::from_nanos(left as u64));
+        }
         match self.step(desired).await {
             Ok(Some(Action::Finished)) => {
                 info!("pod removed");
@@ -243,6 +251,7 @@ impl<R: Runtime> Worker<R> {
                     Duration::from_secs(30),
                 );
                 warn!(error = %crate::error_chain(&e), retry_in = ?self.error_delay, "pod step failed");
+                self.error_until = self.now() + self.error_delay.as_nanos() as i64;
                 Next::Sleep(self.error_delay)
             }
         }
@@ -1301,5 +1310,22 @@ spec:
         rt.sandboxes_die_after(Duration::from_secs(3600));
         simulate(&mut w, Some(&d), Duration::from_secs(120), RELIST, || false).await;
         assert!(w.mem.sandbox_backoff.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_runtime_is_retried_with_backoff_whatever_wakes_the_worker() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        rt.fail_always("ListContainers", "", "runtime unavailable");
+        let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let often = Some(Duration::from_millis(100));
+        simulate(&mut w, Some(&d), Duration::from_secs(60), often, || false).await;
+        let t = times(&rt, "ListContainers");
+        let gaps_ms: Vec<i64> = t
+            .windows(2)
+            .map(|w| (w[1] - w[0] + S / 2000) / (S / 1000))
+            .collect();
+        assert_eq!(gaps_ms, vec![500, 1000, 2000, 4000, 8000, 16000]);
     }
 }
