@@ -322,6 +322,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         runtime_name: if runtime_name.is_empty() { "cri".into() } else { runtime_name },
         sync_frequency: cfg.sync_frequency,
         sandbox_slots: tokio::sync::Semaphore::new(crate::pod::worker::PARALLEL_SANDBOXES),
+        clock: Arc::new(crate::clock::SystemClock),
     });
     check_adopted(&*shared.runtime, &runner, &board, &cfg.node_name).await;
     {

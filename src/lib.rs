@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod cni;
 pub mod config;
 pub mod control;

@@ -131,7 +131,8 @@ impl Readiness {
             && s.pending.is_empty()
         {
             s.status.ready = true;
-            s.status.ready_since = crate::status::time(crate::status::now_ns());
+            s.status.ready_since =
+                crate::status::time(crate::clock::Clock::now_ns(&crate::clock::SystemClock));
             tracing::info!(
                 adopted = s.status.first_relist_pods.len(),
                 "minilet ready: runtime connected, sources synced, first relist reconciled"

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cni::observe::{CniEvent, CniEvents, CniMetrics, NetworkStatusBoard};
 use crate::locks::{read, write};
-use crate::pod::lifecycle::{self, CState, ContainerObs, Memory, Observed};
+use crate::pod::lifecycle::{self, CState, ContainerObs, Memory, Observed, RestartPolicy};
 use crate::readiness::{AgentStatus, Readiness};
 use crate::source::SourceError;
 
@@ -27,13 +27,6 @@ pub fn time(ns: i64) -> Option<Time> {
         .then(|| jiff::Timestamp::from_nanosecond(i128::from(ns)).ok())
         .flatten()
         .map(Time)
-}
-
-/// Wall clock now, in CRI's unit (ns since the epoch).
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 fn qos_class(pod: &Pod) -> &'static str {
@@ -109,7 +102,13 @@ fn container_status(cx: &Ctx, c: &Container, init: bool, default_waiting: &str) 
         .collect();
     instances.sort_by_key(|o| std::cmp::Reverse((o.created_at, o.restart_count)));
     let latest = instances.first().copied();
-    let previous = instances.get(1).copied();
+    // lastState: the newest dead instance before the latest (plan's garbage
+    // rule keeps it in the runtime, so it survives an agent restart).
+    let previous = instances
+        .iter()
+        .skip(1)
+        .find(|o| o.state == CState::Exited)
+        .copied();
     let waiting = |reason: String, message: Option<String>| ContainerState {
         waiting: Some(ContainerStateWaiting {
             reason: Some(reason),
@@ -126,28 +125,20 @@ fn container_status(cx: &Ctx, c: &Container, init: bool, default_waiting: &str) 
                 }),
                 ..Default::default()
             },
-            previous
-                .filter(|p| p.state == CState::Exited)
-                .map(|p| ContainerState {
-                    terminated: Some(terminated(p, cx.runtime)),
-                    ..Default::default()
-                }),
+            previous.map(|p| ContainerState {
+                terminated: Some(terminated(p, cx.runtime)),
+                ..Default::default()
+            }),
         ),
         Some(o) if o.state == CState::Exited => {
             let term = ContainerState {
                 terminated: Some(terminated(o, cx.runtime)),
                 ..Default::default()
             };
-            let policy = cx
-                .pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.restart_policy.as_deref())
-                .unwrap_or("Always");
             // An init container that succeeded is done, whatever the policy.
             let will_restart = !lifecycle::is_terminal(cx.pod, cx.obs)
                 && (!init || o.exit_code != 0)
-                && lifecycle::should_restart(policy, o.exit_code);
+                && RestartPolicy::of(cx.pod).restarts(o.exit_code);
             if let Some(w) = remembered.filter(|_| will_restart) {
                 (
                     waiting(w.reason.clone(), Some(w.message.clone())),
@@ -206,7 +197,7 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>, now: &Option<Time>) -> 
 /// worker remembers.
 pub fn compute(pod: &Pod, obs: &Observed, mem: &Memory, runtime: &str, now: i64) -> PodStatus {
     let s = pod.spec.clone().unwrap_or_default();
-    let policy = s.restart_policy.as_deref().unwrap_or("Always");
+    let policy = RestartPolicy::of(pod);
     let current = lifecycle::current_sandbox(pod, obs);
     let cx = Ctx {
         pod,
@@ -222,15 +213,7 @@ pub fn compute(pod: &Pod, obs: &Observed, mem: &Memory, runtime: &str, now: i64)
         .flatten()
         .map(|c| container_status(&cx, c, true, "PodInitializing"))
         .collect();
-    let inits_done = inits.iter().all(|st| {
-        st.state
-            .as_ref()
-            .and_then(|s| s.terminated.as_ref())
-            .is_some_and(|t| t.exit_code == 0)
-    }) || s
-        .containers
-        .iter()
-        .any(|c| obs.latest(&c.name, false).is_some());
+    let inits_done = lifecycle::initialised(pod, obs, None);
     let app_default = if inits_done {
         "ContainerCreating"
     } else {
@@ -242,11 +225,7 @@ pub fn compute(pod: &Pod, obs: &Observed, mem: &Memory, runtime: &str, now: i64)
         .map(|c| container_status(&cx, c, false, app_default))
         .collect();
 
-    let init_failed = policy == "Never"
-        && s.init_containers.iter().flatten().any(|c| {
-            obs.latest(&c.name, true)
-                .is_some_and(|o| o.state == CState::Exited && o.exit_code != 0)
-        });
+    let init_failed = lifecycle::init_failed(pod, obs);
     // kubelet's getPhase over the app containers' latest instances.
     let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
     for c in &s.containers {
@@ -269,10 +248,10 @@ pub fn compute(pod: &Pod, obs: &Observed, mem: &Memory, runtime: &str, now: i64)
         "Running"
     } else if stopped > 0 {
         match policy {
-            "Always" => "Running",
+            RestartPolicy::Always => "Running",
             _ if stopped == succeeded => "Succeeded",
-            "Never" => "Failed",
-            _ => "Running",
+            RestartPolicy::Never => "Failed",
+            RestartPolicy::OnFailure => "Running",
         }
     } else {
         "Pending"
@@ -443,7 +422,6 @@ mod tests {
     use super::*;
     use crate::pod::lifecycle::SandboxObs;
     use crate::pod::spec;
-    use std::time::Duration;
 
     const S: i64 = 1_000_000_000;
 
@@ -573,8 +551,8 @@ mod tests {
         use CState::*;
         let p = pod("Always");
         let o = obs(&p, &[("i", true, Exited, 0, 0), ("a", false, Exited, 1, 2)]);
-        let mut mem = Memory::default();
-        mem.crash_delay.insert("a".into(), Duration::from_secs(20));
+        // Restart count 2: the third crash of its series waits 20 s.
+        let mem = Memory::default();
         let st = compute(&p, &o, &mem, "containerd", 5 * S);
         let a = &st.container_statuses.as_ref().unwrap()[0];
         let w = a.state.as_ref().unwrap().waiting.as_ref().unwrap();

@@ -5,6 +5,7 @@
 
 mod cni;
 mod harness;
+mod lifecycle;
 
 use std::time::Duration;
 

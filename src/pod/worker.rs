@@ -15,14 +15,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::lifecycle::{
-    self, Action, CState, ContainerObs, Memory, Observed, SandboxObs, Waiting, next_delay,
+    self, Action, Backoff, CState, ContainerObs, Memory, Observed, Op, PullPolicy, SandboxObs,
+    Waiting, next_delay,
 };
 use super::spec::{self, Downward, HostContext};
+use crate::clock::Clock;
 use crate::cri::{CriError, Labels, Runtime, api};
 use crate::labels;
 use crate::source::DesiredPod;
 use crate::status::{self, Board};
 use crate::volume;
+use futures::StreamExt;
 
 /// What every worker shares: the runtime, host facts, the status board.
 pub struct Shared<R> {
@@ -39,6 +42,8 @@ pub struct Shared<R> {
     /// is the heavy call; a burst of pods on a small node finishes sooner,
     /// and each pod much sooner, when a few run at a time instead of all.
     pub sandbox_slots: tokio::sync::Semaphore,
+    /// "Now" for every lifecycle decision (the runtime's timestamps are wall time).
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Where a pod's network attachments are reported (Multus' convention).
@@ -47,11 +52,25 @@ pub const NETWORK_STATUS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/network-status";
 /// Default size of `Shared::sandbox_slots`.
 pub const PARALLEL_SANDBOXES: usize = 4;
 
+/// CRI calls one pod makes at once when it acts on many containers (stops,
+/// removals). containerd's runc shim v2 serves all containers of a sandbox
+/// from one shim process, so a pod's calls all queue on that one shim:
+/// 1,000 StopContainer at once wedged containerd 1.6's. Eight keeps a pod
+/// with an ordinary handful of containers fully parallel (each gets its
+/// whole grace period at once, as kubelet gives it) while a very wide pod
+/// streams through its shim eight at a time; the price is that a wide pod
+/// whose containers all ignore SIGTERM takes ceil(n/8) grace periods.
+pub const POD_CRI_CALLS: usize = 8;
+
 #[cfg(test)]
-impl<R> Shared<R> {
-    /// A node "n1" with logs and pod dirs under `dir`.
-    pub(crate) fn for_tests(runtime: Arc<R>, dir: &std::path::Path) -> Self {
+impl Shared<crate::cri::fake::FakeRuntime> {
+    /// A node "n1" with logs and pod dirs under `dir`, on the fake's clock.
+    pub(crate) fn for_tests(
+        runtime: Arc<crate::cri::fake::FakeRuntime>,
+        dir: &std::path::Path,
+    ) -> Self {
         Shared {
+            clock: runtime.clock(),
             runtime,
             host: HostContext {
                 node_name: "n1".into(),
@@ -118,6 +137,22 @@ pub struct Worker<R> {
     cache: Cache,
     /// The last desired pod, kept to report status while terminating.
     last_pod: Option<Pod>,
+    /// Backoff of failed steps (observe and the like); zero after a good one.
+    error_delay: Duration,
+    /// No step before this (clock ns) after a failed one, even when woken:
+    /// wake-ups (relists, manifest rescans) must not shorten the backoff.
+    error_until: i64,
+}
+
+/// What the run loop does after one turn.
+#[derive(Debug, PartialEq)]
+enum Next {
+    /// The pod is gone: the worker ends.
+    Finished,
+    /// Something was done: look again at once.
+    Again,
+    /// Nothing to do before this long, unless something changes.
+    Sleep(Duration),
 }
 
 fn find_container<'a>(pod: &'a Pod, name: &str, init: bool) -> Option<&'a Container> {
@@ -146,6 +181,8 @@ impl<R: Runtime> Worker<R> {
             mem: Memory::default(),
             cache: Cache::default(),
             last_pod: None,
+            error_delay: Duration::ZERO,
+            error_until: 0,
         };
         (worker, Handle { desired: tx, wake })
     }
@@ -168,37 +205,13 @@ impl<R: Runtime> Worker<R> {
         };
         let span = info_span!("pod", pod = %name, uid = %self.uid);
         async move {
-            let mut error_delay = Duration::ZERO;
             loop {
                 let desired = self.desired.borrow_and_update().clone();
-                let step = self.step(desired.as_deref()).await;
-                // Reconciled once since the agent started (readiness).
-                self.shared.board.readiness.worker_synced(&self.uid);
-                let until = match step {
-                    Ok(Some(Action::Finished)) => {
-                        info!("pod removed");
-                        self.shared.board.remove_pod(&self.uid);
-                        return;
-                    }
-                    Ok(Some(Action::Wait { until })) => {
-                        error_delay = Duration::ZERO;
-                        until.map(|u| Duration::from_nanos((u - status::now_ns()).max(0) as u64))
-                    }
-                    Ok(_) => {
-                        error_delay = Duration::ZERO;
-                        continue;
-                    }
-                    Err(e) => {
-                        error_delay = next_delay(
-                            error_delay,
-                            Duration::from_millis(500),
-                            Duration::from_secs(30),
-                        );
-                        warn!(error = %crate::error_chain(&e), retry_in = ?error_delay, "pod step failed");
-                        Some(error_delay)
-                    }
+                let sleep = match self.turn(desired.as_deref()).await {
+                    Next::Finished => return,
+                    Next::Again => continue,
+                    Next::Sleep(d) => d,
                 };
-                let sleep = until.unwrap_or(self.shared.sync_frequency);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = self.desired.changed() => {}
@@ -211,13 +224,57 @@ impl<R: Runtime> Worker<R> {
         .await
     }
 
+    fn now(&self) -> i64 {
+        self.shared.clock.now_ns()
+    }
+
+    /// One step, and how long the loop may sleep after it.
+    async fn turn(&mut self, desired: Option<&DesiredPod>) -> Next {
+        let left = self.error_until - self.now();
+        if left > 0 {
+            return Next::Sleep(Duration::from_nanos(left as u64));
+        }
+        let step = self.step(desired).await;
+        // Reconciled once since the agent started (readiness).
+        self.shared.board.readiness.worker_synced(&self.uid);
+        match step {
+            Ok(Some(Action::Finished)) => {
+                info!("pod removed");
+                self.shared.board.remove_pod(&self.uid);
+                Next::Finished
+            }
+            Ok(Some(Action::Wait { until })) => {
+                self.error_delay = Duration::ZERO;
+                let sync = self.shared.sync_frequency;
+                Next::Sleep(until.map_or(sync, |u| {
+                    Duration::from_nanos((u - self.now()).max(0) as u64).min(sync)
+                }))
+            }
+            Ok(_) => {
+                self.error_delay = Duration::ZERO;
+                Next::Again
+            }
+            Err(e) => {
+                self.error_delay = next_delay(
+                    self.error_delay,
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                );
+                warn!(error = %crate::error_chain(&e), retry_in = ?self.error_delay, "pod step failed");
+                self.error_until = self.now() + self.error_delay.as_nanos() as i64;
+                Next::Sleep(self.error_delay)
+            }
+        }
+    }
+
     /// Observe, publish status, plan, act. Returns the action taken.
     async fn step(&mut self, desired: Option<&DesiredPod>) -> Result<Option<Action>, StepError> {
         if let Some(d) = desired.filter(|d| self.last_pod.as_ref() != Some(&d.pod)) {
             self.last_pod = Some(d.pod.clone());
         }
         let obs = self.observe().await?;
-        let now = status::now_ns();
+        let now = self.now();
+        self.mem.forget_settled(&obs, now);
         if let Some(pod) = desired.map(|d| &d.pod).or(self.last_pod.as_ref()) {
             let mut view = pod.clone();
             view.status = Some(status::compute(
@@ -392,10 +449,6 @@ impl<R: Runtime> Worker<R> {
         obs: &Observed,
     ) -> Result<(), StepError> {
         let rt = self.shared.runtime.clone();
-        let ok_if_gone = |r: Result<(), CriError>| match r {
-            Err(e) if !e.is_not_found() => Err(e),
-            _ => Ok(()),
-        };
         match action {
             Action::Wait { .. } => Ok(()),
             Action::Finished => {
@@ -418,27 +471,47 @@ impl<R: Runtime> Worker<R> {
             Action::StopContainers { ids } => {
                 let grace = self.grace_period(desired, obs, ids);
                 info!(?ids, grace, "stopping containers");
-                let stops = ids.iter().map(|id| rt.stop_container(id, grace));
-                for r in futures::future::join_all(stops).await {
-                    ok_if_gone(r)?;
-                }
+                let results = each_bounded(ids, |id| {
+                    let rt = rt.clone();
+                    async move { rt.stop_container(&id, grace).await }
+                })
+                .await;
+                self.attempted(Op::StopContainer, results);
                 Ok(())
             }
             Action::RemoveContainers { ids } => {
                 debug!(?ids, "removing containers");
-                let removes = ids.iter().map(|id| rt.remove_container(id));
-                for r in futures::future::join_all(removes).await {
-                    ok_if_gone(r)?;
-                }
+                let results = each_bounded(ids, |id| {
+                    let rt = rt.clone();
+                    async move { rt.remove_container(&id).await }
+                })
+                .await;
+                self.attempted(Op::RemoveContainer, results);
                 Ok(())
             }
             Action::StopSandbox { id } => {
                 info!(sandbox = %id, "stopping sandbox");
-                Ok(ok_if_gone(rt.stop_pod_sandbox(id).await)?)
+                let r = rt.stop_pod_sandbox(id).await;
+                self.attempted(Op::StopSandbox, vec![(id.clone(), r)]);
+                Ok(())
             }
             Action::RemoveSandbox { id } => {
                 info!(sandbox = %id, "removing sandbox");
-                Ok(ok_if_gone(rt.remove_pod_sandbox(id).await)?)
+                let r = rt.remove_pod_sandbox(id).await;
+                self.attempted(Op::RemoveSandbox, vec![(id.clone(), r)]);
+                Ok(())
+            }
+            Action::StartCreated { id, name } => {
+                info!(container = %name, %id, "starting a container that was created but never started");
+                let r = rt.start_container(id).await;
+                // Counted even when it answers OK: a container still Created
+                // after a start is removed and made afresh, not started again.
+                self.attempted(Op::StartCreated, vec![(id.clone(), Ok(()))]);
+                match r {
+                    Ok(()) => self.started(name),
+                    Err(e) => self.start_failed(name, "RunContainerError", e.message()),
+                }
+                Ok(())
             }
             Action::CreateSandbox { attempt } => {
                 let pod = &desired
@@ -480,19 +553,27 @@ impl<R: Runtime> Worker<R> {
             Ok(id) => {
                 info!(sandbox = %id, "sandbox ready");
                 self.mem.sandbox_error = None;
-                self.mem.sandbox_backoff = None;
+                // A re-creation counts even when it succeeds: a sandbox that
+                // dies at once is not re-made in a loop. The backoff ends
+                // once a sandbox has lived (`Memory::forget_settled`).
+                self.mem.sandbox_backoff = (attempt > 0).then(|| {
+                    Backoff::after(
+                        self.mem.sandbox_backoff,
+                        lifecycle::SANDBOX_BACKOFF,
+                        self.now(),
+                    )
+                });
             }
             Err(e) => {
                 let msg = crate::error_chain(&e);
-                let delay = next_delay(
-                    self.mem.sandbox_backoff.map_or(Duration::ZERO, |(d, _)| d),
-                    lifecycle::SANDBOX_BACKOFF_START,
-                    lifecycle::SANDBOX_BACKOFF_MAX,
+                let b = Backoff::after(
+                    self.mem.sandbox_backoff,
+                    lifecycle::SANDBOX_BACKOFF,
+                    self.now(),
                 );
-                warn!(error = %msg, retry_in = ?delay, "sandbox creation failed");
+                warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
                 self.mem.sandbox_error = Some(msg);
-                self.mem.sandbox_backoff =
-                    Some((delay, status::now_ns() + delay.as_nanos() as i64));
+                self.mem.sandbox_backoff = Some(b);
             }
         }
     }
@@ -503,10 +584,18 @@ impl<R: Runtime> Worker<R> {
         c: &Container,
         sandbox: &api::PodSandboxConfig,
     ) -> Result<(), Waiting> {
-        let image = c.image.clone().unwrap_or_default();
+        let image = lifecycle::pull_key(c).to_string();
+        if image.is_empty() {
+            // kubelet's answer; no runtime call can help, so none is made.
+            return Err(Waiting {
+                reason: "InvalidImageName".into(),
+                message: format!("container {:?} has no image", c.name),
+            });
+        }
         let rt = &self.shared.runtime;
-        let present = match spec::pull_policy(c) {
-            "Always" => false,
+        let policy = PullPolicy::of(c);
+        let present = match policy {
+            PullPolicy::Always => false,
             _ => rt
                 .image_status(&image)
                 .await
@@ -519,7 +608,7 @@ impl<R: Runtime> Worker<R> {
         if present {
             return Ok(());
         }
-        if spec::pull_policy(c) == "Never" {
+        if policy == PullPolicy::Never {
             return Err(Waiting {
                 reason: "ErrImageNeverPull".into(),
                 message: format!(
@@ -556,43 +645,22 @@ impl<R: Runtime> Worker<R> {
         let attempt = sandbox_obs.map_or(0, |s| s.attempt);
         let sandbox_config = spec::sandbox_config(pod, &self.shared.host, attempt);
         if let Err(w) = self.ensure_image(c, &sandbox_config).await {
-            let image = c.image.clone().unwrap_or_default();
-            let (delay, _) = self
-                .mem
-                .pull_backoff
-                .get(&image)
-                .copied()
-                .unwrap_or_default();
-            let delay = next_delay(
-                delay,
-                lifecycle::PULL_BACKOFF_START,
-                lifecycle::PULL_BACKOFF_MAX,
+            let key = lifecycle::pull_key(c).to_string();
+            let b = Backoff::after(
+                self.mem.pull_backoff.get(&key).copied(),
+                lifecycle::PULL_BACKOFF,
+                self.now(),
             );
-            warn!(container = name, reason = %w.reason, error = %w.message, retry_in = ?delay, "image not available");
-            self.mem
-                .pull_backoff
-                .insert(image, (delay, status::now_ns() + delay.as_nanos() as i64));
+            warn!(container = name, reason = %w.reason, error = %w.message, retry_in = ?b.delay, "image not available");
+            self.mem.pull_backoff.insert(key, b);
             self.mem.waiting.insert(name.to_string(), w);
             return Ok(());
         }
-        // Crash backoff bookkeeping: this start is a restart of a dead instance.
+        // Crash backoff bookkeeping: this start is a restart of a dead
+        // instance, in the crash series `plan` will judge the next death by.
         if let Some(prev) = obs.latest(name, init).filter(|p| p.state == CState::Exited) {
-            let ran = Duration::from_nanos(
-                prev.finished_at.saturating_sub(prev.started_at).max(0) as u64
-            );
-            let current = if ran >= lifecycle::CRASH_BACKOFF_RESET {
-                Duration::ZERO
-            } else {
-                self.mem.crash_delay.get(name).copied().unwrap_or_default()
-            };
-            if prev.hash == spec::container_hash(c) {
-                let d = next_delay(
-                    current,
-                    lifecycle::CRASH_BACKOFF_START,
-                    lifecycle::CRASH_BACKOFF_MAX,
-                );
-                self.mem.crash_delay.insert(name.to_string(), d);
-            }
+            let series = lifecycle::series_after_restart(prev, &spec::container_hash(c), &self.mem);
+            self.mem.crash_series.insert(name.to_string(), series);
         }
         let downward = Downward {
             pod_ip: sandbox_obs.map(|s| s.ip.clone()).unwrap_or_default(),
@@ -613,22 +681,20 @@ impl<R: Runtime> Worker<R> {
         let config = match built {
             Ok(config) => config,
             Err(e) => {
-                self.mem.waiting.insert(
-                    name.to_string(),
-                    Waiting {
-                        reason: "CreateContainerConfigError".into(),
-                        message: crate::error_chain(&e),
-                    },
-                );
-                return Err(e);
+                self.start_failed(name, "CreateContainerConfigError", crate::error_chain(&e));
+                return Ok(());
             }
         };
         let log_dir = std::path::Path::new(&sandbox_config.log_directory).join(name);
-        std::fs::create_dir_all(&log_dir).map_err(|source| StepError::Io {
-            what: "create log directory",
-            path: log_dir,
-            source,
-        })?;
+        if let Err(source) = std::fs::create_dir_all(&log_dir) {
+            let e = StepError::Io {
+                what: "create log directory",
+                path: log_dir,
+                source,
+            };
+            self.start_failed(name, "CreateContainerError", crate::error_chain(&e));
+            return Ok(());
+        }
         info!(container = name, init, restart_count, "starting container");
         let rt = &self.shared.runtime;
         let id = match rt
@@ -637,29 +703,76 @@ impl<R: Runtime> Worker<R> {
         {
             Ok(id) => id,
             Err(e) => {
-                self.mem.waiting.insert(
-                    name.to_string(),
-                    Waiting {
-                        reason: "CreateContainerError".into(),
-                        message: e.message(),
-                    },
-                );
-                return Err(e.into());
+                self.start_failed(name, "CreateContainerError", e.message());
+                return Ok(());
             }
         };
         if let Err(e) = rt.start_container(&id).await {
-            self.mem.waiting.insert(
-                name.to_string(),
-                Waiting {
-                    reason: "RunContainerError".into(),
-                    message: e.message(),
-                },
-            );
-            return Err(e.into());
+            // The container stays Created: `plan` removes it rather than
+            // adopting it, since its start already failed.
+            let now = self.now();
+            self.mem.attempted(Op::StartCreated, &id, now);
+            self.start_failed(name, "RunContainerError", e.message());
+            return Ok(());
         }
-        self.mem.waiting.remove(name);
+        self.started(name);
         Ok(())
     }
+
+    /// A container started: its waiting reason and start backoff are over.
+    fn started(&mut self, name: &str) {
+        self.mem.waiting.remove(name);
+        self.mem.start_backoff.remove(name);
+    }
+
+    /// Creating or starting a container failed: remember why (its waiting
+    /// reason) and when to try again. Logged here, once.
+    fn start_failed(&mut self, name: &str, reason: &str, message: String) {
+        let b = Backoff::after(
+            self.mem.start_backoff.get(name).copied(),
+            lifecycle::START_BACKOFF,
+            self.now(),
+        );
+        warn!(container = name, reason, error = %message, retry_in = ?b.delay, "container not started");
+        self.mem.start_backoff.insert(name.to_string(), b);
+        self.mem.waiting.insert(
+            name.to_string(),
+            Waiting {
+                reason: reason.to_string(),
+                message,
+            },
+        );
+    }
+
+    /// Remember an attempt of `op` on each object, so `plan` does not repeat
+    /// it before its backoff; log the failures (NotFound counts as done).
+    fn attempted(&mut self, op: Op, results: Vec<(String, Result<(), CriError>)>) {
+        let now = self.now();
+        for (id, r) in results {
+            let b = self.mem.attempted(op, &id, now);
+            if let Err(e) = &r
+                && !e.is_not_found()
+            {
+                warn!(?op, %id, error = %crate::error_chain(e), retry_in = ?b.delay, "runtime call failed");
+            }
+        }
+    }
+}
+
+/// `call` on each id, at most `POD_CRI_CALLS` at once; results by id.
+async fn each_bounded<F, Fut>(ids: &[String], call: F) -> Vec<(String, Result<(), CriError>)>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), CriError>>,
+{
+    futures::stream::iter(ids.iter().cloned())
+        .map(|id| {
+            let fut = call(id.clone());
+            async move { (id, fut.await) }
+        })
+        .buffer_unordered(POD_CRI_CALLS)
+        .collect()
+        .await
 }
 
 #[cfg(test)]
@@ -756,14 +869,7 @@ spec:
             "{acts:?}"
         );
         let _ = w.step(Some(&d)).await.unwrap();
-        let view = w.shared.board.view("");
-        let cs = &view.pods[0]
-            .status
-            .as_ref()
-            .unwrap()
-            .container_statuses
-            .as_ref()
-            .unwrap()[0];
+        let cs = app_status(&w);
         let waiting = cs.state.as_ref().unwrap().waiting.as_ref().unwrap();
         assert_eq!(waiting.reason.as_deref(), Some("ErrImagePull"));
         assert!(
@@ -841,5 +947,413 @@ spec:
             assert!(matches!(err, StepError::NotDesired(_)), "{err:?}");
         }
         assert!(rt.sandboxes().is_empty() && rt.containers().is_empty());
+    }
+
+    const S: i64 = 1_000_000_000;
+
+    /// One app container, as most tests need.
+    fn app_pod(uid: &str, containers: &str) -> Arc<DesiredPod> {
+        desired(&format!(
+            "metadata: {{name: p-n1, namespace: default, uid: {uid}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers: {containers}\n"
+        ))
+    }
+
+    /// Run the worker's loop (`turn` and its sleeps, as `run` does) on paused
+    /// time until `done` holds or `span` of simulated time has passed. A
+    /// wake-up every `wake` stands for the manager's relist noticing a
+    /// change (and for anything else that interrupts a sleep): a backoff
+    /// must hold against it. Stops after 10,000 turns, so a retry that
+    /// escapes its backoff fails the test instead of hanging it. Returns
+    /// the turns taken.
+    async fn simulate(
+        w: &mut Worker<FakeRuntime>,
+        d: Option<&DesiredPod>,
+        span: Duration,
+        wake: Option<Duration>,
+        done: impl Fn() -> bool,
+    ) -> usize {
+        let end = tokio::time::Instant::now() + span;
+        let mut turns = 0;
+        while tokio::time::Instant::now() < end && turns < 10_000 && !done() {
+            turns += 1;
+            match w.turn(d).await {
+                Next::Finished => break,
+                Next::Again => {}
+                Next::Sleep(s) => {
+                    let left = end - tokio::time::Instant::now();
+                    tokio::time::sleep(wake.map_or(s, |w| s.min(w)).min(left)).await;
+                }
+            }
+        }
+        turns
+    }
+
+    /// Times (ns) of the calls that start with `prefix`.
+    fn times(rt: &FakeRuntime, prefix: &str) -> Vec<i64> {
+        rt.calls_at()
+            .into_iter()
+            .filter(|(_, c)| c.starts_with(prefix))
+            .map(|(t, _)| t)
+            .collect()
+    }
+
+    /// Whole seconds between successive times (the fake's stamps differ
+    /// from the clock by nanoseconds).
+    fn gaps_secs(t: &[i64]) -> Vec<i64> {
+        t.windows(2).map(|w| (w[1] - w[0] + S / 2) / S).collect()
+    }
+
+    fn app_status(w: &Worker<FakeRuntime>) -> k8s_openapi::api::core::v1::ContainerStatus {
+        let view = w.shared.board.view("");
+        view.pods[0]
+            .status
+            .as_ref()
+            .unwrap()
+            .container_statuses
+            .as_ref()
+            .unwrap()[0]
+            .clone()
+    }
+
+    const RELIST: Option<Duration> = Some(Duration::from_secs(1));
+
+    #[tokio::test(start_paused = true)]
+    async fn crash_loop_backs_off_10_20_40_to_300_and_resets_after_ten_clean_minutes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        rt.exit_after("app", Duration::from_secs(1), 1);
+        let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let starts = || rt.count("StartContainer");
+        simulate(&mut w, Some(&d), Duration::from_secs(3600), RELIST, || {
+            starts() >= 9
+        })
+        .await;
+        // Each instance ran 1 s; the rest of each gap is the backoff. The
+        // first restart is immediate: at the next wake-up (relist), <= 1 s.
+        let waits: Vec<i64> = gaps_secs(&times(&rt, "StartContainer"))
+            .iter()
+            .map(|g| g - 1)
+            .collect();
+        assert!(waits[0] <= 1, "{waits:?}");
+        assert_eq!(waits[1..], [10, 20, 40, 80, 160, 300, 300]);
+        w.step(Some(&d)).await.unwrap();
+        let st = app_status(&w);
+        assert_eq!(st.restart_count, 8);
+
+        // The ninth instance (just started) runs eleven minutes clean: the
+        // backoff resets, its crash restarts at once, the next waits 10 s.
+        rt.exit_after("app", Duration::from_secs(660), 1);
+        simulate(&mut w, Some(&d), Duration::from_secs(3600), RELIST, || {
+            starts() >= 10
+        })
+        .await;
+        rt.exit_after("app", Duration::from_secs(1), 1);
+        simulate(&mut w, Some(&d), Duration::from_secs(3600), RELIST, || {
+            starts() >= 12
+        })
+        .await;
+        let t = times(&rt, "StartContainer");
+        let waits: Vec<i64> = gaps_secs(&t[8..])
+            .iter()
+            .zip([660, 1, 1])
+            .map(|(g, ran)| g - ran)
+            .collect();
+        assert!(waits[0] <= 1, "{waits:?}");
+        assert_eq!(waits[1..], [10, 20]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_agent_keeps_the_crash_loop_backoff_and_the_last_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        rt.exit_after("app", Duration::from_secs(1), 1);
+        let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        // Restart count 3 started, then crashed.
+        simulate(&mut w, Some(&d), Duration::from_secs(3600), RELIST, || {
+            rt.count("StartContainer") >= 4
+        })
+        .await;
+        simulate(&mut w, Some(&d), Duration::from_secs(2), RELIST, || false).await;
+        drop(w);
+        let crashed = rt
+            .containers()
+            .into_iter()
+            .filter(|c| c.annotations[crate::labels::CONTAINER_RESTART_COUNT] == "3")
+            .map(|c| (c.state, c.finished_at))
+            .next()
+            .unwrap();
+        assert_eq!(crashed.0, api::ContainerState::ContainerExited as i32);
+
+        // A new agent: empty memory, the runtime's records only.
+        let (mut w2, _h2) =
+            Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        rt.clear_calls();
+        simulate(&mut w2, Some(&d), Duration::from_secs(5), RELIST, || false).await;
+        assert_eq!(rt.count("StartContainer"), 0, "{:?}", rt.calls());
+        let st = app_status(&w2);
+        let waiting = st.state.as_ref().unwrap().waiting.as_ref().unwrap();
+        assert_eq!(waiting.reason.as_deref(), Some("CrashLoopBackOff"));
+        assert!(
+            waiting
+                .message
+                .as_deref()
+                .unwrap()
+                .starts_with("back-off 40s"),
+            "{waiting:?}"
+        );
+        simulate(&mut w2, Some(&d), Duration::from_secs(120), RELIST, || {
+            rt.count("StartContainer") >= 1
+        })
+        .await;
+        let restarted = times(&rt, "StartContainer")[0];
+        assert_eq!(
+            (restarted - crashed.1) / S,
+            40,
+            "the fourth crash waits 40 s"
+        );
+
+        // Running again (and this time for good): lastState is the attempt
+        // before, read from the runtime (this worker never saw it run), and
+        // the garbage rule keeps it there.
+        rt.exit_after("app", Duration::from_secs(3600), 1);
+        simulate(&mut w2, Some(&d), Duration::from_secs(30), RELIST, || false).await;
+        let st = app_status(&w2);
+        assert_eq!(st.restart_count, 4);
+        assert!(st.state.as_ref().unwrap().running.is_some());
+        let last = st.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
+        assert_eq!(last.exit_code, 1);
+        assert_eq!(last.reason.as_deref(), Some("Error"));
+        assert_eq!(last.finished_at, status::time(crashed.1));
+        assert!(last.started_at.is_some() && last.container_id.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_without_an_image_is_not_retried_in_a_loop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::new());
+        let d = app_pod("u1", "[{name: app}]");
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let turns = simulate(&mut w, Some(&d), Duration::from_secs(600), RELIST, || false).await;
+        // One turn a second (the wake-ups), not a loop.
+        assert!(turns < 700, "{turns} turns in 600 s");
+        assert_eq!(rt.count("PullImage") + rt.count("ImageStatus"), 0);
+        // Attempts at 0, 10, 30, 70, 150, 310 s: the pull backoff.
+        assert_eq!(w.mem.pull_backoff[""].delay, Duration::from_secs(300));
+        let st = app_status(&w);
+        let waiting = st.state.as_ref().unwrap().waiting.as_ref().unwrap();
+        assert_eq!(waiting.reason.as_deref(), Some("InvalidImageName"));
+    }
+
+    /// A running pod "u1" with one app container, then deleted.
+    async fn running_then_deleted(
+        rt: &Arc<FakeRuntime>,
+        tmp: &std::path::Path,
+    ) -> Worker<FakeRuntime> {
+        let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp), Some(d.clone()));
+        simulate(&mut w, Some(&d), Duration::from_secs(5), RELIST, || {
+            rt.count("StartContainer") >= 1
+        })
+        .await;
+        rt.clear_calls();
+        w
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_that_does_not_take_is_repeated_with_backoff() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        rt.ignore_stop("app");
+        let mut w = running_then_deleted(&rt, tmp.path()).await;
+        simulate(&mut w, None, Duration::from_secs(60), RELIST, || false).await;
+        assert_eq!(
+            gaps_secs(&times(&rt, "StopContainer")),
+            vec![1, 2, 4, 8, 16]
+        );
+        assert_eq!(rt.count("StopPodSandbox"), 0, "containers first");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_removals_and_sandbox_stops_back_off() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        rt.fail_always("StopPodSandbox", "", "cni teardown failed");
+        let mut w = running_then_deleted(&rt, tmp.path()).await;
+        simulate(&mut w, None, Duration::from_secs(60), RELIST, || false).await;
+        assert_eq!(
+            gaps_secs(&times(&rt, "StopPodSandbox")),
+            vec![1, 2, 4, 8, 16]
+        );
+
+        rt.clear_faults();
+        rt.fail_always("RemoveContainer", "", "device or resource busy");
+        rt.clear_calls();
+        simulate(&mut w, None, Duration::from_secs(60), RELIST, || false).await;
+        assert_eq!(
+            gaps_secs(&times(&rt, "RemoveContainer")),
+            vec![1, 2, 4, 8, 16]
+        );
+
+        rt.clear_faults();
+        let turns = simulate(&mut w, None, Duration::from_secs(120), RELIST, || false).await;
+        assert!(turns < 120);
+        assert!(rt.sandboxes().is_empty() && rt.containers().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_config_error_backs_off_and_does_not_hold_up_other_containers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:bad", "img:1"]));
+        let d = app_pod(
+            "u1",
+            "[{name: bad, image: \"img:bad\", volumeMounts: [{name: nope, mountPath: /x}]}, {name: good, image: \"img:1\"}]",
+        );
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        simulate(&mut w, Some(&d), Duration::from_secs(60), RELIST, || false).await;
+        assert_eq!(
+            rt.calls()
+                .iter()
+                .filter(|c| *c == "CreateContainer good")
+                .count(),
+            1
+        );
+        // One image check per attempt: at 0, 1, 3, 7, 15, 25 … 55 s.
+        assert_eq!(
+            gaps_secs(&times(&rt, "ImageStatus img:bad")),
+            vec![1, 2, 4, 8, 10, 10, 10, 10]
+        );
+        let bad = app_status(&w);
+        let waiting = bad.state.as_ref().unwrap().waiting.as_ref().unwrap();
+        assert_eq!(
+            waiting.reason.as_deref(),
+            Some("CreateContainerConfigError")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_a_wide_pod_bounds_the_calls_in_flight() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let names: Vec<String> = (0..100)
+            .map(|i| format!("{{name: c{i}, image: \"img:1\"}}"))
+            .collect();
+        let d = app_pod("u1", &format!("[{}]", names.join(", ")));
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        simulate(&mut w, Some(&d), Duration::from_secs(60), RELIST, || {
+            rt.count("StartContainer") >= 100
+        })
+        .await;
+        rt.set_latency(Duration::from_millis(100));
+        simulate(&mut w, None, Duration::from_secs(600), RELIST, || false).await;
+        assert_eq!(rt.count("StopContainer"), 100);
+        assert!(rt.containers().is_empty() && rt.sandboxes().is_empty());
+        assert_eq!(rt.peak_in_flight(), POD_CRI_CALLS, "parallel, but bounded");
+    }
+
+    /// The agent dies between CreateContainer and StartContainer: to the
+    /// runtime that is a Created container that never got its start. Then a
+    /// new agent's worker (empty memory). Returns it and the container's id.
+    async fn created_then_agent_restarted(
+        rt: &Arc<FakeRuntime>,
+        tmp: &std::path::Path,
+        d: &Arc<DesiredPod>,
+    ) -> (Worker<FakeRuntime>, String) {
+        rt.fail_next("StartContainer", "agent killed");
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp), Some(d.clone()));
+        w.step(Some(d)).await.unwrap();
+        w.step(Some(d)).await.unwrap();
+        let made = rt.containers();
+        assert_eq!(made.len(), 1);
+        assert_eq!(made[0].state, api::ContainerState::ContainerCreated as i32);
+        let (w2, _h2) = Worker::new("u1".into(), shared(rt.clone(), tmp), Some(d.clone()));
+        rt.clear_calls();
+        (w2, made[0].id.clone())
+    }
+
+    /// The calls that make, start or remove something.
+    fn changes(rt: &FakeRuntime) -> Vec<String> {
+        rt.calls()
+            .into_iter()
+            .filter(|c| {
+                ["Start", "Remove", "Create", "Run"]
+                    .iter()
+                    .any(|p| c.starts_with(p))
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_created_before_an_agent_restart_is_started_not_duplicated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
+        let (mut w2, made) = created_then_agent_restarted(&rt, tmp.path(), &d).await;
+        simulate(&mut w2, Some(&d), Duration::from_secs(10), RELIST, || false).await;
+        assert_eq!(changes(&rt), vec![format!("StartContainer {made}")]);
+        let now = rt.containers();
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].state, api::ContainerState::ContainerRunning as i32);
+        assert_eq!(app_status(&w2).restart_count, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adopted_container_that_fails_to_start_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
+        let (mut w2, made) = created_then_agent_restarted(&rt, tmp.path(), &d).await;
+        rt.fail_next("StartContainer", "exec format error");
+        simulate(&mut w2, Some(&d), Duration::from_secs(10), RELIST, || false).await;
+        let changes = changes(&rt);
+        assert_eq!(
+            changes,
+            vec![
+                format!("StartContainer {made}"),
+                format!("RemoveContainer {made}"),
+                "CreateContainer app".to_string(),
+                changes.last().cloned().unwrap(),
+            ]
+        );
+        assert!(changes[3].starts_with("StartContainer") && !changes[3].ends_with(&made));
+        let now = rt.containers();
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].state, api::ContainerState::ContainerRunning as i32);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sandbox_that_dies_at_once_is_not_remade_in_a_loop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        rt.sandboxes_die_after(Duration::ZERO);
+        let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        simulate(&mut w, Some(&d), Duration::from_secs(60), RELIST, || false).await;
+        assert_eq!(
+            gaps_secs(&times(&rt, "RunPodSandbox")),
+            vec![0, 1, 2, 4, 8, 16]
+        );
+        // Once sandboxes live, the backoff is forgotten.
+        rt.sandboxes_die_after(Duration::from_secs(3600));
+        simulate(&mut w, Some(&d), Duration::from_secs(120), RELIST, || false).await;
+        assert!(w.mem.sandbox_backoff.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_runtime_is_retried_with_backoff_whatever_wakes_the_worker() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        rt.fail_always("ListContainers", "", "runtime unavailable");
+        let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
+        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let often = Some(Duration::from_millis(100));
+        simulate(&mut w, Some(&d), Duration::from_secs(60), often, || false).await;
+        let t = times(&rt, "ListContainers");
+        let gaps_ms: Vec<i64> = t
+            .windows(2)
+            .map(|w| (w[1] - w[0] + S / 2000) / (S / 1000))
+            .collect();
+        assert_eq!(gaps_ms, vec![500, 1000, 2000, 4000, 8000, 16000]);
     }
 }
