@@ -16,6 +16,7 @@ pub mod socket;
 pub mod source;
 pub mod status;
 pub mod volume;
+pub mod yaml;
 
 /// An error and its causes on one line ("what: cause: cause"), for logs and
 /// for the one-line messages people see.

@@ -5,6 +5,7 @@
 
 mod cni;
 mod harness;
+mod input;
 
 use std::time::Duration;
 
