@@ -445,7 +445,8 @@ pub(crate) mod tests {
             let err = result.expect_err(name);
             assert!(err.is_over_limit(), "{name}: {err}");
             assert!(!err.to_string().contains('\n'), "{name}: {err}");
-            assert!(start.elapsed() < Duration::from_secs(5), "{name}");
+            // Wall time on a loaded machine; the expansion would take minutes.
+            assert!(start.elapsed() < Duration::from_secs(30), "{name}");
             // The text itself is at most 1 MiB; decoding adds little.
             assert!(peak < 16 * 1024 * 1024, "{name}: {peak} bytes held");
             // The streaming reader stops at the same bound.

@@ -1249,7 +1249,9 @@ mod tests {
         let wide = write(dir.path(), "wide.json", &json);
         let start = std::time::Instant::now();
         let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
-        assert!(start.elapsed() < Duration::from_secs(5));
+        // Wall time on a shared, loaded machine: only an unbounded parse
+        // (minutes) fails this.
+        assert!(start.elapsed() < Duration::from_secs(60));
         assert!(s.pods.is_empty());
         assert_eq!(s.errors.len(), 2, "{:?}", s.errors);
         assert_eq!(s.errors[0].file, bomb.display().to_string());
@@ -1319,8 +1321,9 @@ mod tests {
         // Two linear passes (heads, then pods): each document decoded twice,
         // where re-parsing documents 1..i for each i decodes ~2 million.
         assert_eq!(crate::yaml::tests::DECODED.get() - before, 2 * 2000);
-        // Generous for an unoptimised build on a busy machine.
-        assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+        // Generous for an unoptimised build on a loaded machine; the
+        // quadratic parse took minutes here.
+        assert!(elapsed < Duration::from_secs(60), "{elapsed:?}");
     }
 
     #[test]
