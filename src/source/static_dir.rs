@@ -1231,6 +1231,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_manifests_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+        let s = scan_at(&dir, NODE, &Snapshot::default(), t(0));
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert_eq!(s.pods.len(), 3, "{:?}", names(&s));
+    }
+
+    #[test]
     fn an_alias_bomb_or_a_flood_of_nodes_is_one_error() {
         // Nine levels of nine aliases under a field Pod ignores: ~1 KiB of
         // text, 9^9 strings once expanded. Plus the pod in a JSON file
