@@ -61,6 +61,9 @@ impl Limits {
         let mut options = serde_saphyr::Options::default();
         options.budget = Some(budget);
         options.alias_limits.max_total_replayed_events = self.max_alias_events;
+        // Kubernetes reads manifests as YAML 1.1 (go-yaml): `0644` is octal,
+        // as in a volume's defaultMode.
+        options.legacy_octal_numbers = true;
         // One line per error: the position is in `location`.
         options.with_snippet = false;
         options
@@ -453,6 +456,19 @@ pub(crate) mod tests {
             let docs = documents::<Pod>(&text, Limits::OBJECT);
             assert!(matches!(&docs[..], [Err(e)] if e.is_over_limit()), "{name}");
         }
+    }
+
+    #[test]
+    fn leading_zero_numbers_are_octal_as_kubernetes_reads_them() {
+        let text = format!(
+            "{POD}  volumes: [{{name: s, secret: {{secretName: s, defaultMode: 0644}}}}]\n"
+        );
+        let pod: Pod = from_str(&text).unwrap();
+        let volumes = pod.spec.unwrap().volumes.unwrap();
+        assert_eq!(
+            volumes[0].secret.as_ref().unwrap().default_mode,
+            Some(0o644)
+        );
     }
 
     #[test]
