@@ -732,7 +732,7 @@ impl DocKind {
 fn parse_file(path: &Path, text: &str) -> Result<FileSettings, ConfigError> {
     let mut fs = FileSettings::default();
     let mut seen: Vec<(DocKind, usize)> = Vec::new();
-    for (i, document) in yaml::documents::<Document<Value>>(text, Limits::OBJECT)
+    for (i, document) in yaml::documents::<Document<Value>>(text, Limits::OBJECT, 2)
         .into_iter()
         .enumerate()
     {

@@ -177,10 +177,17 @@ pub fn from_str_within<T: DeserializeOwned>(text: &str, limits: Limits) -> Resul
 /// within `limits`. A document of the wrong shape gives an `Err` in its
 /// place and the next ones are still decoded; after a syntax error or a
 /// bound the text cannot be followed, so that `Err` is the last item.
-pub fn documents<T: DeserializeOwned>(text: &str, limits: Limits) -> Vec<Result<T, Error>> {
+/// Reading stops after `max + 1` items, so a caller that finds more than
+/// `max` knows the text has too many documents without holding them all.
+pub fn documents<T: DeserializeOwned>(
+    text: &str,
+    limits: Limits,
+    max: usize,
+) -> Vec<Result<T, Error>> {
     let mut reader = text.as_bytes();
     serde_saphyr::read_with_options::<_, Traced<T>>(&mut reader, limits.options())
         .map(|r| r.map(|t| t.0).map_err(|e| Error::new(&e)))
+        .take(max.saturating_add(1))
         .collect()
 }
 
@@ -453,7 +460,7 @@ pub(crate) mod tests {
             // The text itself is at most 1 MiB; decoding adds little.
             assert!(peak < 16 * 1024 * 1024, "{name}: {peak} bytes held");
             // The streaming reader stops at the same bound.
-            let docs = documents::<Pod>(&text, Limits::OBJECT);
+            let docs = documents::<Pod>(&text, Limits::OBJECT, usize::MAX);
             assert!(matches!(&docs[..], [Err(e)] if e.is_over_limit()), "{name}");
         }
     }
@@ -539,7 +546,7 @@ pub(crate) mod tests {
     fn documents_are_decoded_once_each_and_empty_ones_skipped() {
         let text = "---\n# only a comment\n---\na: b\n---\n- x\n---\nk: v\n";
         let before = DECODED.get();
-        let docs = documents::<Document<Text>>(text, Limits::OBJECT);
+        let docs = documents::<Document<Text>>(text, Limits::OBJECT, usize::MAX);
         assert_eq!(DECODED.get() - before, 3);
         let docs: Vec<_> = docs.into_iter().map(Result::unwrap).collect();
         assert_eq!(docs[0].field("a"), Some("b"));
@@ -547,14 +554,20 @@ pub(crate) mod tests {
         assert_eq!(docs[1], Document::NotAMapping);
         assert_eq!(docs[2].field("k"), Some("v"));
         // A bad shape is reported in place, later documents still come.
-        let docs = documents::<Pod>("metadata: 3\n---\nmetadata: {name: b}\n", Limits::OBJECT);
+        let docs = documents::<Pod>("metadata: 3\n---\nmetadata: {name: b}\n", Limits::OBJECT, 2);
         assert!(docs[0].is_err());
         assert_eq!(
             docs[1].as_ref().unwrap().metadata.name.as_deref(),
             Some("b")
         );
+        // Reading stops one past the most wanted.
+        let three = "a: 1\n---\na: 2\n---\na: 3\n";
+        assert_eq!(
+            documents::<Document<Text>>(three, Limits::OBJECT, 1).len(),
+            2
+        );
         // After a syntax error nothing more can be read.
-        let docs = documents::<Pod>("metadata: [\n---\nmetadata: {}\n", Limits::OBJECT);
+        let docs = documents::<Pod>("metadata: [\n---\nmetadata: {}\n", Limits::OBJECT, 2);
         assert_eq!(docs.len(), 1);
         assert!(docs[0].is_err());
     }

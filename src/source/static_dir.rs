@@ -87,6 +87,10 @@ pub const MAX_MANIFEST_BYTES: u64 = 10 * 1024 * 1024;
 /// 2 KiB), so this bounds the memory a pod takes. Twice the largest pods
 /// tried (a thousand containers).
 pub const MAX_LIST_ITEMS: usize = 2048;
+/// Files with more documents are refused: every pod of a file is held at
+/// once (a few KiB each, from 60 bytes of text), and no node runs more
+/// than a few hundred.
+pub const MAX_DOCUMENTS: usize = 4096;
 /// Larger pods (as JSON) are refused: etcd's default request limit, so no
 /// pod the API server could store is refused.
 pub const MAX_POD_BYTES: usize = 1536 * 1024;
@@ -183,6 +187,9 @@ pub enum ManifestError {
         #[source]
         source: yaml::Error,
     },
+    /// More than [`MAX_DOCUMENTS`] documents (reading stopped there).
+    #[error("more than {limit} documents in one file")]
+    TooManyDocuments { limit: usize },
     /// A list over [`MAX_LIST_ITEMS`] items.
     #[error("document {doc}: a list of {items} items, over the {limit}-item limit")]
     ListTooLong {
@@ -436,7 +443,12 @@ fn parse_yaml(text: &str) -> Result<Vec<(usize, Pod)>, FileError> {
     // known for the message even when an early document is bad, and a
     // Deployment is named as such rather than as a Pod with bad fields; the
     // second decodes the pods, with line/column on type errors.
-    let heads = yaml::documents::<Document<Text>>(text, Limits::OBJECT);
+    let heads = yaml::documents::<Document<Text>>(text, Limits::OBJECT, MAX_DOCUMENTS);
+    if heads.len() > MAX_DOCUMENTS {
+        let limit = MAX_DOCUMENTS;
+        // Counted as one: the true count was not read.
+        return Err((ManifestError::TooManyDocuments { limit }, 1));
+    }
     let n = heads.len();
     let mut checked = Vec::with_capacity(n);
     for (i, head) in heads.into_iter().enumerate() {
@@ -464,7 +476,7 @@ fn parse_yaml(text: &str) -> Result<Vec<(usize, Pod)>, FileError> {
         }
     }
     let mut out = Vec::with_capacity(n);
-    for (i, pod) in yaml::documents::<Pod>(text, Limits::OBJECT)
+    for (i, pod) in yaml::documents::<Pod>(text, Limits::OBJECT, n)
         .into_iter()
         .enumerate()
     {
@@ -1228,6 +1240,16 @@ mod tests {
                 message: "document 1: pod default/bad-node1 is invalid: spec.volumes[0].configMap: Unsupported value: \"configMap\": supported values: \"emptyDir\", \"hostPath\"; spec.containers[0].image: Required value; spec.containers[0].volumeMounts[0].name: Not found: \"data\"; spec.terminationGracePeriodSeconds: Invalid value: -5: must be greater than or equal to 0".into(),
             }]
         );
+    }
+
+    #[test]
+    fn a_file_of_too_many_documents_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = "---\na: b\n";
+        write(dir.path(), "many.yaml", &doc.repeat(MAX_DOCUMENTS + 10));
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        assert_eq!(s.errors.len(), 1);
+        assert_eq!(s.errors[0].message, "more than 4096 documents in one file");
     }
 
     #[test]
