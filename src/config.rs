@@ -21,8 +21,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
+
+use crate::yaml::{self, Document, Limits};
+
+/// Larger config files are refused (a real one is a few KiB); what a
+/// document may expand to is bounded by [`yaml::Limits::OBJECT`].
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// Where the host name is read from when --hostname-override is not given.
 const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
@@ -334,7 +339,12 @@ pub enum ConfigError {
         #[source]
         source: io::Error,
     },
-    /// The file is not valid YAML; `at` is "line L column C" when known.
+    /// The file is over [`MAX_CONFIG_BYTES`]: refused before it is read
+    /// (so `--config /dev/zero` does not read forever).
+    #[error("config file {} is over the {limit}-byte limit", .path.display())]
+    TooLarge { path: PathBuf, limit: u64 },
+    /// The file is not valid YAML, or expands past [`yaml::Limits::OBJECT`]
+    /// (aliases); `at` is "line L column C" when known.
     #[error("config file {}: invalid YAML at {at}: {reason}", .path.display())]
     Yaml {
         path: PathBuf,
@@ -413,7 +423,8 @@ pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
 }
 
 fn read_file(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| match source.kind() {
+    use std::io::Read as _;
+    let read_error = |source: io::Error| match source.kind() {
         io::ErrorKind::NotFound => ConfigError::NotFound {
             path: path.to_path_buf(),
         },
@@ -421,7 +432,19 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
             path: path.to_path_buf(),
             source,
         },
-    })
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+            limit: MAX_CONFIG_BYTES,
+        });
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| read_error(io::Error::new(io::ErrorKind::InvalidData, e.utf8_error())))
 }
 
 fn read_host_name() -> Result<(String, Origin), ConfigError> {
@@ -709,22 +732,27 @@ impl DocKind {
 fn parse_file(path: &Path, text: &str) -> Result<FileSettings, ConfigError> {
     let mut fs = FileSettings::default();
     let mut seen: Vec<(DocKind, usize)> = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, document) in yaml::documents::<Document<Value>>(text, Limits::OBJECT, 2)
+        .into_iter()
+        .enumerate()
+    {
         let doc = i + 1;
-        let value = Value::deserialize(de).map_err(|e| yaml_error(path, doc, &e))?;
-        let map = match value {
-            // An empty document (only comments, or a trailing `---`).
-            Value::Null => continue,
-            Value::Mapping(m) => m,
-            _ => {
+        let map = match document.map_err(|e| yaml_error(path, doc, &e))? {
+            Document::Mapping(entries) => entries,
+            Document::NotAMapping => {
                 return Err(ConfigError::NotAMapping {
                     path: path.to_path_buf(),
                     doc,
                 });
             }
         };
-        let api_version = map.get("apiVersion").and_then(Value::as_str);
-        let kind_name = map.get("kind").and_then(Value::as_str);
+        let get = |k: &str| {
+            map.iter()
+                .find(|(key, _)| key.as_str() == Some(k))
+                .and_then(|(_, v)| v.as_str())
+        };
+        let api_version = get("apiVersion");
+        let kind_name = get("kind");
         let kind = match (api_version, kind_name) {
             (Some(KUBELET_API_VERSION), Some(KUBELET_KIND)) => DocKind::Kubelet,
             (Some(MINILET_API_VERSION), Some(MINILET_KIND)) => DocKind::Minilet,
@@ -763,17 +791,13 @@ fn parse_file(path: &Path, text: &str) -> Result<FileSettings, ConfigError> {
     Ok(fs)
 }
 
-fn yaml_error(path: &Path, doc: usize, e: &serde_yaml::Error) -> ConfigError {
-    let text = e.to_string();
-    // serde_yaml's message carries " at line L column C"; the position goes
-    // in `at` instead, so the line does not say it twice.
-    let (at, reason) = match e.location() {
-        Some(loc) => {
-            let at = format!("line {} column {}", loc.line(), loc.column());
-            (at.clone(), text.replacen(&format!(" at {at}"), "", 1))
-        }
-        None => (format!("document {doc}"), text),
+fn yaml_error(path: &Path, doc: usize, e: &yaml::Error) -> ConfigError {
+    // The position goes in `at`, so the line does not say it twice.
+    let at = match e.location() {
+        Some((line, column)) => format!("line {line} column {column}"),
+        None => format!("document {doc}"),
     };
+    let reason = e.reason().to_string();
     ConfigError::Yaml {
         path: path.to_path_buf(),
         at,
@@ -844,7 +868,7 @@ impl DocCtx<'_> {
     ) -> Result<Option<Setting<Vec<String>>>, ConfigError> {
         match v {
             Value::Null => Ok(None),
-            Value::Sequence(items) => items
+            Value::Array(items) => items
                 .iter()
                 .map(|item| match item {
                     Value::String(s) => Ok(s.clone()),
@@ -946,9 +970,8 @@ fn show(v: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::String(s) => format!("{s:?}"),
-        Value::Sequence(_) => "(a list)".into(),
-        Value::Mapping(_) => "(a mapping)".into(),
-        Value::Tagged(t) => format!("(a value tagged {})", t.tag),
+        Value::Array(_) => "(a list)".into(),
+        Value::Object(_) => "(a mapping)".into(),
     }
 }
 
@@ -1280,13 +1303,13 @@ mod tests {
                 "yaml syntax error with its position",
                 k("maxPods: [1\n"),
                 flags(),
-                format!("{F}: invalid YAML at line 4 column 1: did not find expected ',' or ']', while parsing a flow sequence at line 3 column 10"),
+                format!("{F}: invalid YAML at line 3 column 10: maxPods: unclosed bracket '['"),
             ),
             (
                 "yaml error in a later document",
                 format!("{KUBELET}---\n{MINILET}stateDir: \"/x\n"),
                 flags(),
-                format!("{F}: invalid YAML at line 7 column 1: found unexpected end of stream, while scanning a quoted scalar at line 6 column 11"),
+                format!("{F}: invalid YAML at line 6 column 11: unclosed quote"),
             ),
             (
                 "maxPods zero",
@@ -1512,6 +1535,42 @@ mod tests {
             err.to_string(),
             format!("cannot read config file {}", dir.path().display())
         );
+    }
+
+    #[test]
+    fn a_config_file_gets_the_same_bounds_as_a_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = |config: PathBuf| Flags {
+            config: Some(config),
+            hostname_override: Some("n1".into()),
+            ..flags()
+        };
+        // Over the size limit: refused without reading it all (a FIFO or
+        // /dev/zero would never end).
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, " ".repeat(MAX_CONFIG_BYTES as usize + 1)).unwrap();
+        let err = load(&f(big.clone())).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "config file {} is over the 1048576-byte limit",
+                big.display()
+            )
+        );
+        let err = load(&f("/dev/zero".into())).unwrap_err();
+        assert!(matches!(err, ConfigError::TooLarge { .. }), "{err:?}");
+
+        // An alias bomb: one error, after bounded work.
+        let mut bomb = format!("{KUBELET}clusterDNS: &l0 [a, a, a, a, a, a, a, a, a, a]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*l{}", i - 1); 10].join(", ");
+            bomb.push_str(&format!("x{i}: &l{i} [{refs}]\n"));
+        }
+        let start = std::time::Instant::now();
+        let err = from_text(&flags(), &bomb).unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, ConfigError::Yaml { .. }), "{err:?}");
+        assert!(err.to_string().contains("budget breached"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod socket;
 pub mod source;
 pub mod status;
 pub mod volume;
+pub mod yaml;
 
 // The pod manager restarts a worker task that panicked: tokio catches the
 // unwind and reports it on the task's handle. With panic = "abort" the same

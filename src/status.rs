@@ -426,7 +426,7 @@ mod tests {
     const S: i64 = 1_000_000_000;
 
     fn pod(policy: &str) -> Pod {
-        serde_yaml::from_str(&format!(
+        crate::yaml::from_str(&format!(
             "metadata: {{name: p, namespace: default, uid: u}}\nspec:\n  restartPolicy: {policy}\n  initContainers: [{{name: i, image: x}}]\n  containers: [{{name: a, image: x}}]\n"
         ))
         .unwrap()

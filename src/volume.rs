@@ -40,6 +40,10 @@ pub enum VolumeError {
 
 const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
 
+/// The volume kinds `prepare` sets up, as the API names them; the static
+/// pod source refuses pods with any other kind.
+pub const SUPPORTED_KINDS: &[&str] = &["emptyDir", "hostPath"];
+
 fn io_err(
     volume: &str,
     action: &'static str,
@@ -205,7 +209,7 @@ mod tests {
     use super::*;
 
     fn pod(volumes: &str) -> Pod {
-        serde_yaml::from_str(&format!("spec:\n  containers: []\n  volumes: {volumes}\n")).unwrap()
+        crate::yaml::from_str(&format!("spec:\n  containers: []\n  volumes: {volumes}\n")).unwrap()
     }
 
     #[test]

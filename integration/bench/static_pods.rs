@@ -332,7 +332,7 @@ fn floor_pods(n: usize, image: &str, run: &str) -> Result<Vec<Pod>> {
         .as_millis();
     (0..n)
         .map(|i| {
-            let mut pod: Pod = serde_yaml::from_str(&manifest(i, image))?;
+            let mut pod: Pod = minilet::yaml::from_str(&manifest(i, image))?;
             let name = pod.metadata.name.clone().unwrap_or_default();
             pod.metadata.name = Some(format!("{name}-{FLOOR_NODE}"));
             pod.metadata.uid = Some(format!("floor-{run}-{nonce}-{i:03}"));

@@ -5,6 +5,7 @@
 
 mod cni;
 mod harness;
+mod input;
 mod lifecycle;
 
 use std::time::Duration;

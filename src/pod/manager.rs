@@ -346,7 +346,7 @@ mod tests {
     fn snap(uids: &[&str]) -> Snapshot {
         let mut s = Snapshot::default();
         for uid in uids {
-            let pod = serde_yaml::from_str(&format!(
+            let pod = crate::yaml::from_str(&format!(
                 "metadata: {{name: p-{uid}, namespace: default, uid: {uid}}}\nspec:\n  containers: [{{name: app, image: \"img:1\"}}]\n"
             ))
             .unwrap();

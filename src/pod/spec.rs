@@ -664,7 +664,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{ContainerPort, ResourceRequirements, VolumeMount};
 
     fn pod(yaml: &str) -> Pod {
-        serde_yaml::from_str(yaml).unwrap()
+        crate::yaml::from_str(yaml).unwrap()
     }
 
     fn web() -> Pod {

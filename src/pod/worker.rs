@@ -782,7 +782,7 @@ mod tests {
 
     fn desired(yaml: &str) -> Arc<DesiredPod> {
         Arc::new(DesiredPod {
-            pod: serde_yaml::from_str(yaml).unwrap(),
+            pod: crate::yaml::from_str(yaml).unwrap(),
             source: "test".into(),
         })
     }

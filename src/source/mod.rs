@@ -5,6 +5,7 @@
 //! source a pod came from beyond the `source` string it shows to people.
 
 pub mod static_dir;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

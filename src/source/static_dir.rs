@@ -25,8 +25,22 @@
 //! path and the pod's canonical JSON (as read from the file, before
 //! defaulting). `config.seen` is kept for as long as the hash stays the same.
 //!
+//! Validation, like kubelet's for static pods: every pod is checked as the
+//! API server would check it ([`super::validate`]) before it is published,
+//! so a pod it would refuse never reaches a worker.
+//!
+//! Bounds: a file over [`MAX_MANIFEST_BYTES`] is not read; each document is
+//! parsed within [`Limits::OBJECT`] (aliases expanded count against it, so
+//! an alias bomb is one error after bounded work), its lists hold at most
+//! [`MAX_LIST_ITEMS`] items (checked before it is decoded) and the pod is
+//! at most [`MAX_POD_BYTES`] as JSON. A file is parsed in two linear
+//! passes: the documents' heads (apiVersion, kind, list lengths), then the
+//! pods.
+//!
 //! Bad input: each bad file gives one [`SourceError`] naming the file and the
-//! position (serde's line/column, or the document index). A file is good or
+//! position (line/column, or the document index: the Nth non-empty
+//! document; a leading `---` or a document of only comments is not
+//! counted). A file is good or
 //! bad as a whole; a bad file keeps its *last good version* (its pods from
 //! the previous snapshot), other files are unaffected. A deleted file drops
 //! its pods; an empty file is bad (it is what a truncate-then-write looks
@@ -50,12 +64,12 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Toleration};
 use md5::{Digest, Md5};
 use notify::{EventKind, RecursiveMode, Watcher};
-use serde::Deserialize;
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use super::validate::{self, FieldErrors};
 use super::{DesiredPod, Snapshot, SourceError};
-use crate::config::{is_dns1123_label, is_dns1123_subdomain};
+use crate::yaml::{self, Document, Limits, Text};
 
 /// kubelet's annotation naming the source of a pod (`file` here).
 pub const CONFIG_SOURCE_ANNOTATION: &str = "kubernetes.io/config.source";
@@ -68,6 +82,18 @@ pub const CONFIG_MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// Larger manifests are refused before being read.
 pub const MAX_MANIFEST_BYTES: u64 = 10 * 1024 * 1024;
+/// Longer lists in a pod are refused before the pod is decoded: a list
+/// item can cost a thousand times its text (an empty container, `{}`, is
+/// 2 KiB), so this bounds the memory a pod takes. Twice the largest pods
+/// tried (a thousand containers).
+pub const MAX_LIST_ITEMS: usize = 2048;
+/// Files with more documents are refused: every pod of a file is held at
+/// once (a few KiB each, from 60 bytes of text), and no node runs more
+/// than a few hundred.
+pub const MAX_DOCUMENTS: usize = 4096;
+/// Larger pods (as JSON) are refused: etcd's default request limit, so no
+/// pod the API server could store is refused.
+pub const MAX_POD_BYTES: usize = 1536 * 1024;
 
 /// Quiet time after the last event before rescanning (coalesces the
 /// write/rename bursts of editors).
@@ -108,7 +134,7 @@ pub enum ManifestError {
     Yaml {
         doc: usize,
         #[source]
-        source: serde_yaml::Error,
+        source: yaml::Error,
     },
     /// JSON syntax or type error; the cause carries line and column.
     #[error("invalid JSON")]
@@ -121,6 +147,10 @@ pub enum ManifestError {
     /// writing it must not stop its pods. Deleting the file removes them.
     #[error("no pod in the file (delete the file to remove its pods)")]
     Empty,
+    /// The two passes over a file's text saw different documents (cannot
+    /// happen: both read the same text under the same bounds).
+    #[error("the documents changed between two reads of the same text")]
+    DocumentsChanged,
     /// A document that is not a mapping.
     #[error("document {doc}: not a mapping")]
     NotAMapping { doc: usize },
@@ -136,37 +166,44 @@ pub enum ManifestError {
     InvalidPod {
         doc: usize,
         #[source]
-        source: serde_yaml::Error,
+        source: yaml::Error,
     },
     /// `metadata.name` absent or empty.
     #[error("document {doc}: metadata.name is missing")]
     MissingName { doc: usize },
-    /// `metadata.name` (or `<name>-<node>`) not a DNS-1123 subdomain.
-    #[error("document {doc}: metadata.name {name:?} is invalid: {reason}")]
-    InvalidName {
-        doc: usize,
-        name: String,
-        reason: &'static str,
-    },
-    /// `metadata.namespace` not a DNS-1123 label.
-    #[error("document {doc}: metadata.namespace {namespace:?} is not a DNS-1123 label")]
-    InvalidNamespace { doc: usize, namespace: String },
-    /// `spec.containers` absent or empty.
-    #[error("document {doc}: pod {pod} has no containers")]
-    NoContainers { doc: usize, pod: String },
-    /// A container (or init container) name that is not a DNS-1123 label.
-    #[error("document {doc}: pod {pod}: container name {container:?} is not a DNS-1123 label")]
-    InvalidContainerName {
+    /// Fields the API server would refuse, or that this node cannot run
+    /// (see [`validate`]), all of them on one line.
+    #[error("document {doc}: pod {pod} is invalid: {errors}")]
+    Invalid {
         doc: usize,
         pod: String,
-        container: String,
+        errors: FieldErrors,
     },
-    /// Two containers (init containers included) with one name.
-    #[error("document {doc}: pod {pod}: two containers are named {container:?}")]
-    DuplicateContainer {
+    /// A document that expands (aliases included) past what one pod may
+    /// be ([`Limits::OBJECT`]): refused before it is decoded.
+    #[error("document {doc}: too large once expanded (aliases included)")]
+    OverLimits {
+        doc: usize,
+        #[source]
+        source: yaml::Error,
+    },
+    /// More than [`MAX_DOCUMENTS`] documents (reading stopped there).
+    #[error("more than {limit} documents in one file")]
+    TooManyDocuments { limit: usize },
+    /// A list over [`MAX_LIST_ITEMS`] items.
+    #[error("document {doc}: a list of {items} items, over the {limit}-item limit")]
+    ListTooLong {
+        doc: usize,
+        items: usize,
+        limit: usize,
+    },
+    /// A decoded pod over [`MAX_POD_BYTES`] as JSON.
+    #[error("document {doc}: pod {pod} is {size} bytes as JSON, over the {limit}-byte limit")]
+    PodTooLarge {
         doc: usize,
         pod: String,
-        container: String,
+        size: usize,
+        limit: usize,
     },
     /// The same pod twice in one file.
     #[error("document {doc}: pod {pod} is also document {first}")]
@@ -330,9 +367,7 @@ fn read_manifest(path: &Path) -> Result<Option<Vec<(usize, Pod)>>, FileError> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     if is_json {
-        parse_json(&text)
-            .map(|pod| Some(vec![(1, pod)]))
-            .map_err(|e| (e, 1))
+        parse_json(&text).map(Some)
     } else {
         parse_yaml(&text).map(Some)
     }
@@ -394,53 +429,79 @@ fn read_error(e: io::Error) -> ManifestError {
     }
 }
 
-fn parse_json(text: &str) -> Result<Pod, ManifestError> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|source| ManifestError::Json { source })?;
-    let serde_json::Value::Object(map) = &value else {
-        return Err(ManifestError::NotAMapping { doc: 1 });
-    };
-    let field = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    check_pod_type(1, field("apiVersion"), field("kind"))?;
-    // Parse the text again, not the value, so type errors have positions.
-    serde_json::from_str(text).map_err(|source| ManifestError::Json { source })
+fn parse_json(text: &str) -> Result<Vec<(usize, Pod)>, FileError> {
+    // Syntax first, with serde_json's messages and in constant memory; then
+    // the pod is decoded as YAML (JSON is YAML), under the same bounds.
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|source| (ManifestError::Json { source }, 1))?;
+    parse_yaml(text)
 }
 
 fn parse_yaml(text: &str) -> Result<Vec<(usize, Pod)>, FileError> {
-    // First pass: syntax and types of every document, so the document count
-    // is known for the message even when an early one is bad.
-    let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        match serde_yaml::Value::deserialize(de) {
-            Ok(value) => docs.push(value),
-            Err(source) => return Err((ManifestError::Yaml { doc: i + 1, source }, i + 1)),
+    // Two passes, each linear: the first reads only each document's top
+    // level (syntax, bounds, apiVersion and kind), so the document count is
+    // known for the message even when an early document is bad, and a
+    // Deployment is named as such rather than as a Pod with bad fields; the
+    // second decodes the pods, with line/column on type errors.
+    let heads = yaml::documents::<Document<Text>>(text, Limits::OBJECT, MAX_DOCUMENTS);
+    if heads.len() > MAX_DOCUMENTS {
+        let limit = MAX_DOCUMENTS;
+        // Counted as one: the true count was not read.
+        return Err((ManifestError::TooManyDocuments { limit }, 1));
+    }
+    let n = heads.len();
+    let mut checked = Vec::with_capacity(n);
+    for (i, head) in heads.into_iter().enumerate() {
+        match head {
+            Ok(head) => checked.push(head),
+            Err(source) => return Err((yaml_error(i + 1, source), i + 1)),
         }
     }
-    let n = docs.iter().filter(|v| !v.is_null()).count();
-    let mut pods = Vec::new();
-    for (i, value) in docs.iter().enumerate() {
-        let doc = i + 1;
-        let map = match value {
-            // An empty document: a leading or trailing `---`, or comments.
-            serde_yaml::Value::Null => continue,
-            serde_yaml::Value::Mapping(m) => m,
-            _ => return Err((ManifestError::NotAMapping { doc }, n)),
-        };
-        let field = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_string);
-        check_pod_type(doc, field("apiVersion"), field("kind")).map_err(|e| (e, n))?;
-        // Second pass over this document's text, so type errors carry
-        // line/column (a `Value` has no positions left).
-        let de = serde_yaml::Deserializer::from_str(text)
-            .nth(i)
-            .expect("the first pass saw this document");
-        let pod = Pod::deserialize(de)
-            .map_err(|source| (ManifestError::InvalidPod { doc, source }, n))?;
-        pods.push((doc, pod));
-    }
-    if pods.is_empty() {
+    if n == 0 {
         return Err((ManifestError::Empty, 1));
     }
-    Ok(pods)
+    // Every head is checked before any pod is decoded: a list too long to
+    // decode must never be.
+    for (i, head) in checked.iter().enumerate() {
+        let doc = i + 1;
+        if head.entries().is_none() {
+            return Err((ManifestError::NotAMapping { doc }, n));
+        }
+        let field = |k: &str| head.field(k).map(str::to_string);
+        check_pod_type(doc, field("apiVersion"), field("kind")).map_err(|e| (e, n))?;
+        let items = head.longest_list();
+        if items > MAX_LIST_ITEMS {
+            let limit = MAX_LIST_ITEMS;
+            return Err((ManifestError::ListTooLong { doc, items, limit }, n));
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for (i, pod) in yaml::documents::<Pod>(text, Limits::OBJECT, n)
+        .into_iter()
+        .enumerate()
+    {
+        let doc = i + 1;
+        match pod {
+            Ok(pod) => out.push((doc, pod)),
+            Err(source) if source.is_over_limit() => {
+                return Err((ManifestError::OverLimits { doc, source }, n));
+            }
+            Err(source) => return Err((ManifestError::InvalidPod { doc, source }, n)),
+        }
+    }
+    // The second pass reads the same text under the same bounds.
+    if out.len() != n {
+        return Err((ManifestError::DocumentsChanged, n));
+    }
+    Ok(out)
+}
+
+fn yaml_error(doc: usize, source: yaml::Error) -> ManifestError {
+    if source.is_over_limit() {
+        ManifestError::OverLimits { doc, source }
+    } else {
+        ManifestError::Yaml { doc, source }
+    }
 }
 
 fn check_pod_type(
@@ -489,33 +550,24 @@ fn static_pod(
         None | Some("") => return Err(ManifestError::MissingName { doc }),
         Some(n) => n.to_string(),
     };
-    let invalid_name = |reason| ManifestError::InvalidName {
-        doc,
-        name: name.clone(),
-        reason,
-    };
-    if !is_dns1123_subdomain(&name) {
-        return Err(invalid_name(
-            "must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')",
-        ));
-    }
     let full_name = format!("{name}-{node_name}");
-    if !is_dns1123_subdomain(&full_name) {
-        return Err(invalid_name("too long once the node name is appended"));
-    }
     let namespace = raw
         .metadata
         .namespace
         .clone()
         .filter(|ns| !ns.is_empty())
         .unwrap_or_else(|| "default".to_string());
-    if !is_dns1123_label(&namespace) {
-        return Err(ManifestError::InvalidNamespace { doc, namespace });
-    }
     let key = format!("{namespace}/{full_name}");
-    check_containers(&raw, doc, &key)?;
 
     let canonical = serde_json::to_vec(&raw).expect("a Pod serializes to JSON");
+    if canonical.len() > MAX_POD_BYTES {
+        return Err(ManifestError::PodTooLarge {
+            doc,
+            pod: key,
+            size: canonical.len(),
+            limit: MAX_POD_BYTES,
+        });
+    }
     let hash = hex_md5(&[
         b"host:",
         node_name.as_bytes(),
@@ -568,43 +620,20 @@ fn static_pod(
             ..Default::default()
         });
     }
+    // As the API server would see the pod: with its final name.
+    let mut errors = validate::validate(&pod);
+    errors.extend(validate::check_host_paths(&pod));
+    if !errors.is_empty() {
+        return Err(ManifestError::Invalid {
+            doc,
+            pod: key,
+            errors: FieldErrors(errors),
+        });
+    }
     Ok(Arc::new(DesiredPod {
         pod,
         source: source.to_string(),
     }))
-}
-
-fn check_containers(pod: &Pod, doc: usize, key: &str) -> Result<(), ManifestError> {
-    let spec = pod.spec.as_ref();
-    let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
-    if containers.is_empty() {
-        return Err(ManifestError::NoContainers {
-            doc,
-            pod: key.to_string(),
-        });
-    }
-    let init = spec
-        .and_then(|s| s.init_containers.as_deref())
-        .unwrap_or_default();
-    let mut names: Vec<&str> = Vec::new();
-    for c in init.iter().chain(containers) {
-        if !is_dns1123_label(&c.name) {
-            return Err(ManifestError::InvalidContainerName {
-                doc,
-                pod: key.to_string(),
-                container: c.name.clone(),
-            });
-        }
-        if names.contains(&c.name.as_str()) {
-            return Err(ManifestError::DuplicateContainer {
-                doc,
-                pod: key.to_string(),
-                container: c.name.clone(),
-            });
-        }
-        names.push(&c.name);
-    }
-    Ok(())
 }
 
 /// The file's pods must be distinct among themselves and from the pods of
@@ -1005,7 +1034,7 @@ mod tests {
                 "invalid yaml",
                 yaml("apiVersion: v1\nkind: Pod\nmetadata:\n  name: [x\n"),
                 "bad.yaml",
-                "document 1: invalid YAML: did not find expected ',' or ']' at line 5 column 1, while parsing a flow sequence at line 4 column 9",
+                "document 1: invalid YAML: metadata.name: unclosed bracket '[' at line 4 column 9",
             ),
             (
                 "wrong field type, with its position",
@@ -1013,7 +1042,7 @@ mod tests {
                     "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: main\n    ports:\n    - containerPort: eighty\n",
                 ),
                 "bad.yaml",
-                "document 1: invalid Pod: spec.containers[0].ports[0].containerPort: invalid type: string \"eighty\", expected i32 at line 9 column 22",
+                "document 1: invalid Pod: spec.containers[0].ports[0].containerPort: invalid i32 at line 9 column 22",
             ),
             (
                 "unknown kind",
@@ -1065,7 +1094,7 @@ mod tests {
                     "apiVersion: v1\nkind: Pod\nmetadata:\n  name: Web_1\nspec:\n  containers: [{name: a, image: b}]\n",
                 ),
                 "bad.yaml",
-                "document 1: metadata.name \"Web_1\" is invalid: must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')",
+                "document 1: pod default/Web_1-node1 is invalid: metadata.name: Invalid value: \"Web_1-node1\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com')",
             ),
             (
                 "invalid namespace",
@@ -1073,7 +1102,7 @@ mod tests {
                     "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: a.b\nspec:\n  containers: [{name: a, image: b}]\n",
                 ),
                 "bad.yaml",
-                "document 1: metadata.namespace \"a.b\" is not a DNS-1123 label",
+                "document 1: pod a.b/web-node1 is invalid: metadata.namespace: Invalid value: \"a.b\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name', or '123-abc')",
             ),
             (
                 "no containers",
@@ -1081,13 +1110,13 @@ mod tests {
                     "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers: []\n",
                 ),
                 "bad.yaml",
-                "document 1: pod default/web-node1 has no containers",
+                "document 1: pod default/web-node1 is invalid: spec.containers: Required value",
             ),
             (
                 "no spec",
                 yaml("apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n"),
                 "bad.yaml",
-                "document 1: pod default/web-node1 has no containers",
+                "document 1: pod default/web-node1 is invalid: spec.containers: Required value",
             ),
             (
                 "two containers with one name",
@@ -1095,7 +1124,7 @@ mod tests {
                     "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  initContainers: [{name: a, image: b}]\n  containers: [{name: a, image: b}]\n",
                 ),
                 "bad.yaml",
-                "document 1: pod default/web-node1: two containers are named \"a\"",
+                "document 1: pod default/web-node1 is invalid: spec.containers[0].name: Duplicate value: \"a\"",
             ),
             (
                 "invalid container name",
@@ -1103,7 +1132,7 @@ mod tests {
                     "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers: [{name: A, image: b}]\n",
                 ),
                 "bad.yaml",
-                "document 1: pod default/web-node1: container name \"A\" is not a DNS-1123 label",
+                "document 1: pod default/web-node1 is invalid: spec.containers[0].name: Invalid value: \"A\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name', or '123-abc')",
             ),
             (
                 "one bad document rejects the whole file",
@@ -1191,6 +1220,140 @@ mod tests {
             assert!(!errors[0].message.contains('\n'), "{name}");
             assert!(s.pods.is_empty(), "{name}: {:?}", names(&s));
         }
+    }
+
+    #[test]
+    fn a_pod_the_api_server_would_refuse_is_listed_against_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = write(
+            dir.path(),
+            "bad.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\nspec:\n  terminationGracePeriodSeconds: -5\n  containers:\n  - name: main\n    volumeMounts: [{name: data, mountPath: /d}]\n  volumes: [{name: cfg, configMap: {name: c}}]\n",
+        );
+        write(dir.path(), "good.yaml", &pod_yaml("good", "busybox"));
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        assert_eq!(names(&s), ["default/good-node1"]);
+        assert_eq!(
+            s.errors,
+            [SourceError {
+                file: bad.display().to_string(),
+                message: "document 1: pod default/bad-node1 is invalid: spec.volumes[0].configMap: Unsupported value: \"configMap\": supported values: \"emptyDir\", \"hostPath\"; spec.containers[0].image: Required value; spec.containers[0].volumeMounts[0].name: Not found: \"data\"; spec.terminationGracePeriodSeconds: Invalid value: -5: must be greater than or equal to 0".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_file_of_too_many_documents_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = "---\na: b\n";
+        write(dir.path(), "many.yaml", &doc.repeat(MAX_DOCUMENTS + 10));
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        assert_eq!(s.errors.len(), 1);
+        assert_eq!(s.errors[0].message, "more than 4096 documents in one file");
+    }
+
+    #[test]
+    fn the_example_manifests_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+        let s = scan_at(&dir, NODE, &Snapshot::default(), t(0));
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert_eq!(s.pods.len(), 3, "{:?}", names(&s));
+    }
+
+    #[test]
+    fn an_alias_bomb_or_a_flood_of_nodes_is_one_error() {
+        // Nine levels of nine aliases under a field Pod ignores: ~1 KiB of
+        // text, 9^9 strings once expanded. Plus the pod in a JSON file
+        // (which cannot alias) of too many nodes.
+        let mut text = format!("{}x-lol:\n  l0: &l0 lol\n", pod_yaml("bomb", "busybox"));
+        for i in 1..10 {
+            let refs = vec![format!("*l{}", i - 1); 9].join(", ");
+            text.push_str(&format!("  l{i}: &l{i} [{refs}]\n"));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let bomb = write(dir.path(), "bomb.yaml", &text);
+        let json = format!(
+            r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"wide"}},"spec":{{"containers":[{}]}}}}"#,
+            vec!["{}"; 60_000].join(",")
+        );
+        let wide = write(dir.path(), "wide.json", &json);
+        let start = std::time::Instant::now();
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        // Wall time on a shared, loaded machine: only an unbounded parse
+        // (minutes) fails this.
+        assert!(start.elapsed() < Duration::from_secs(60));
+        assert!(s.pods.is_empty());
+        assert_eq!(s.errors.len(), 2, "{:?}", s.errors);
+        assert_eq!(s.errors[0].file, bomb.display().to_string());
+        assert!(
+            s.errors[0]
+                .message
+                .starts_with("document 1: too large once expanded (aliases included): x-lol."),
+            "{}",
+            s.errors[0].message
+        );
+        assert_eq!(s.errors[1].file, wide.display().to_string());
+        assert!(
+            s.errors[1].message.starts_with(
+                "document 1: too large once expanded (aliases included): spec.containers"
+            ),
+            "{}",
+            s.errors[1].message
+        );
+
+        // Within the node bound, a list too long to decode.
+        let json = json.replacen(&"{},".repeat(57_000), "", 1);
+        fs::write(&wide, json).unwrap();
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        assert_eq!(
+            s.errors[1].message,
+            "document 1: a list of 3000 items, over the 2048-item limit"
+        );
+    }
+
+    #[test]
+    fn a_pod_over_the_size_limit_is_refused() {
+        // Within the node and text bounds, but over MAX_POD_BYTES as JSON.
+        let mut text =
+            pod_yaml("big", "busybox").replace("  - name: main\n    image: busybox\n", "");
+        let value = "v".repeat(150);
+        for c in 0..5 {
+            text.push_str(&format!("  - name: c{c}\n    image: busybox\n    env:\n"));
+            for i in 0..1800 {
+                text.push_str(&format!("    - {{name: e{i}, value: {value}}}\n"));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "big.yaml", &text);
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        assert!(s.pods.is_empty());
+        let message = &s.errors[0].message;
+        assert!(
+            message.starts_with("document 1: pod default/big-node1 is ")
+                && message.ends_with(" bytes as JSON, over the 1572864-byte limit"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_file_of_many_documents_is_parsed_in_linear_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: String = (0..2000)
+            .map(|i| format!("---\n{}", pod_yaml(&format!("p{i}"), "busybox")))
+            .collect();
+        write(dir.path(), "many.yaml", &text);
+        let before = crate::yaml::tests::DECODED.get();
+        let start = std::time::Instant::now();
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        let elapsed = start.elapsed();
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert_eq!(s.pods.len(), 2000);
+        // Two linear passes (heads, then pods): each document decoded twice,
+        // where re-parsing documents 1..i for each i decodes ~2 million.
+        assert_eq!(crate::yaml::tests::DECODED.get() - before, 2 * 2000);
+        // Generous for an unoptimised build on a loaded machine; the
+        // quadratic parse took minutes here.
+        assert!(elapsed < Duration::from_secs(60), "{elapsed:?}");
     }
 
     #[test]
