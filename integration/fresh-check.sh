@@ -10,7 +10,8 @@
 # and then it runs what a first `integration/test.sh` runs before the Rust
 # steps: `stack.sh down` (test.sh's EXIT trap, when `up` failed early),
 # test.sh's netns count, `stack.sh up` (registry, images built from
-# scratch, containerd, smoke container), the count again, `stack.sh down`.
+# scratch, containerd, smoke container), the count again, and `stack.sh
+# down` with a netns left hidden under `ip netns`'s bind of /run/netns.
 # Any of them failing fails this check loudly, with one line naming it.
 # The PID namespace hides every other containerd (so `down` sweeps as on
 # a machine of its own) and the network namespace keeps the sweep, the
@@ -108,7 +109,17 @@ step "stack up";            quiet integration/stack.sh up
 step "stack status";        quiet integration/stack.sh status
 step "netns count (up)";    n=$(netns_count)
 [[ $n == 0 ]] || die "netns count with the stack up and no pods is $n, not 0"
+# A runtime netns made before `ip netns` bound /run/netns over itself is
+# hidden below that bind (rm: EBUSY); down must still remove it.
+step "netns under ip's bind"
+mkdir -p /run/netns
+touch /run/netns/cni-fresh-check
+mount --bind /proc/self/ns/net /run/netns/cni-fresh-check
+ip netns add minilet-fresh-check
+ip netns delete minilet-fresh-check
 step "stack down";          quiet integration/stack.sh down
+[[ ! -e /run/netns/cni-fresh-check ]] || die "down left /run/netns/cni-fresh-check (under ip's bind)"
+! grep -q cni-fresh-check /proc/self/mountinfo || die "down left the cni-fresh-check netns mounted"
 step "nothing left"
 status=$(integration/stack.sh status 2>&1 || true)
 [[ $status != *": up"* ]] || die "still up after down: ${status//$'\n'/; }"
