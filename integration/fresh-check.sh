@@ -120,6 +120,7 @@ ip netns delete minilet-fresh-check
 step "stack down";          quiet integration/stack.sh down
 [[ ! -e /run/netns/cni-fresh-check ]] || die "down left /run/netns/cni-fresh-check (under ip's bind)"
 ! grep -q cni-fresh-check /proc/self/mountinfo || die "down left the cni-fresh-check netns mounted"
+[[ ! -e /run/netns ]] || die "down left /run/netns behind: the next run would not be a first run"
 step "nothing left"
 status=$(integration/stack.sh status 2>&1 || true)
 [[ $status != *": up"* ]] || die "still up after down: ${status//$'\n'/; }"

@@ -42,8 +42,10 @@ IMAGE_PATH_ENV=PATH=/bin:/usr/bin:/sbin:/usr/sbin
 # Namespace for the CRI-less smoke test, kept apart from CRI's k8s.io.
 CHECK_NS=minilet-stack-check
 
+# protobuf-compiler, gcc and libc6-dev are for building minilet itself (the
+# CRI protos; rustc links with cc, and the static build needs libc.a).
 PACKAGES=(containerd runc containernetworking-plugins docker-registry skopeo
-  umoci busybox-static iproute2 iptables protobuf-compiler curl)
+  umoci busybox-static iproute2 iptables protobuf-compiler curl gcc libc6-dev)
 
 CD_DIR=$RUN/containerd
 CD_CONFIG=$CD_DIR/config.toml
@@ -209,7 +211,7 @@ preflight() {
       die "run dir $RUN overlaps a system containerd's root/state" ;;
   esac
   local cmd
-  for cmd in containerd ctr runc containerd-shim-runc-v2 docker-registry skopeo umoci busybox ip iptables protoc curl; do
+  for cmd in containerd ctr runc containerd-shim-runc-v2 docker-registry skopeo umoci busybox ip iptables protoc curl cc; do
     command -v "$cmd" >/dev/null || die "command $cmd not found after installing packages"
   done
   [[ -x $CNI_PLUGIN_DIR/bridge && -x $CNI_PLUGIN_DIR/host-local && -x $CNI_PLUGIN_DIR/loopback ]] ||
@@ -715,6 +717,12 @@ cmd_down() {
     done
     ((${#busy[@]})) && [[ -z $foreign ]] && lift_netns_bind || break
   done
+  # Leave /var/run/netns as a fresh machine has it (absent) when nothing is
+  # left in it; containerd and ip(8) make it again on demand.
+  if [[ -z $foreign && -d /run/netns ]] && ! compgen -G '/run/netns/*' >/dev/null; then
+    lift_netns_bind || true
+    rmdir /run/netns 2>/dev/null || true
+  fi
   # 7. The bridge, IPAM state and iptables chains of our CNI config.
   local br net extra=""
   for br in $(bridge_names); do
