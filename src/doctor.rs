@@ -205,6 +205,8 @@ struct PodNet {
     /// Whether the chain runs the CNI `firewall` plugin, which puts
     /// CNI-FORWARD first in FORWARD and accepts each pod's traffic there.
     has_firewall: bool,
+    /// Whether the chain maps hostPorts (`portmap`).
+    has_portmap: bool,
 }
 
 impl PodNet {
@@ -223,6 +225,7 @@ impl PodNet {
                         .to_string()
                 }),
             has_firewall: net.plugins.iter().any(|p| p.plugin_type == "firewall"),
+            has_portmap: net.plugins.iter().any(|p| p.plugin_type == "portmap"),
         }
     }
 }
@@ -247,6 +250,20 @@ fn forward_policy(iptables_save: &str) -> (Option<&str>, bool) {
     (policy, docker)
 }
 
+/// Whether a rule in FORWARD or DOCKER-USER accepts forwarded traffic the
+/// node DNATed (a hostPort reached from another host) into `bridge`: the
+/// firewall plugin accepts only connections a pod started.
+fn accepts_dnat(iptables_save: &str, bridge: Option<&str>) -> bool {
+    iptables_save.lines().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let arg = |flag: &str| words.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+        matches!(words.get(..2), Some(["-A", "FORWARD" | "DOCKER-USER"]))
+            && arg("--ctstate").is_some_and(|s| s.split(',').any(|s| s == "DNAT"))
+            && arg("-j") == Some("ACCEPT")
+            && arg("-o").is_none_or(|o| Some(o) == bridge)
+    })
+}
+
 /// One line on whether forwarded pod traffic survives the host's FORWARD
 /// chain. With policy DROP (Docker sets it) routed pod traffic (egress,
 /// hostPorts reached through the node) is dropped, and with bridge
@@ -257,6 +274,26 @@ fn forward_finding(iptables_save: &str, bridge_nf: bool, net: &PodNet) -> Findin
     let (policy, docker) = forward_policy(iptables_save);
     let by = if docker { " (set by Docker)" } else { "" };
     match policy {
+        Some("DROP")
+            if net.has_firewall
+                && net.has_portmap
+                && !accepts_dnat(iptables_save, net.bridge.as_deref()) =>
+        {
+            finding(
+                Level::Warn,
+                WHAT,
+                format!(
+                    "FORWARD policy DROP{by}: the firewall plugin in {} accepts the pods' traffic, \
+                     but new connections from other hosts to hostPorts are dropped: \
+                     iptables -I {} {}-m conntrack --ctstate DNAT -j ACCEPT",
+                    net.source.display(),
+                    if docker { "DOCKER-USER" } else { "FORWARD" },
+                    net.bridge
+                        .as_deref()
+                        .map_or(String::new(), |b| format!("-o {b} ")),
+                ),
+            )
+        }
         Some("DROP") if net.has_firewall => finding(
             Level::Ok,
             WHAT,
@@ -485,7 +522,34 @@ COMMIT
             source: "/etc/minilet/net.d/10-bridge.conflist".into(),
             bridge: Some("minilet0".into()),
             has_firewall,
+            has_portmap: false,
         }
+    }
+
+    #[test]
+    fn host_ports_from_other_hosts_need_a_dnat_accept() {
+        let net = PodNet {
+            has_portmap: true,
+            ..pod_net(true)
+        };
+        let f = forward_finding(DOCKER_FILTER, true, &net);
+        assert_eq!(f.level, Level::Warn, "{f}");
+        assert_eq!(f.to_string().lines().count(), 1, "{f}");
+        assert!(
+            f.detail.ends_with(
+                "iptables -I DOCKER-USER -o minilet0 -m conntrack --ctstate DNAT -j ACCEPT"
+            ),
+            "{f}"
+        );
+        // The rule it names, as iptables-save prints it once added.
+        let fixed = DOCKER_FILTER.replace(
+            "-A DOCKER-USER -j RETURN",
+            "-A DOCKER-USER -o minilet0 -m conntrack --ctstate DNAT -j ACCEPT\n-A DOCKER-USER -j RETURN",
+        );
+        assert_eq!(forward_finding(&fixed, true, &net).level, Level::Ok);
+        // One for another bridge does not count.
+        let other = fixed.replace("-o minilet0", "-o br-other");
+        assert_eq!(forward_finding(&other, true, &net).level, Level::Warn);
     }
 
     #[test]
@@ -536,8 +600,9 @@ COMMIT
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cni/10-bridge.conflist");
         let net = PodNet::of(&cni::config::load_file(&path).unwrap());
         assert_eq!(net.bridge.as_deref(), Some("minilet0"));
+        assert!(net.has_firewall && net.has_portmap, "{net:?}");
         let f = forward_finding(DOCKER_FILTER, true, &net);
-        assert_eq!(f.level, Level::Ok, "{f}");
+        assert_ne!(f.level, Level::Fail, "{f}");
     }
 
     #[test]
