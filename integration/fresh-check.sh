@@ -11,7 +11,8 @@
 # steps: `stack.sh down` (test.sh's EXIT trap, when `up` failed early),
 # test.sh's netns count, `stack.sh up` (registry, images built from
 # scratch, containerd, smoke container), the count again, and `stack.sh
-# down` with a netns left hidden under `ip netns`'s bind of /run/netns.
+# down` with a netns left hidden under `ip netns`'s bind of /run/netns and
+# a Docker engine's containerd beside the stack.
 # Any of them failing fails this check loudly, with one line naming it.
 # The PID namespace hides every other containerd (so `down` sweeps as on
 # a machine of its own) and the network namespace keeps the sweep, the
@@ -117,6 +118,14 @@ touch /run/netns/cni-fresh-check
 mount --bind /proc/self/ns/net /run/netns/cni-fresh-check
 ip netns add minilet-fresh-check
 ip netns delete minilet-fresh-check
+# And a Docker engine's containerd beside us (its config disables CRI):
+# it runs no CNI, so down must sweep all the same.
+step "docker's containerd"
+mkdir -p "$RUN_DIR/docker"
+printf 'version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n' >"$RUN_DIR/docker/containerd.toml"
+printf '#!/bin/sh\nsleep 600\n' >"$RUN_DIR/docker/containerd"
+chmod +x "$RUN_DIR/docker/containerd"
+"$RUN_DIR/docker/containerd" --config "$RUN_DIR/docker/containerd.toml" &
 step "stack down";          quiet integration/stack.sh down
 [[ ! -e /run/netns/cni-fresh-check ]] || die "down left /run/netns/cni-fresh-check (under ip's bind)"
 ! grep -q cni-fresh-check /proc/self/mountinfo || die "down left the cni-fresh-check netns mounted"
