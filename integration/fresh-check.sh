@@ -37,6 +37,27 @@ if [[ ${1:-} != --inside ]]; then
   exit 0
 fi
 
+RUN_DIR=$(mktemp -d /tmp/minilet-fresh.XXXXXX)
+export MINILET_STACK_DIR=$RUN_DIR
+log=$RUN_DIR.log
+SAVED=() # hide()'s binds of the original parents, while it works
+# On the way out, whatever happened: nothing of ours stays (the PID
+# namespace's end kills any process left; the mounts go with the mount
+# namespace; this takes the run dir and hide()'s mount points). A saved
+# parent is unmounted and only rmdir'ed, never removed recursively.
+finish() {
+  local rc=$? s
+  for s in "${SAVED[@]}"; do
+    umount -l "$s" 2>/dev/null || true
+    rmdir "$s" 2>/dev/null || true
+  done
+  ((rc == 0)) || integration/stack.sh down >>"$log" 2>&1 || true
+  rm -rf --one-file-system "$RUN_DIR"
+  ((rc != 0)) || rm -f "$log"
+  exit "$rc"
+}
+trap finish EXIT
+
 # hide PATH: make PATH absent in this mount namespace. A tmpfs goes over
 # its parent and every other entry of the parent is bound back, so only
 # PATH is gone.
@@ -45,6 +66,7 @@ hide() {
   [[ -e $path || -L $path ]] || return 0
   parent=$(dirname "$path")
   saved=$(mktemp -d /tmp/minilet-fresh-parent.XXXXXX)
+  SAVED+=("$saved")
   mount --rbind "$parent" "$saved"
   mount -t tmpfs -o mode=0755 fresh "$parent"
   for entry in "$saved"/* "$saved"/.[!.]*; do
@@ -64,6 +86,7 @@ hide() {
   done
   umount -l "$saved"
   rmdir "$saved"
+  SAVED=("${SAVED[@]/"$saved"/}")
 }
 
 # absent_all: every hidden path is still absent, or names the first that is not.
@@ -82,19 +105,6 @@ left=$(absent_all)
 [[ ! -e /var/run/netns ]] || die "/var/run/netns is still visible"
 ip link set lo up
 
-RUN_DIR=$(mktemp -d /tmp/minilet-fresh.XXXXXX)
-export MINILET_STACK_DIR=$RUN_DIR
-log=$RUN_DIR.log
-# On the way out, whatever happened: nothing of ours stays (the PID
-# namespace's end kills any process left; this takes the run dir).
-finish() {
-  local rc=$?
-  ((rc == 0)) || integration/stack.sh down >>"$log" 2>&1 || true
-  rm -rf "$RUN_DIR"
-  ((rc != 0)) || rm -f "$log"
-  exit "$rc"
-}
-trap finish EXIT
 # Quiet on success: each step's output goes to the log, shown on failure.
 quiet() {
   if ! "$@" >>"$log" 2>&1; then
