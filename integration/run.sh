@@ -5,17 +5,21 @@
 #
 # In another terminal:  target/minilet --config integration/.run/minilet/minilet.yaml get pods
 # Ctrl-C stops minilet and leaves the pods running (as kubelet does);
-# `integration/stack.sh down` removes everything.
+# `integration/stack.sh down` removes everything. A failure before minilet
+# starts prints ONE line "run: FAILED (<step>): ..." naming the step.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$REPO"
+# shellcheck source=integration/lib.sh
+. integration/lib.sh
+fail_report run
 
-integration/stack.sh up
-# shellcheck disable=SC1091
-. integration/.run/env
+step "stack up"; integration/stack.sh up
+# shellcheck disable=SC1090
+step "stack env"; . "$(integration/stack.sh env)"
+step build;       BIN=$(integration/build-release.sh)
 
-BIN=$(integration/build-release.sh)
-
+step config
 DIR=$MINILET_STACK_DIR/minilet
 mkdir -p "$DIR"
 cat >"$DIR/minilet.yaml" <<CONFIG
@@ -35,6 +39,7 @@ runtimeCNIConfDir: $RUNTIME_CNI_CONF_DIR
 runtimeCNIBinDir: $RUNTIME_CNI_BIN_DIR
 CONFIG
 
+step minilet
 echo "minilet: running on manifests/ — in another terminal:"
 echo "  $BIN --config $DIR/minilet.yaml get pods"
 exec "$BIN" --config "$DIR/minilet.yaml" "$@"

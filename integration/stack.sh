@@ -17,12 +17,14 @@
 #
 # Side effects outside the run dir, undone by `down`: netns files under
 # /var/run/netns (containerd 1.6's CRI puts them there), the CNI bridge, the
-# host-local IPAM dir and CNI-* iptables chains made for our pods, the
+# host-local IPAM dir and CNI-* iptables chains made for our pods (the
+# firewall plugin's CNI-FORWARD and CNI-ADMIN too; a Docker engine's rules
+# are left exactly as they were, and checked to be), the
 # /k8s.io parent cgroups, and the dirs containerd 1.6 hard-codes under
 # /run/containerd (s/ for shim sockets, fifo/, runc/). CRI's runc state is
 # kept under the run dir (runtime option Root). Shared state (all cni-*
 # netns, CNI-* chains, /run/containerd) is only swept when no other
-# containerd runs on the machine.
+# CRI containerd runs on the machine (a Docker engine's does not count).
 #
 # Any failure prints ONE line "stack: FAILED (<step>): ..." and exits non-zero:
 # CI must fail, never skip, when the stack can't come up.
@@ -40,8 +42,10 @@ IMAGE_PATH_ENV=PATH=/bin:/usr/bin:/sbin:/usr/sbin
 # Namespace for the CRI-less smoke test, kept apart from CRI's k8s.io.
 CHECK_NS=minilet-stack-check
 
+# protobuf-compiler, gcc and libc6-dev are for building minilet itself (the
+# CRI protos; rustc links with cc, and the static build needs libc.a).
 PACKAGES=(containerd runc containernetworking-plugins docker-registry skopeo
-  umoci busybox-static iproute2 iptables protobuf-compiler curl)
+  umoci busybox-static iproute2 iptables protobuf-compiler curl gcc libc6-dev)
 
 CD_DIR=$RUN/containerd
 CD_CONFIG=$CD_DIR/config.toml
@@ -207,7 +211,7 @@ preflight() {
       die "run dir $RUN overlaps a system containerd's root/state" ;;
   esac
   local cmd
-  for cmd in containerd ctr runc containerd-shim-runc-v2 docker-registry skopeo umoci busybox ip iptables protoc curl; do
+  for cmd in containerd ctr runc containerd-shim-runc-v2 docker-registry skopeo umoci busybox ip iptables protoc curl cc; do
     command -v "$cmd" >/dev/null || die "command $cmd not found after installing packages"
   done
   [[ -x $CNI_PLUGIN_DIR/bridge && -x $CNI_PLUGIN_DIR/host-local && -x $CNI_PLUGIN_DIR/loopback ]] ||
@@ -561,33 +565,89 @@ mounts_under() { # mount points at or below $1, deepest first
     }' /proc/self/mountinfo | sort -rn | cut -f2-
 }
 
-# Other containerd daemons (not ours) are running: then leave shared
-# netns / iptables state alone except what we can attribute to ours.
+# Whether containerd process PID runs the CRI plugin (and so CNI): false
+# only when its config (--config, or the default path) says
+# disabled_plugins = ["cri"], as Docker's own containerd does. An
+# unreadable config counts as CRI, the safe side.
+runs_cri() {
+  local pid=$1 conf=/etc/containerd/config.toml arg prev=""
+  while IFS= read -r -d '' arg; do
+    [[ $prev == --config || $prev == -c ]] && conf=$arg
+    [[ $arg == --config=* ]] && conf=${arg#--config=}
+    prev=$arg
+  done <"/proc/$pid/cmdline" 2>/dev/null || return 0
+  [[ $conf == /* ]] || conf=/proc/$pid/cwd/$conf
+  [[ -r $conf ]] || return 0
+  ! grep -Eq '^[[:space:]]*disabled_plugins[[:space:]]*=.*"(io\.containerd\.grpc\.v1\.)?cri"' "$conf"
+}
+
+# Other CRI containerd daemons (not ours) are running: then leave shared
+# netns / iptables state alone except what we can attribute to ours. A
+# Docker engine's containerd runs no CRI and no CNI: it does not count.
 foreign_containerd() {
   local pid ours
   ours=" $(containerd_pids | tr '\n' ' ') "
   for pid in $(pids_of containerd ""); do
-    [[ $ours == *" $pid "* ]] || return 0
+    [[ $ours == *" $pid "* ]] && continue
+    runs_cri "$pid" && return 0
   done
   return 1
 }
 
+# The host's rules that are not CNI's (Docker's, the user's), without
+# counters: what removing the CNI chains must leave exactly as it was.
+other_rules() {
+  local save
+  for save in iptables-save ip6tables-save; do
+    command -v "$save" >/dev/null || continue
+    "$save" 2>/dev/null | grep -v -e '^#' -e 'CNI-' | sed 's/ \[[0-9]*:[0-9]*\]$//' || true
+  done
+}
+
+# Every CNI-* chain (bridge ipMasq, portmap, the firewall plugin's
+# CNI-FORWARD/CNI-ADMIN) and the rules jumping to them, in v4 and v6.
 remove_cni_iptables() {
-  command -v iptables-save >/dev/null || return 0
-  local table rule chain
-  for table in nat filter; do
-    # Rules jumping into CNI chains first, then the chains themselves.
-    while read -r rule; do
-      [[ -n $rule ]] || continue
-      eval "iptables -w -t $table -D ${rule#-A }" 2>/dev/null || true
-    done < <(iptables-save -t "$table" 2>/dev/null | grep -E '^-A [A-Z]+ .*-j CNI-' || true)
-    for chain in $(iptables-save -t "$table" 2>/dev/null | sed -n 's/^:\(CNI-[^ ]*\) .*/\1/p'); do
-      iptables -w -t "$table" -F "$chain" 2>/dev/null || true
-    done
-    for chain in $(iptables-save -t "$table" 2>/dev/null | sed -n 's/^:\(CNI-[^ ]*\) .*/\1/p'); do
-      iptables -w -t "$table" -X "$chain" 2>/dev/null || true
+  local ipt table rule chain
+  for ipt in iptables ip6tables; do
+    command -v "$ipt-save" >/dev/null || continue
+    for table in nat filter; do
+      # Rules jumping into CNI chains first, then the chains themselves.
+      while read -r rule; do
+        [[ -n $rule ]] || continue
+        eval "$ipt -w -t $table -D ${rule#-A }" 2>/dev/null || true
+      done < <("$ipt-save" -t "$table" 2>/dev/null | grep -E '^-A [A-Z]+ .*-j CNI-' || true)
+      for chain in $("$ipt-save" -t "$table" 2>/dev/null | sed -n 's/^:\(CNI-[^ ]*\) .*/\1/p'); do
+        "$ipt" -w -t "$table" -F "$chain" 2>/dev/null || true
+      done
+      for chain in $("$ipt-save" -t "$table" 2>/dev/null | sed -n 's/^:\(CNI-[^ ]*\) .*/\1/p'); do
+        "$ipt" -w -t "$table" -X "$chain" 2>/dev/null || true
+      done
     done
   done
+}
+
+# CNI-* chains still there after remove_cni_iptables, one line.
+cni_chains_left() {
+  local save
+  for save in iptables-save ip6tables-save; do
+    command -v "$save" >/dev/null || continue
+    "$save" 2>/dev/null | sed -n 's/^:\(CNI-[^ ]*\) .*/\1/p' || true
+  done | sort -u | tr '\n' ' '
+}
+
+# `ip netns` bind-mounts /run/netns over itself. A runtime netns mounted
+# before that is hidden below the bind: umount says "not mounted" and rm
+# fails with EBUSY. Lift the bind (lazily) so they show again, but only
+# when nothing but cni-* netns is mounted on it: the user's own `ip netns`
+# namespaces stay. ip(8) makes the bind again when it next needs it.
+lift_netns_bind() {
+  local id
+  id=$(awk '$5 == "/run/netns" { id = $1 } END { print id }' /proc/self/mountinfo)
+  [[ -n $id ]] || return 1
+  if awk -v id="$id" '$2 == id && $5 !~ /^\/run\/netns\/cni-/ { f = 1 } END { exit !f }' /proc/self/mountinfo; then
+    return 1
+  fi
+  umount -l /run/netns
 }
 
 cmd_down() {
@@ -646,14 +706,23 @@ cmd_down() {
   if [[ -z $foreign ]]; then
     for m in /var/run/netns/cni-*; do [[ -e $m ]] && netns+=("$m"); done
   fi
-  local removed_ns=0
-  for m in "${netns[@]}"; do
-    m=/var/run/netns/${m##*/}
-    [[ -e $m ]] || continue
-    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
-    rm -f "$m"
-    removed_ns=$((removed_ns + 1))
+  local removed_ns=0 busy
+  for _ in 1 2; do
+    busy=()
+    for m in "${netns[@]}"; do
+      m=/var/run/netns/${m##*/}
+      [[ -e $m ]] || continue
+      umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+      if rm -f "$m" 2>/dev/null; then removed_ns=$((removed_ns + 1)); else busy+=("$m"); fi
+    done
+    ((${#busy[@]})) && [[ -z $foreign ]] && lift_netns_bind || break
   done
+  # Leave /var/run/netns as a fresh machine has it (absent) when nothing is
+  # left in it; containerd and ip(8) make it again on demand.
+  if [[ -z $foreign && -d /run/netns ]] && ! compgen -G '/run/netns/*' >/dev/null; then
+    lift_netns_bind || true
+    rmdir /run/netns 2>/dev/null || true
+  fi
   # 7. The bridge, IPAM state and iptables chains of our CNI config.
   local br net extra=""
   for br in $(bridge_names); do
@@ -667,7 +736,11 @@ cmd_down() {
         rm -rf "/var/lib/cni/networks/${net:?}" && extra+=", ipam $net"
       fi
     done
+    local others
+    others=$(other_rules)
     remove_cni_iptables
+    [[ -z $(cni_chains_left) ]] || die "iptables chains left: $(cni_chains_left)"
+    [[ $(other_rules) == "$others" ]] || die "removing the CNI chains changed other iptables rules"
     # containerd 1.6 hard-codes /run/containerd/{s,fifo,runc} for shim
     # sockets, client fifos and default runc state: drop them once empty.
     if [[ -d /run/containerd ]]; then

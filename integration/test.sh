@@ -3,27 +3,52 @@
 # what is missing), check formatting and lints, run the unit tests and the
 # end-to-end tests against the real containerd, CNI plugins and registry,
 # then take the stack down and check nothing leaked. Any failure, including
-# a stack that can't come up, fails the run: nothing is skipped.
+# a stack that can't come up, fails the run with ONE last line
+# "test: FAILED (<step>): ..." naming the step: nothing is skipped, and
+# nothing fails silently.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$REPO"
+# shellcheck source=integration/lib.sh
+. integration/lib.sh
+# The failure line is printed after the stack is down, so it is the last.
+fail_report test defer
+trap fail_print EXIT
 
-[[ $(id -u) == 0 ]] || { echo "test.sh: must run as root (containerd, netns, mounts)" >&2; exit 1; }
+# Rust's own tools: a minimal rustup profile has no rustfmt or clippy.
+rust_tools() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
+  local missing=() c
+  for c in fmt clippy; do
+    cargo "$c" --version >/dev/null 2>&1 || missing+=("$c")
+  done
+  ((${#missing[@]})) || return 0
+  command -v rustup >/dev/null || die "cargo ${missing[*]} missing and no rustup to add them"
+  echo "test: adding rust components ${missing[*]/fmt/rustfmt}" >&2
+  rustup component add "${missing[@]/fmt/rustfmt}"
+}
 
-integration/stack.sh up
-# Whatever happens next, leave no process, mount or netns behind.
-trap 'integration/stack.sh down' EXIT
-
-netns_before=$(find /var/run/netns -maxdepth 1 -name 'cni-*' 2>/dev/null | wc -l)
-
-cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+step root;          ((EUID == 0)) || die "must run as root (containerd, netns, mounts)"
+step "rust tools";  rust_tools
+step "fresh check"; integration/fresh-check.sh
+step "stack up";    integration/stack.sh up
+# Whatever happens next, leave no process, mount or netns behind; a down
+# that fails (something leaked) fails the run.
+stack_down() {
+  local rc=$?
+  if ! integration/stack.sh down; then
+    rc=1
+    [[ -n $FAIL_LINE ]] || FAIL_LINE="test: FAILED (stack down): integration/stack.sh down found leftovers"
+  fi
+  fail_print
+  exit "$rc"
+}
+trap stack_down EXIT
+step "netns count"; netns_before=$(netns_count)
+step fmt;           cargo fmt --all -- --check
+step clippy;        cargo clippy --all-targets -- -D warnings
 # Unit tests in parallel; the end-to-end suite serialises itself. Benches
 # are type-checked by clippy above and run with `cargo bench`, not here.
-cargo test --lib --bins --tests
-
-netns_after=$(find /var/run/netns -maxdepth 1 -name 'cni-*' 2>/dev/null | wc -l)
-if [[ $netns_after != "$netns_before" ]]; then
-  echo "test.sh: netns leaked: $netns_before before, $netns_after after" >&2
-  exit 1
-fi
+step tests;         cargo test --lib --bins --tests
+step "netns leak";  netns_after=$(netns_count)
+[[ $netns_after == "$netns_before" ]] || die "netns leaked: $netns_before before, $netns_after after"

@@ -1,10 +1,12 @@
 //! `minilet doctor`: checks that this node can run pods and says what is
 //! wrong in one line per finding: the runtime, the host's known traps
-//! (negative oom_score_adj refused), the CNI configs and plugins, the
-//! delegating plugin's install, and the running agent.
+//! (negative oom_score_adj refused, a Docker engine's FORWARD policy DROP),
+//! the CNI configs and plugins, the delegating plugin's install, and the
+//! running agent.
 //!
-//! Side effects: reads files, dials the runtime and the agent, and briefly
-//! writes this process's own oom_score_adj (then restores it).
+//! Side effects: reads files, dials the runtime and the agent, runs
+//! `iptables-save -t filter` (read only), and briefly writes this process's
+//! own oom_score_adj (then restores it).
 
 use std::path::Path;
 use std::time::Duration;
@@ -193,6 +195,180 @@ async fn check_cni(cfg: &Config) -> Vec<Finding> {
     out
 }
 
+/// What the default network's pods need from the host's FORWARD chain.
+#[derive(Clone, Debug, PartialEq)]
+struct PodNet {
+    /// The file the default network comes from, named in the fix.
+    source: std::path::PathBuf,
+    /// The bridge its `bridge` plugin makes, if it has one.
+    bridge: Option<String>,
+    /// Whether the chain runs the CNI `firewall` plugin, which puts
+    /// CNI-FORWARD first in FORWARD and accepts each pod's traffic there.
+    has_firewall: bool,
+    /// Whether the chain maps hostPorts (`portmap`).
+    has_portmap: bool,
+}
+
+impl PodNet {
+    fn of(net: &cni::config::NetworkConfigList) -> PodNet {
+        PodNet {
+            source: net.source.clone(),
+            bridge: net
+                .plugins
+                .iter()
+                .find(|p| p.plugin_type == "bridge")
+                .map(|p| {
+                    p.raw
+                        .get("bridge")
+                        .and_then(|b| b.as_str())
+                        .unwrap_or("cni0")
+                        .to_string()
+                }),
+            has_firewall: net.plugins.iter().any(|p| p.plugin_type == "firewall"),
+            has_portmap: net.plugins.iter().any(|p| p.plugin_type == "portmap"),
+        }
+    }
+}
+
+/// The policy of FORWARD in `iptables-save` output (its `*filter` table),
+/// and whether Docker's chains are there (the usual author of a DROP).
+fn forward_policy(iptables_save: &str) -> (Option<&str>, bool) {
+    let mut in_filter = false;
+    let (mut policy, mut docker) = (None, false);
+    for line in iptables_save.lines() {
+        if let Some(table) = line.strip_prefix('*') {
+            in_filter = table.trim() == "filter";
+        } else if in_filter && let Some(chain) = line.strip_prefix(':') {
+            let mut words = chain.split_whitespace();
+            match words.next() {
+                Some("FORWARD") => policy = words.next(),
+                Some("DOCKER-USER" | "DOCKER") => docker = true,
+                _ => {}
+            }
+        }
+    }
+    (policy, docker)
+}
+
+/// Whether a rule in FORWARD or DOCKER-USER accepts forwarded traffic the
+/// node DNATed (a hostPort reached from another host) into `bridge`: the
+/// firewall plugin accepts only connections a pod started.
+fn accepts_dnat(iptables_save: &str, bridge: Option<&str>) -> bool {
+    iptables_save.lines().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let arg = |flag: &str| words.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+        matches!(words.get(..2), Some(["-A", "FORWARD" | "DOCKER-USER"]))
+            && arg("--ctstate").is_some_and(|s| s.split(',').any(|s| s == "DNAT"))
+            && arg("-j") == Some("ACCEPT")
+            && arg("-o").is_none_or(|o| Some(o) == bridge)
+    })
+}
+
+/// One line on whether forwarded pod traffic survives the host's FORWARD
+/// chain. With policy DROP (Docker sets it) routed pod traffic (egress,
+/// hostPorts reached through the node) is dropped, and with bridge
+/// netfilter on (`bridge-nf-call-iptables`) so is pod-to-pod traffic on
+/// the bridge, unless the chain accepts it (the `firewall` plugin).
+fn forward_finding(iptables_save: &str, bridge_nf: bool, net: &PodNet) -> Finding {
+    const WHAT: &str = "pod forwarding";
+    let (policy, docker) = forward_policy(iptables_save);
+    let by = if docker { " (set by Docker)" } else { "" };
+    match policy {
+        Some("DROP")
+            if net.has_firewall
+                && net.has_portmap
+                && !accepts_dnat(iptables_save, net.bridge.as_deref()) =>
+        {
+            finding(
+                Level::Warn,
+                WHAT,
+                format!(
+                    "FORWARD policy DROP{by}: the firewall plugin in {} accepts the pods' traffic, \
+                     but new connections from other hosts to hostPorts are dropped: \
+                     iptables -I {} {}-m conntrack --ctstate DNAT -j ACCEPT",
+                    net.source.display(),
+                    if docker { "DOCKER-USER" } else { "FORWARD" },
+                    net.bridge
+                        .as_deref()
+                        .map_or(String::new(), |b| format!("-o {b} ")),
+                ),
+            )
+        }
+        Some("DROP") if net.has_firewall => finding(
+            Level::Ok,
+            WHAT,
+            format!(
+                "FORWARD policy DROP{by}; the firewall plugin in {} accepts the pods' traffic",
+                net.source.display()
+            ),
+        ),
+        Some("DROP") => {
+            let dropped = if bridge_nf {
+                "pod-to-pod (bridge netfilter is on), pod egress and hostPort traffic"
+            } else {
+                "pod egress and hostPort traffic"
+            };
+            let bridge = net
+                .bridge
+                .as_deref()
+                .map_or(String::new(), |b| format!(" on {b}"));
+            finding(
+                Level::Fail,
+                WHAT,
+                format!(
+                    "FORWARD policy DROP{by} drops {dropped}{bridge}: add {{\"type\": \"firewall\"}} \
+                     at the end of the plugins in {}",
+                    net.source.display()
+                ),
+            )
+        }
+        Some(p) => finding(Level::Ok, WHAT, format!("FORWARD policy {p}")),
+        None => finding(
+            Level::Warn,
+            WHAT,
+            "no FORWARD chain in iptables-save's filter table: cannot tell whether pod traffic is dropped",
+        ),
+    }
+}
+
+async fn check_forward(cfg: &Config) -> Option<Finding> {
+    let set = cni::config::load_dir(&cfg.cni_conf_dir);
+    let net = PodNet::of(set.networks.get(set.default.as_ref()?)?);
+    let out = tokio::process::Command::new("iptables-save")
+        .args(["-t", "filter"])
+        .kill_on_drop(true)
+        .output();
+    let text = match tokio::time::timeout(Duration::from_secs(10), out).await {
+        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(Ok(o)) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            return Some(finding(
+                Level::Warn,
+                "pod forwarding",
+                format!("iptables-save failed ({}): {}", o.status, err.trim()),
+            ));
+        }
+        Ok(Err(e)) => {
+            return Some(finding(
+                Level::Warn,
+                "pod forwarding",
+                format!("cannot run iptables-save: {e}"),
+            ));
+        }
+        Err(_) => {
+            return Some(finding(
+                Level::Warn,
+                "pod forwarding",
+                "iptables-save did not answer within 10s",
+            ));
+        }
+    };
+    // The sysctl exists only while br_netfilter is loaded: absent = off.
+    let bridge_nf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        .is_ok_and(|v| v.trim() == "1");
+    Some(forward_finding(&text, bridge_nf, &net))
+}
+
 /// The delegating plugin's config must be the first the runtime reads.
 fn check_delegate(cfg: &Config) -> Vec<Finding> {
     let mut out = vec![];
@@ -280,6 +456,7 @@ fn check_static_pods(cfg: &Config) -> Finding {
 pub async fn run(cfg: &Config) -> Vec<Finding> {
     let mut out = vec![check_runtime(cfg).await, check_oom()];
     out.extend(check_cni(cfg).await);
+    out.extend(check_forward(cfg).await);
     out.extend(check_delegate(cfg));
     out.push(check_static_pods(cfg));
     out.push(check_agent(cfg).await);
@@ -317,6 +494,115 @@ mod tests {
         for f in &report {
             assert_eq!(f.to_string().lines().count(), 1, "{f}");
         }
+    }
+
+    /// `iptables-save -t filter` on a host running a Docker engine with no
+    /// containers (taken on this project's machines).
+    const DOCKER_FILTER: &str = "# Generated by iptables-save v1.8.9 (nf_tables)
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:DOCKER - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-ISOLATION-STAGE-2 - [0:0]
+:DOCKER-USER - [0:0]
+-A FORWARD -j DOCKER-USER
+-A FORWARD -j DOCKER-ISOLATION-STAGE-1
+-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -o docker0 -j DOCKER
+-A FORWARD -i docker0 ! -o docker0 -j ACCEPT
+-A FORWARD -i docker0 -o docker0 -j ACCEPT
+-A DOCKER-USER -j RETURN
+COMMIT
+";
+
+    fn pod_net(has_firewall: bool) -> PodNet {
+        PodNet {
+            source: "/etc/minilet/net.d/10-bridge.conflist".into(),
+            bridge: Some("minilet0".into()),
+            has_firewall,
+            has_portmap: false,
+        }
+    }
+
+    #[test]
+    fn host_ports_from_other_hosts_need_a_dnat_accept() {
+        let net = PodNet {
+            has_portmap: true,
+            ..pod_net(true)
+        };
+        let f = forward_finding(DOCKER_FILTER, true, &net);
+        assert_eq!(f.level, Level::Warn, "{f}");
+        assert_eq!(f.to_string().lines().count(), 1, "{f}");
+        assert!(
+            f.detail.ends_with(
+                "iptables -I DOCKER-USER -o minilet0 -m conntrack --ctstate DNAT -j ACCEPT"
+            ),
+            "{f}"
+        );
+        // The rule it names, as iptables-save prints it once added.
+        let fixed = DOCKER_FILTER.replace(
+            "-A DOCKER-USER -j RETURN",
+            "-A DOCKER-USER -o minilet0 -m conntrack --ctstate DNAT -j ACCEPT\n-A DOCKER-USER -j RETURN",
+        );
+        assert_eq!(forward_finding(&fixed, true, &net).level, Level::Ok);
+        // One for another bridge does not count.
+        let other = fixed.replace("-o minilet0", "-o br-other");
+        assert_eq!(forward_finding(&other, true, &net).level, Level::Warn);
+    }
+
+    #[test]
+    fn docker_forward_drop_without_a_fix_names_the_problem_and_the_fix() {
+        let f = forward_finding(DOCKER_FILTER, true, &pod_net(false));
+        assert_eq!(f.level, Level::Fail);
+        assert_eq!(f.to_string().lines().count(), 1, "{f}");
+        for part in [
+            "FORWARD policy DROP (set by Docker)",
+            "pod-to-pod (bridge netfilter is on)",
+            "hostPort",
+            "on minilet0",
+            r#"add {"type": "firewall"}"#,
+            "/etc/minilet/net.d/10-bridge.conflist",
+        ] {
+            assert!(f.detail.contains(part), "{part:?} missing from: {f}");
+        }
+        // Bridge netfilter off: traffic on the bridge stays L2, only
+        // routed traffic meets the policy.
+        let f = forward_finding(DOCKER_FILTER, false, &pod_net(false));
+        assert_eq!(f.level, Level::Fail);
+        assert!(!f.detail.contains("pod-to-pod"), "{f}");
+        assert!(f.detail.contains("pod egress and hostPort"), "{f}");
+    }
+
+    #[test]
+    fn forward_is_fine_with_the_firewall_plugin_or_an_accept_policy() {
+        let f = forward_finding(DOCKER_FILTER, true, &pod_net(true));
+        assert_eq!(f.level, Level::Ok, "{f}");
+        assert!(f.detail.contains("firewall plugin"), "{f}");
+        // Only the filter table's FORWARD counts (mangle has one too).
+        let plain = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\nCOMMIT\n\
+                     *mangle\n:FORWARD DROP [0:0]\nCOMMIT\n";
+        let f = forward_finding(plain, true, &pod_net(false));
+        assert_eq!(f.level, Level::Ok, "{f}");
+        assert_eq!(f.detail, "FORWARD policy ACCEPT");
+        // A DROP not made by Docker is reported without blaming it.
+        let own = "*filter\n:FORWARD DROP [0:0]\nCOMMIT\n";
+        let f = forward_finding(own, true, &pod_net(false));
+        assert_eq!(f.level, Level::Fail);
+        assert!(!f.detail.contains("Docker"), "{f}");
+        let f = forward_finding("", true, &pod_net(false));
+        assert_eq!(f.level, Level::Warn, "{f}");
+    }
+
+    #[test]
+    fn the_example_chain_carries_the_fix() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cni/10-bridge.conflist");
+        let net = PodNet::of(&cni::config::load_file(&path).unwrap());
+        assert_eq!(net.bridge.as_deref(), Some("minilet0"));
+        assert!(net.has_firewall && net.has_portmap, "{net:?}");
+        let f = forward_finding(DOCKER_FILTER, true, &net);
+        assert_ne!(f.level, Level::Fail, "{f}");
     }
 
     #[test]

@@ -127,7 +127,10 @@ impl Agent {
                 {"type": "bridge", "bridge": BRIDGE, "isGateway": true, "ipMasq": true, "hairpinMode": true,
                  "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("{SUBNET_PREFIX}0.0/16")}]],
                           "routes": [{"dst": "0.0.0.0/0"}], "dataDir": root.join("ipam")}},
-                {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
+                {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true},
+                // Accepts the pods' traffic in FORWARD, which a Docker
+                // engine's policy DROP would otherwise drop (docker.rs).
+                {"type": "firewall"}
             ]
         });
         std::fs::write(

@@ -4,6 +4,7 @@
 //! They need root and the stack, and FAIL (never skip) without them.
 
 mod cni;
+mod docker;
 mod harness;
 mod input;
 mod lifecycle;

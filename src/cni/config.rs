@@ -727,7 +727,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cni/10-bridge.conflist");
         let l = load_file(&path).unwrap();
         let types: Vec<_> = l.plugins.iter().map(|p| p.plugin_type.as_str()).collect();
-        assert_eq!(types, ["bridge", "portmap"]);
+        assert_eq!(types, ["bridge", "portmap", "firewall"]);
         assert_eq!(l.cni_version, "1.0.0");
         assert!(l.plugins[1].has_capability("portMappings"));
     }

@@ -207,6 +207,9 @@ async fn bridge_pods_reach_each_other_with_tuning_bandwidth_and_an_extra_network
                    "sysctl": {"net.ipv4.conf.eth0.arp_ignore": "1"}}),
             json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
             json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
+            // A Docker engine's FORWARD policy DROP (with bridge netfilter
+            // on) would drop the pings between the pods otherwise.
+            json!({"type": "firewall"}),
         ],
     );
     let extra = bridge_net(
