@@ -20,7 +20,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # Unit tests in parallel; the end-to-end suite serialises itself. Benches
 # are type-checked by clippy above and run with `cargo bench`, not here.
-cargo test --lib --bins --tests
+cargo test --features fault-injection --lib --bins --tests  # e2e needs the fault hook
+integration/build-release.sh >/dev/null  # the shipped binary: fails if test-only code is in it
 
 netns_after=$(find /var/run/netns -maxdepth 1 -name 'cni-*' 2>/dev/null | wc -l)
 if [[ $netns_after != "$netns_before" ]]; then

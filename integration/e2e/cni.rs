@@ -330,10 +330,24 @@ fn churn_of_100_pods_leaves_nothing_behind() {
     });
 }
 
+/// The fault hook exists only in builds with the `fault-injection` feature
+/// (never the shipped binary): without it the tests that need it fail, and
+/// say how to run them.
+#[cfg(not(feature = "fault-injection"))]
+fn needs_fault_hook() {
+    panic!(
+        "this test needs minilet's fault hook: run the e2e suite with \
+         `cargo test --features fault-injection` (integration/test.sh does)"
+    );
+}
+#[cfg(feature = "fault-injection")]
+fn needs_fault_hook() {}
+
 /// kill -9 of the agent between the plugins' ADD and the cache write
 /// (a fault hook), then a restart: GC releases what the dead ADD held.
 #[test]
 fn kill9_between_add_and_cache_write_is_collected() {
+    needs_fault_hook();
     on_stack(async {
         let options = Options {
             env: vec![("MINILET_FAULT".into(), "cni-abort-after-add".into())],
@@ -389,6 +403,7 @@ fn kill9_between_add_and_cache_write_is_collected() {
 /// the write-ahead entry, releasing the address.
 #[test]
 fn gc_after_a_restart_releases_what_a_killed_add_held() {
+    needs_fault_hook();
     on_stack(async {
         let mut agent = Agent::start("e2e-gc");
         agent.kill9();

@@ -16,10 +16,12 @@
 //! operations on a container; the agent gets them from several runtimes'
 //! plugin processes), different containers run in parallel.
 //!
-//! Test-only fault hook: with `MINILET_FAULT=cni-abort-after-add` in the
-//! environment (read once, when the runner is built) the process aborts
-//! right after a successful ADD of all plugins and before the result is
-//! cached — the "kill -9 at the worst moment" of the GC tests.
+//! Test-only fault hook, compiled only with the `fault-injection` feature
+//! (the end-to-end suite's builds, never the shipped binary): with
+//! `MINILET_FAULT=cni-abort-after-add` in the environment (read once, when
+//! the runner is built) the process aborts right after a successful ADD of
+//! all plugins and before the result is cached — the "kill -9 at the worst
+//! moment" of the GC tests.
 //!
 //! Side effects: runs plugins through `PluginExec`, writes and removes the
 //! result cache, records metrics.
@@ -38,6 +40,7 @@ use super::observe::{CniMetrics, short_duration};
 use super::version::{self, ConvertError, PluginInfo};
 
 /// The environment value of the fault hook (see the module header).
+#[cfg(feature = "fault-injection")]
 pub const FAULT_ABORT_AFTER_ADD: &str = "cni-abort-after-add";
 
 /// Cache entries younger than this are left alone by GC: a sandbox whose
@@ -300,6 +303,7 @@ pub struct CniRunner<E: PluginExec> {
     /// Plugin type → (binary identity, its VERSION answer).
     versions: Mutex<HashMap<String, (String, PluginInfo)>>,
     gc_grace: Duration,
+    #[cfg(feature = "fault-injection")]
     abort_after_add: bool,
 }
 
@@ -318,6 +322,7 @@ impl<E: PluginExec> CniRunner<E> {
             locks: ContainerLocks::default(),
             versions: Mutex::default(),
             gc_grace: DEFAULT_GC_GRACE,
+            #[cfg(feature = "fault-injection")]
             abort_after_add: std::env::var("MINILET_FAULT")
                 .is_ok_and(|v| v == FAULT_ABORT_AFTER_ADD),
         }
@@ -461,6 +466,7 @@ impl<E: PluginExec> CniRunner<E> {
             }
         }
         let result = prev.expect("a validated list has at least one plugin");
+        #[cfg(feature = "fault-injection")]
         if self.abort_after_add {
             // Test-only: see the module header.
             tracing::error!(

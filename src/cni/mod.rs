@@ -14,6 +14,7 @@ pub mod chain;
 pub mod config;
 pub mod delegate;
 pub mod exec;
+#[cfg(test)]
 pub mod fake;
 pub mod install;
 pub mod observe;
