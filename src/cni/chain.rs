@@ -14,7 +14,11 @@
 //!
 //! Operations on one container id are serialised (the spec forbids parallel
 //! operations on a container; the agent gets them from several runtimes'
-//! plugin processes), different containers run in parallel.
+//! plugin processes), different containers run in parallel: first among
+//! this process's tasks, then, through the cache's per-container file lock,
+//! with other processes (a delegating plugin running DEL or CHECK itself
+//! while the agent is down, `minilet cni`). GC skips a container another
+//! process holds, and one whose entry went while it waited.
 //!
 //! Test-only fault hook, compiled only with the `fault-injection` feature
 //! (the end-to-end suite's builds, never the shipped binary): with
@@ -33,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
-use super::cache::{CACHE_KIND, CacheError, CachedAttachment, ResultCache};
+use super::cache::{CACHE_KIND, CacheError, CachedAttachment, ContainerLock, ResultCache};
 use super::config::{NetworkConfigList, NetworkStore, PluginConfig, is_identifier};
 use super::exec::{Command, ExecError, PluginEnv, PluginError, PluginExec, codes, parse_result};
 use super::observe::{CniMetrics, short_duration};
@@ -292,6 +296,22 @@ pub struct GcReport {
     pub errors: Vec<String>,
 }
 
+/// How GC's DEL of one stale attachment went, when it didn't fail.
+enum GcStep {
+    Deleted,
+    /// Another process holds the container: deferred.
+    Busy,
+    /// Its entry went while GC waited for the lock: someone else deleted it.
+    Gone,
+}
+
+/// A container locked in this process and across processes. Fields drop in
+/// order: the file lock first, then this process's.
+struct Locked {
+    _file: ContainerLock,
+    _task: ContainerGuard,
+}
+
 /// Runs the networks' chains. Generic over the executor so tests can use
 /// script plugins or the scripted fake.
 pub struct CniRunner<E: PluginExec> {
@@ -414,7 +434,7 @@ impl<E: PluginExec> CniRunner<E> {
         att.validate().map_err(CniError::InvalidAttachment)?;
         let net = self.network(network)?;
         report.network.clone_from(&net.name);
-        let _guard = self.locks.lock(&att.container_id).await;
+        let _guard = self.lock(&net.name, &att.container_id).await?;
         self.check_versions(&net, &net.plugins).await?;
         let cache_err = |source| CniError::Cache {
             network: net.name.clone(),
@@ -512,11 +532,30 @@ impl<E: PluginExec> CniRunner<E> {
             att.validate().map_err(CniError::InvalidAttachment)?;
             let name = self.resolve_name(network)?;
             report.network.clone_from(&name);
-            let _guard = self.locks.lock(&att.container_id).await;
+            let _guard = self.lock(&name, &att.container_id).await?;
             self.del_locked(&name, att, fallback, &mut report).await
         }
         .await;
         (r, report)
+    }
+
+    /// Both locks of a container, held until the guard drops: this
+    /// process's (so one of its tasks at a time waits for the file lock),
+    /// then the cache's file lock, shared with other processes.
+    async fn lock(&self, network: &str, container_id: &str) -> Result<Locked, CniError> {
+        let task = self.locks.lock(container_id).await;
+        let file = self
+            .cache
+            .lock(container_id)
+            .await
+            .map_err(|source| CniError::Cache {
+                network: network.to_owned(),
+                source,
+            })?;
+        Ok(Locked {
+            _file: file,
+            _task: task,
+        })
     }
 
     /// A network name with `""` resolved to the default's.
@@ -630,7 +669,7 @@ impl<E: PluginExec> CniRunner<E> {
             att.validate().map_err(CniError::InvalidAttachment)?;
             let name = self.resolve_name(network)?;
             report.network.clone_from(&name);
-            let _guard = self.locks.lock(&att.container_id).await;
+            let _guard = self.lock(&name, &att.container_id).await?;
             let cached = self.cached(&name, att).await;
             let net = self.config_for(&name, cached.as_ref())?;
             if !version::at_least(&net.cni_version, "0.4.0") {
@@ -749,13 +788,35 @@ impl<E: PluginExec> CniRunner<E> {
             let att = Attachment::from_cached(entry);
             let mut op = OpReport::default();
             let r = async {
-                let _guard = self.locks.lock(&att.container_id).await;
+                let cache_err = |source| CniError::Cache {
+                    network: entry.network_name.clone(),
+                    source,
+                };
+                let _task = self.locks.lock(&att.container_id).await;
+                // Another process on it (a plugin running DEL without the
+                // agent): leave it to that one, look again next pass.
+                let Some(_file) = self.cache.try_lock(&att.container_id).map_err(cache_err)? else {
+                    return Ok(GcStep::Busy);
+                };
+                // An operation that held the lock before us may have
+                // deleted it already.
+                if self
+                    .cache
+                    .load(&entry.network_name, &att.container_id, &att.ifname)
+                    .await
+                    .is_ok_and(|e| e.is_none())
+                {
+                    return Ok(GcStep::Gone);
+                }
                 self.del_locked(&entry.network_name, &att, None, &mut op)
                     .await
+                    .map(|()| GcStep::Deleted)
             }
             .await;
             match r {
-                Ok(()) => {
+                Ok(GcStep::Busy) => report.deferred.push(key),
+                Ok(GcStep::Gone) => {}
+                Ok(GcStep::Deleted) => {
                     tracing::info!(network = %key.0, container_id = %key.1, ifname = %key.2, pending = entry.result.is_null(), "gc: deleted stale attachment");
                     report.deleted.push(key);
                 }
@@ -1675,6 +1736,21 @@ mod tests {
         assert!(report.deleted.is_empty());
         assert_eq!(report.deferred.len(), 2);
         let runner = runner.with_gc_grace(Duration::ZERO);
+        // Another process (a plugin running DEL without the agent) holds
+        // dead1: left to it, nothing runs.
+        let before = runner.exec.op_calls().len();
+        let other = ResultCache::new(runner.cache().dir());
+        let held = other.lock("dead1").await.unwrap();
+        let report = runner.gc(&live).await;
+        assert!(report.deleted.is_empty(), "{report:?}");
+        assert_eq!(report.deferred.len(), 2);
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert_eq!(
+            runner.exec.op_calls().len() - before,
+            2,
+            "only the GC verbs ran"
+        );
+        drop(held);
         let before = runner.exec.op_calls().len();
         let report = runner.gc(&live).await;
         assert!(report.errors.is_empty(), "{report:?}");

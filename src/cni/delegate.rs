@@ -3,15 +3,23 @@
 //! (minilet collects its own attachments), and forwards ADD, DEL, CHECK and
 //! STATUS over the agent's root-only unix socket; the agent runs its own
 //! networks and answers with the result or a CNI error, which this prints
-//! in the CNI wire format, the result converted to the runtime's cniVersion. This file also defines that socket's request/response
-//! types, shared with `server`.
+//! in the CNI wire format, the result converted to the runtime's cniVersion.
+//! This file also defines that socket's request/response types, shared with
+//! `server`.
 //!
-//! It runs as a short-lived process per CNI call, so it is synchronous and
-//! std-only (no tokio runtime): it must start fast and can never hang — the
-//! connect is bounded by 2 s and the whole exchange by `timeoutSeconds`.
+//! When no agent listens on the socket (no socket file, or a stale one),
+//! DEL and CHECK run here instead (`local`), from the agent settings the
+//! runtime's config carries under `withoutAgent`: tearing a pod down must
+//! not depend on the agent being up. ADD (and STATUS) fail fast with "agent
+//! not running".
+//!
+//! It runs as a short-lived process per CNI call, so the forwarding path is
+//! synchronous and std-only (no tokio runtime): it must start fast and can
+//! never hang — the connect is bounded by 2 s and the whole exchange by
+//! `timeoutSeconds`, which also bounds a DEL or CHECK run here.
 //!
 //! Side effects: reads the environment and stdin, dials the agent socket,
-//! writes stdout.
+//! writes stdout; without an agent, those of `local`.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -87,6 +95,10 @@ struct DelegateConf {
     runtime_config: Map<String, Value>,
     #[serde(default)]
     prev_result: Option<Value>,
+    /// What DEL and CHECK run with when the agent is not there (configs
+    /// written by older agents lack it: those fail as ADD does).
+    #[serde(default)]
+    without_agent: Option<super::local::Settings>,
 }
 
 /// Converts the agent's result into the runtime's version.
@@ -110,7 +122,7 @@ pub fn parse_cni_args(s: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
-fn err(code: u32, msg: impl Into<String>) -> PluginError {
+pub(crate) fn err(code: u32, msg: impl Into<String>) -> PluginError {
     PluginError {
         cni_version: String::new(),
         code,
@@ -241,7 +253,27 @@ fn handle(
             .unwrap_or(DEFAULT_TIMEOUT_SECONDS)
             .max(1),
     );
-    let response = call_agent(&socket, &request, timeout)?;
+    let stream = match connect(&socket, CONNECT_TIMEOUT.min(timeout)) {
+        Ok(stream) => stream,
+        Err(e) => {
+            // No agent at all (not merely a slow one): DEL and CHECK are
+            // run here, so a pod can be torn down while the agent is down.
+            let absent = matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            );
+            return match conf.without_agent {
+                Some(settings) if absent && super::local::runs_without_agent(command) => {
+                    super::local::run(&settings, &request, timeout).map(|_| None)
+                }
+                _ => Err(err(
+                    codes::TRY_AGAIN_LATER,
+                    format!("agent not running at {}: {e}", socket.display()),
+                )),
+            };
+        }
+    };
+    let response = call_agent(stream, &socket, &request, timeout)?;
     if let Some(e) = response.error {
         return Err(e);
     }
@@ -256,19 +288,15 @@ fn handle(
     }
 }
 
-/// One request/response exchange with the agent, bounded by `timeout`.
+/// One request/response exchange with the agent on `stream` (connected to
+/// `socket`), bounded by `timeout`.
 fn call_agent(
+    mut stream: UnixStream,
     socket: &Path,
     request: &AgentRequest,
     timeout: Duration,
 ) -> Result<AgentResponse, PluginError> {
     let deadline = Instant::now() + timeout;
-    let not_running = |e: std::io::Error| {
-        err(
-            codes::TRY_AGAIN_LATER,
-            format!("agent not running at {}: {e}", socket.display()),
-        )
-    };
     let too_slow = || {
         err(
             codes::TRY_AGAIN_LATER,
@@ -279,7 +307,6 @@ fn call_agent(
             ),
         )
     };
-    let mut stream = connect(socket, CONNECT_TIMEOUT.min(timeout)).map_err(not_running)?;
     let io_err = |e: std::io::Error| {
         if matches!(
             e.kind(),
