@@ -253,27 +253,42 @@ fn handle(
             .unwrap_or(DEFAULT_TIMEOUT_SECONDS)
             .max(1),
     );
-    let stream = match connect(&socket, CONNECT_TIMEOUT.min(timeout)) {
-        Ok(stream) => stream,
-        Err(e) => {
-            // No agent at all (not merely a slow one): DEL and CHECK are
-            // run here, so a pod can be torn down while the agent is down.
-            let absent = matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            );
-            return match conf.without_agent {
-                Some(settings) if absent && super::local::runs_without_agent(command) => {
-                    super::local::run(&settings, &request, timeout).map(|_| None)
-                }
-                _ => Err(err(
-                    codes::TRY_AGAIN_LATER,
-                    format!("agent not running at {}: {e}", socket.display()),
-                )),
-            };
+    // DEL and CHECK are idempotent: when the agent goes away mid-request
+    // (stopping, or dying: the connection breaks before any answer), ask
+    // again; with no agent left they run here.
+    let mut lost = 0;
+    let response = loop {
+        let stream = match connect(&socket, CONNECT_TIMEOUT.min(timeout)) {
+            Ok(stream) => stream,
+            Err(e) => {
+                // No agent at all (not merely a slow one): DEL and CHECK
+                // run here, so a pod can be torn down while it is down.
+                let absent = matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                );
+                return match conf.without_agent {
+                    Some(settings) if absent && super::local::runs_without_agent(command) => {
+                        super::local::run(&settings, &request, timeout).map(|_| None)
+                    }
+                    _ => Err(err(
+                        codes::TRY_AGAIN_LATER,
+                        format!("agent not running at {}: {e}", socket.display()),
+                    )),
+                };
+            }
+        };
+        match call_agent(stream, &socket, &request, timeout) {
+            Ok(response) => break response,
+            Err(CallError::Lost(_))
+                if super::local::runs_without_agent(command) && lost < LOST_RETRIES =>
+            {
+                lost += 1;
+                std::thread::sleep(LOST_PAUSE);
+            }
+            Err(CallError::Lost(e) | CallError::Failed(e)) => return Err(e),
         }
     };
-    let response = call_agent(stream, &socket, &request, timeout)?;
     if let Some(e) = response.error {
         return Err(e);
     }
@@ -288,6 +303,36 @@ fn handle(
     }
 }
 
+/// How often DEL or CHECK is asked again after the agent went away
+/// mid-request, and the pause before each time.
+const LOST_RETRIES: u32 = 3;
+const LOST_PAUSE: Duration = Duration::from_millis(100);
+
+/// Why an exchange with the agent failed.
+enum CallError {
+    /// The connection broke before any byte of an answer: the agent went
+    /// away mid-request (it stopped, or died).
+    Lost(PluginError),
+    /// Anything else: a timeout, a bad answer.
+    Failed(PluginError),
+}
+
+impl From<PluginError> for CallError {
+    fn from(e: PluginError) -> Self {
+        CallError::Failed(e)
+    }
+}
+
+/// Whether an I/O error means the peer is gone.
+fn peer_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::NotConnected
+    )
+}
+
 /// One request/response exchange with the agent on `stream` (connected to
 /// `socket`), bounded by `timeout`.
 fn call_agent(
@@ -295,7 +340,7 @@ fn call_agent(
     socket: &Path,
     request: &AgentRequest,
     timeout: Duration,
-) -> Result<AgentResponse, PluginError> {
+) -> Result<AgentResponse, CallError> {
     let deadline = Instant::now() + timeout;
     let too_slow = || {
         err(
@@ -312,12 +357,17 @@ fn call_agent(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ) {
-            too_slow()
+            CallError::Failed(too_slow())
         } else {
-            err(
+            let pe = err(
                 codes::IO_FAILURE,
                 format!("talking to the agent at {}: {e}", socket.display()),
-            )
+            );
+            if peer_gone(&e) {
+                CallError::Lost(pe)
+            } else {
+                CallError::Failed(pe)
+            }
         }
     };
     let remaining = || {
@@ -342,29 +392,47 @@ fn call_agent(
             .set_read_timeout(Some(remaining().ok_or_else(too_slow)?))
             .map_err(io_err)?;
         match stream.read(&mut buf) {
+            Ok(0) if reply.is_empty() => {
+                return Err(CallError::Lost(err(
+                    codes::IO_FAILURE,
+                    format!(
+                        "the agent at {} closed the connection without an answer",
+                        socket.display()
+                    ),
+                )));
+            }
             Ok(0) => break,
             Ok(n) => {
                 reply.extend_from_slice(&buf[..n]);
                 if reply.len() as u64 > MAX_MESSAGE {
-                    return Err(err(
+                    return Err(CallError::Failed(err(
                         codes::DECODE_FAILURE,
                         "the agent's answer is too large",
-                    ));
+                    )));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err(e)),
+            Err(e) if reply.is_empty() => return Err(io_err(e)),
+            Err(e) => return Err(CallError::Failed(io_err(e).into_inner())),
         }
     }
     serde_json::from_slice(&reply).map_err(|e| {
-        err(
+        CallError::Failed(err(
             codes::DECODE_FAILURE,
             format!(
                 "the agent's answer is not valid ({e}): {:?}",
                 super::exec::head(&reply)
             ),
-        )
+        ))
     })
+}
+
+impl CallError {
+    fn into_inner(self) -> PluginError {
+        match self {
+            CallError::Lost(e) | CallError::Failed(e) => e,
+        }
+    }
 }
 
 /// `UnixStream::connect` with a bound: it can block when the agent's accept

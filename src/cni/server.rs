@@ -902,6 +902,21 @@ mod tests {
         conf.to_string()
     }
 
+    /// An agent whose pod `uid` (with `annotations`) was ADDed through the
+    /// plugin, then stopped (SIGTERM: its socket file stays, stale).
+    /// Returns it, the runtime config and the ADD's result.
+    async fn added_then_stopped(uid: &str, annotations: &[(&str, &str)]) -> (Agent, String, Value) {
+        let mut agent = start_agent().await;
+        agent.pods.set(uid, annotations);
+        let conf = runtime_conf_without_agent(&agent);
+        let (code, out, _) = run_plugin("ADD", uid, conf.clone()).await;
+        assert_eq!(code, 0, "{out}");
+        agent.cancel.cancel();
+        (&mut agent.task).await.unwrap();
+        assert!(agent.socket.exists());
+        (agent, conf, serde_json::from_str(&out).unwrap())
+    }
+
     /// The message of the "try again later" error the plugin printed.
     fn try_again_msg(out: &str) -> String {
         let e: Value = serde_json::from_str(out).unwrap();
@@ -921,18 +936,8 @@ mod tests {
     /// networks included); ADD still fails fast.
     #[tokio::test(flavor = "multi_thread")]
     async fn without_the_agent_del_and_check_run_in_the_plugin() {
-        let mut agent = start_agent().await;
-        agent
-            .pods
-            .set("uid-multi", &[(podnet::NETWORKS_ANNOTATION, "net-a")]);
-        let conf = runtime_conf_without_agent(&agent);
-        let (code, out, _) = run_plugin("ADD", "uid-multi", conf.clone()).await;
-        assert_eq!(code, 0, "{out}");
-        let added: Value = serde_json::from_str(&out).unwrap();
-        // SIGTERM: the agent stops serving, its socket file stays (stale).
-        agent.cancel.cancel();
-        (&mut agent.task).await.unwrap();
-        assert!(agent.socket.exists());
+        let (agent, conf, added) =
+            added_then_stopped("uid-multi", &[(podnet::NETWORKS_ANNOTATION, "net-a")]).await;
 
         let n = full_log(&agent).len();
         let (code, out, _) = run_plugin("CHECK", "uid-multi", conf.clone()).await;
@@ -984,16 +989,47 @@ mod tests {
         assert!(out.contains("agent not running at"), "{out}");
     }
 
+    /// The agent dies while a DEL is in flight (it took the connection and
+    /// never answered): the plugin asks again, finds no agent, and runs the
+    /// DEL itself. An ADD that loses its agent fails.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn agent_dying_mid_del_leaves_the_del_to_the_plugin() {
+        let (agent, conf, _) = added_then_stopped("uid-known", &[]).await;
+        // A dying agent: takes one connection, drops it unanswered, goes.
+        let dying = |socket: PathBuf| {
+            let _ = std::fs::remove_file(&socket);
+            let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+            std::thread::spawn(move || {
+                let (conn, _) = listener.accept().unwrap();
+                drop(conn);
+                drop(listener);
+                std::fs::remove_file(&socket).unwrap();
+            })
+        };
+        let t = dying(agent.socket.clone());
+        let (code, out, _) = run_plugin("ADD", "uid-known", conf.clone()).await;
+        t.join().unwrap();
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("without an answer") || out.contains("talking to the agent"),
+            "{out}"
+        );
+
+        let t = dying(agent.socket.clone());
+        let n = full_log(&agent).len();
+        let (code, out, _) = run_plugin("DEL", "uid-known", conf).await;
+        t.join().unwrap();
+        assert_eq!((code, out.as_str()), (0, ""));
+        assert_eq!(ops_since(&agent, n), ["ports DEL", "first DEL"]);
+        let cache = ResultCache::new(agent.dir.path().join("cache"));
+        assert!(cache.list().await.unwrap().is_empty(), "cache released");
+    }
+
     /// A plugin running DEL without the agent and an agent starting at the
     /// same moment: the cache's per-container file lock serialises them.
     #[tokio::test(flavor = "multi_thread")]
     async fn del_without_the_agent_waits_for_the_containers_lock() {
-        let mut agent = start_agent().await;
-        let conf = runtime_conf_without_agent(&agent);
-        let (code, out, _) = run_plugin("ADD", "uid-known", conf.clone()).await;
-        assert_eq!(code, 0, "{out}");
-        agent.cancel.cancel();
-        (&mut agent.task).await.unwrap();
+        let (agent, conf, _) = added_then_stopped("uid-known", &[]).await;
         // The (restarted) agent holds sandbox1's lock for a while.
         let cache = ResultCache::new(agent.dir.path().join("cache"));
         let held = cache.lock("sandbox1").await.unwrap();
