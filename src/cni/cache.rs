@@ -266,6 +266,29 @@ impl ResultCache {
         }
     }
 
+    /// Removes the lock files nobody holds: a process killed while holding
+    /// a lock leaves its file behind (harmless, but it would stay forever
+    /// once nothing touches its container again). Returns the container ids
+    /// whose files went.
+    pub fn remove_idle_locks(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("locks")) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for name in rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+        {
+            // Taking it and letting it go removes the file.
+            if let Ok(Some(lock)) = self.try_lock(&name) {
+                drop(lock);
+                removed.push(name);
+            }
+        }
+        removed.sort();
+        removed
+    }
+
     /// Every readable entry of kind `cniCacheV1`, for GC: files that are not
     /// entries (temp files, other kinds, corrupt ones) are skipped.
     pub async fn list(&self) -> Result<Vec<CachedAttachment>, CacheError> {

@@ -836,6 +836,10 @@ impl<E: PluginExec> CniRunner<E> {
                 return report;
             }
         };
+        let stale_locks = self.cache.remove_idle_locks();
+        if !stale_locks.is_empty() {
+            tracing::info!(containers = ?stale_locks, "gc: removed lock files left by killed processes");
+        }
         let set = self.store.current();
         for net in set.networks.values() {
             if !version::at_least(&net.cni_version, "1.1.0") {
@@ -1751,9 +1755,19 @@ mod tests {
             "only the GC verbs ran"
         );
         drop(held);
+        // Processes killed while holding locks left their files.
+        let locks = runner.cache().dir().join("locks");
+        for cid in ["live1", "gone1"] {
+            std::fs::write(locks.join(cid), "").unwrap();
+        }
         let before = runner.exec.op_calls().len();
         let report = runner.gc(&live).await;
         assert!(report.errors.is_empty(), "{report:?}");
+        let left: Vec<_> = std::fs::read_dir(&locks)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(left.is_empty(), "idle lock files removed: {left:?}");
         assert_eq!(
             report.deleted,
             [
