@@ -96,9 +96,10 @@ struct DelegateConf {
     #[serde(default)]
     prev_result: Option<Value>,
     /// What DEL and CHECK run with when the agent is not there (configs
-    /// written by older agents lack it: those fail as ADD does).
+    /// written by older agents lack it: those fail as ADD does). Decoded
+    /// only when needed, so it can never break the forwarding path.
     #[serde(default)]
-    without_agent: Option<super::local::Settings>,
+    without_agent: Option<Value>,
 }
 
 /// Converts the agent's result into the runtime's version.
@@ -269,6 +270,13 @@ fn handle(
                 );
                 return match conf.without_agent {
                     Some(settings) if absent && super::local::runs_without_agent(command) => {
+                        let settings: super::local::Settings = serde_json::from_value(settings)
+                            .map_err(|e| {
+                                err(
+                                    codes::INVALID_CONFIG,
+                                    format!("decoding \"withoutAgent\": {e}"),
+                                )
+                            })?;
                         super::local::run(&settings, &request, timeout).map(|_| None)
                     }
                     _ => Err(err(
@@ -523,6 +531,38 @@ mod tests {
             r#"{"cniVersion":"1.1.0","name":"minilet","agentSocket":"/nonexistent","cni.dev/valid-attachments":[]}"#,
         );
         assert_eq!((code, out), (0, Value::Null));
+    }
+
+    #[test]
+    fn a_bad_without_agent_section_fails_only_the_fallback() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","agentSocket":"{}/none.sock","withoutAgent":{{"cniConfDir":7}}}}"#,
+            dir.path().display()
+        );
+        let env = |cmd| {
+            [
+                ("CNI_COMMAND", cmd),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_NETNS", "/var/run/netns/x"),
+                ("CNI_IFNAME", "eth0"),
+            ]
+        };
+        let (rc, out) = run_with(&env("DEL"), &conf);
+        assert_eq!(
+            (rc, out["code"].as_u64()),
+            (1, Some(codes::INVALID_CONFIG.into()))
+        );
+        assert!(
+            out["msg"].as_str().unwrap().contains("withoutAgent"),
+            "{out}"
+        );
+        // ADD never reads it: it fails for the missing agent, as always.
+        let (rc, out) = run_with(&env("ADD"), &conf);
+        assert_eq!(
+            (rc, out["code"].as_u64()),
+            (1, Some(codes::TRY_AGAIN_LATER.into()))
+        );
     }
 
     #[test]
