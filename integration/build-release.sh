@@ -12,6 +12,12 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
   cargo build --release --target "$host" --bin minilet >&2
 target_dir=${CARGO_TARGET_DIR:-target}
+# Nothing test-only ships: the fault hook is behind the `fault-injection`
+# feature and the fakes behind cfg(test); their names must not be in here.
+if grep -qaE 'MINILET_FAULT|FakeRuntime|FakeExec' "$target_dir/$host/release/minilet"; then
+  echo "build-release.sh: test-only code (fault hook or fakes) in the release binary" >&2
+  exit 1
+fi
 cp -f "$target_dir/$host/release/minilet" "$target_dir/minilet.new"
 mv -f "$target_dir/minilet.new" "$target_dir/minilet"
 realpath "$target_dir/minilet"

@@ -49,6 +49,7 @@ step fmt;           cargo fmt --all -- --check
 step clippy;        cargo clippy --all-targets -- -D warnings
 # Unit tests in parallel; the end-to-end suite serialises itself. Benches
 # are type-checked by clippy above and run with `cargo bench`, not here.
-step tests;         cargo test --lib --bins --tests
+step tests;         cargo test --features fault-injection --lib --bins --tests  # e2e needs the fault hook
+step "release binary"; integration/build-release.sh >/dev/null  # the shipped binary: fails if test-only code is in it
 step "netns leak";  netns_after=$(netns_count)
 [[ $netns_after == "$netns_before" ]] || die "netns leaked: $netns_before before, $netns_after after"

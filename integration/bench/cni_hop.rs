@@ -386,7 +386,7 @@ struct Runtime {
 
 impl Runtime {
     fn new(plugin: PathBuf, socket: &Path) -> Result<Runtime> {
-        let list: Value = serde_json::from_slice(&install::runtime_conflist(socket))?;
+        let list: Value = serde_json::from_slice(&install::runtime_conflist(socket, None))?;
         let mut conf = list["plugins"][0].clone();
         if !conf.is_object() {
             bail!("runtime_conflist has no plugin: {list}");

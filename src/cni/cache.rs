@@ -6,8 +6,14 @@
 //! The layout is libcni's (`<cniCacheDir>/results/<net>-<containerid>-<ifname>`
 //! holding a `cniCacheV1` object), so tools that read libcni caches read ours.
 //!
+//! Operations on one container are serialised across processes (the agent,
+//! and the delegating plugin running DEL or CHECK itself while the agent is
+//! down) by a per-container lock: an exclusive `flock` on
+//! `<dir>/locks/<container id>`, a file that exists only while it is held.
+//!
 //! Side effects: creates `<dir>/results`, writes files there atomically
-//! (temp file + rename), reads and removes them.
+//! (temp file + rename), reads and removes them; creates, locks and removes
+//! the lock files in `<dir>/locks`.
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +54,87 @@ pub enum CacheError {
         #[source]
         source: serde_json::Error,
     },
+    /// A container id that can't name a lock file (not a CNI identifier).
+    #[error("container id {container_id:?} can't name a lock file")]
+    BadContainerId { container_id: String },
+}
+
+/// A held per-container lock (see the module header). Dropping it removes
+/// the lock file, then releases the lock: a waiter that then gets the lock
+/// on the removed file notices and locks the path afresh.
+#[derive(Debug)]
+pub struct ContainerLock {
+    path: PathBuf,
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Drop for ContainerLock {
+    fn drop(&mut self) {
+        // Unlink while still holding it; the flock goes with the fd after.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// How long a waiter sleeps between two tries of a busy lock. Contention is
+/// rare (the agent and a plugin running without it), so polling keeps the
+/// waiting cancellable without parking a thread in `flock`.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// One try at a container's lock file.
+enum Attempt {
+    Locked(ContainerLock),
+    /// Someone else holds it.
+    Busy,
+    /// We locked a file its holder had removed: try the path again.
+    Stale,
+}
+
+fn try_lock_file(path: &Path) -> Result<Attempt, CacheError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    lock_opened(path, file)
+}
+
+/// Locks `file`, opened at `path`: it counts only if `path` still names it.
+fn lock_opened(path: &Path, file: std::fs::File) -> Result<Attempt, CacheError> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::MetadataExt;
+    let io = |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(f) => f,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(Attempt::Busy),
+        Err((_, nix::errno::Errno::EINTR)) => return Ok(Attempt::Stale),
+        Err((_, e)) => return Err(io(e.into())),
+    };
+    let ours = file.metadata().map_err(io)?;
+    match std::fs::metadata(path) {
+        Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => {
+            Ok(Attempt::Locked(ContainerLock {
+                path: path.to_path_buf(),
+                _file: file,
+            }))
+        }
+        Ok(_) => Ok(Attempt::Stale),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Attempt::Stale),
+        Err(e) => Err(io(e)),
+    }
 }
 
 /// One cached attachment, in libcni's field names.
@@ -83,6 +170,11 @@ pub struct ResultCache {
 impl ResultCache {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn results_dir(&self) -> PathBuf {
@@ -158,6 +250,63 @@ impl ResultCache {
             .await
             .ok()?;
         Some(m.modified().ok()?.elapsed().unwrap_or_default())
+    }
+
+    fn lock_path(&self, container_id: &str) -> Result<PathBuf, CacheError> {
+        if !super::config::is_identifier(container_id) {
+            return Err(CacheError::BadContainerId {
+                container_id: container_id.to_owned(),
+            });
+        }
+        Ok(self.dir.join("locks").join(container_id))
+    }
+
+    /// Waits for and takes the lock of `container_id`, held until the guard
+    /// drops. Not reentrant: callers serialise their own tasks first.
+    pub async fn lock(&self, container_id: &str) -> Result<ContainerLock, CacheError> {
+        let path = self.lock_path(container_id)?;
+        loop {
+            match try_lock_file(&path)? {
+                Attempt::Locked(l) => return Ok(l),
+                Attempt::Stale => {}
+                Attempt::Busy => tokio::time::sleep(LOCK_POLL).await,
+            }
+        }
+    }
+
+    /// The lock of `container_id` if nobody holds it; `None` when busy.
+    pub fn try_lock(&self, container_id: &str) -> Result<Option<ContainerLock>, CacheError> {
+        let path = self.lock_path(container_id)?;
+        loop {
+            match try_lock_file(&path)? {
+                Attempt::Locked(l) => return Ok(Some(l)),
+                Attempt::Stale => {}
+                Attempt::Busy => return Ok(None),
+            }
+        }
+    }
+
+    /// Removes the lock files nobody holds: a process killed while holding
+    /// a lock leaves its file behind (harmless, but it would stay forever
+    /// once nothing touches its container again). Returns the container ids
+    /// whose files went.
+    pub fn remove_idle_locks(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(self.dir.join("locks")) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for name in rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+        {
+            // Taking it and letting it go removes the file.
+            if let Ok(Some(lock)) = self.try_lock(&name) {
+                drop(lock);
+                removed.push(name);
+            }
+        }
+        removed.sort();
+        removed
     }
 
     /// Every readable entry of kind `cniCacheV1`, for GC: files that are not
@@ -335,6 +484,64 @@ mod tests {
                 .clone(),
             result: serde_json::json!({"cniVersion": "1.0.0", "ips": []}),
         }
+    }
+
+    #[tokio::test]
+    async fn container_lock_excludes_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two caches on one dir stand for two processes: flock excludes
+        // across open files, so this is what another process would meet.
+        let (a, b) = (ResultCache::new(dir.path()), ResultCache::new(dir.path()));
+        let lock_file = dir.path().join("locks/c1");
+        let held = a.lock("c1").await.unwrap();
+        assert!(lock_file.exists());
+        assert!(b.try_lock("c1").unwrap().is_none(), "busy while held");
+        assert!(b.try_lock("c2").unwrap().is_some(), "other containers free");
+        let waiter = tokio::spawn(async move { b.lock("c1").await.unwrap() });
+        tokio::time::sleep(LOCK_POLL * 4).await;
+        assert!(!waiter.is_finished(), "the waiter waits");
+        drop(held);
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        // The waiter locked the path afresh (the first holder removed its
+        // file), so a third party is excluded by the same file.
+        assert!(lock_file.exists());
+        assert!(a.try_lock("c1").unwrap().is_none());
+        drop(second);
+        assert!(!lock_file.exists(), "no lock file outlives its lock");
+        assert!(a.try_lock("c1").unwrap().is_some());
+        assert!(matches!(
+            a.try_lock("../escape"),
+            Err(CacheError::BadContainerId { .. })
+        ));
+    }
+
+    #[test]
+    fn a_lock_won_on_a_removed_file_does_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c1");
+        // The waiter opened the file, then its holder removed it (and maybe
+        // a third party made a new one) before the waiter's flock succeeded.
+        let opened = std::fs::File::create(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            lock_opened(&path, opened).unwrap(),
+            Attempt::Stale
+        ));
+        let opened = std::fs::File::create(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "").unwrap();
+        assert!(matches!(
+            lock_opened(&path, opened).unwrap(),
+            Attempt::Stale
+        ));
+        let opened = std::fs::File::open(&path).unwrap();
+        assert!(matches!(
+            lock_opened(&path, opened).unwrap(),
+            Attempt::Locked(_)
+        ));
     }
 
     #[tokio::test]

@@ -14,12 +14,18 @@
 //!
 //! Operations on one container id are serialised (the spec forbids parallel
 //! operations on a container; the agent gets them from several runtimes'
-//! plugin processes), different containers run in parallel.
+//! plugin processes), different containers run in parallel: first among
+//! this process's tasks, then, through the cache's per-container file lock,
+//! with other processes (a delegating plugin running DEL or CHECK itself
+//! while the agent is down, `minilet cni`). GC skips a container another
+//! process holds, and one whose entry went while it waited.
 //!
-//! Test-only fault hook: with `MINILET_FAULT=cni-abort-after-add` in the
-//! environment (read once, when the runner is built) the process aborts
-//! right after a successful ADD of all plugins and before the result is
-//! cached — the "kill -9 at the worst moment" of the GC tests.
+//! Test-only fault hook, compiled only with the `fault-injection` feature
+//! (the end-to-end suite's builds, never the shipped binary): with
+//! `MINILET_FAULT=cni-abort-after-add` in the environment (read once, when
+//! the runner is built) the process aborts right after a successful ADD of
+//! all plugins and before the result is cached — the "kill -9 at the worst
+//! moment" of the GC tests.
 //!
 //! Side effects: runs plugins through `PluginExec`, writes and removes the
 //! result cache, records metrics.
@@ -31,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
-use super::cache::{CACHE_KIND, CacheError, CachedAttachment, ResultCache};
+use super::cache::{CACHE_KIND, CacheError, CachedAttachment, ContainerLock, ResultCache};
 use super::config::{NetworkConfigList, NetworkStore, PluginConfig, is_identifier};
 use super::exec::{Command, ExecError, PluginEnv, PluginError, PluginExec, codes, parse_result};
 use super::observe::{CniMetrics, short_duration};
@@ -39,6 +45,7 @@ use super::version::{self, ConvertError, PluginInfo};
 use crate::locks::lock;
 
 /// The environment value of the fault hook (see the module header).
+#[cfg(feature = "fault-injection")]
 pub const FAULT_ABORT_AFTER_ADD: &str = "cni-abort-after-add";
 
 /// Cache entries younger than this are left alone by GC: a sandbox whose
@@ -294,6 +301,22 @@ pub struct GcReport {
     pub errors: Vec<String>,
 }
 
+/// How GC's DEL of one stale attachment went, when it didn't fail.
+enum GcStep {
+    Deleted,
+    /// Another process holds the container: deferred.
+    Busy,
+    /// Its entry went while GC waited for the lock: someone else deleted it.
+    Gone,
+}
+
+/// A container locked in this process and across processes. Fields drop in
+/// order: the file lock first, then this process's.
+struct Locked {
+    _file: ContainerLock,
+    _task: ContainerGuard,
+}
+
 /// Runs the networks' chains. Generic over the executor so tests can use
 /// script plugins or the scripted fake.
 pub struct CniRunner<E: PluginExec> {
@@ -305,6 +328,7 @@ pub struct CniRunner<E: PluginExec> {
     /// Plugin type → (binary identity, its VERSION answer).
     versions: Mutex<HashMap<String, (String, PluginInfo)>>,
     gc_grace: Duration,
+    #[cfg(feature = "fault-injection")]
     abort_after_add: bool,
 }
 
@@ -323,6 +347,7 @@ impl<E: PluginExec> CniRunner<E> {
             locks: ContainerLocks::default(),
             versions: Mutex::default(),
             gc_grace: DEFAULT_GC_GRACE,
+            #[cfg(feature = "fault-injection")]
             abort_after_add: std::env::var("MINILET_FAULT")
                 .is_ok_and(|v| v == FAULT_ABORT_AFTER_ADD),
         }
@@ -414,7 +439,7 @@ impl<E: PluginExec> CniRunner<E> {
         att.validate().map_err(CniError::InvalidAttachment)?;
         let net = self.network(network)?;
         report.network.clone_from(&net.name);
-        let _guard = self.locks.lock(&att.container_id).await;
+        let _guard = self.lock(&net.name, &att.container_id).await?;
         self.check_versions(&net, &net.plugins).await?;
         let cache_err = |source| CniError::Cache {
             network: net.name.clone(),
@@ -468,6 +493,7 @@ impl<E: PluginExec> CniRunner<E> {
         let result = prev.ok_or_else(|| CniError::EmptyNetwork {
             network: net.name.clone(),
         })?;
+        #[cfg(feature = "fault-injection")]
         if self.abort_after_add {
             // Test-only: see the module header.
             tracing::error!(
@@ -513,11 +539,30 @@ impl<E: PluginExec> CniRunner<E> {
             att.validate().map_err(CniError::InvalidAttachment)?;
             let name = self.resolve_name(network)?;
             report.network.clone_from(&name);
-            let _guard = self.locks.lock(&att.container_id).await;
+            let _guard = self.lock(&name, &att.container_id).await?;
             self.del_locked(&name, att, fallback, &mut report).await
         }
         .await;
         (r, report)
+    }
+
+    /// Both locks of a container, held until the guard drops: this
+    /// process's (so one of its tasks at a time waits for the file lock),
+    /// then the cache's file lock, shared with other processes.
+    async fn lock(&self, network: &str, container_id: &str) -> Result<Locked, CniError> {
+        let task = self.locks.lock(container_id).await;
+        let file = self
+            .cache
+            .lock(container_id)
+            .await
+            .map_err(|source| CniError::Cache {
+                network: network.to_owned(),
+                source,
+            })?;
+        Ok(Locked {
+            _file: file,
+            _task: task,
+        })
     }
 
     /// A network name with `""` resolved to the default's.
@@ -631,7 +676,7 @@ impl<E: PluginExec> CniRunner<E> {
             att.validate().map_err(CniError::InvalidAttachment)?;
             let name = self.resolve_name(network)?;
             report.network.clone_from(&name);
-            let _guard = self.locks.lock(&att.container_id).await;
+            let _guard = self.lock(&name, &att.container_id).await?;
             let cached = self.cached(&name, att).await;
             let net = self.config_for(&name, cached.as_ref())?;
             if !version::at_least(&net.cni_version, "0.4.0") {
@@ -750,13 +795,35 @@ impl<E: PluginExec> CniRunner<E> {
             let att = Attachment::from_cached(entry);
             let mut op = OpReport::default();
             let r = async {
-                let _guard = self.locks.lock(&att.container_id).await;
+                let cache_err = |source| CniError::Cache {
+                    network: entry.network_name.clone(),
+                    source,
+                };
+                let _task = self.locks.lock(&att.container_id).await;
+                // Another process on it (a plugin running DEL without the
+                // agent): leave it to that one, look again next pass.
+                let Some(_file) = self.cache.try_lock(&att.container_id).map_err(cache_err)? else {
+                    return Ok(GcStep::Busy);
+                };
+                // An operation that held the lock before us may have
+                // deleted it already.
+                if self
+                    .cache
+                    .load(&entry.network_name, &att.container_id, &att.ifname)
+                    .await
+                    .is_ok_and(|e| e.is_none())
+                {
+                    return Ok(GcStep::Gone);
+                }
                 self.del_locked(&entry.network_name, &att, None, &mut op)
                     .await
+                    .map(|()| GcStep::Deleted)
             }
             .await;
             match r {
-                Ok(()) => {
+                Ok(GcStep::Busy) => report.deferred.push(key),
+                Ok(GcStep::Gone) => {}
+                Ok(GcStep::Deleted) => {
                     tracing::info!(network = %key.0, container_id = %key.1, ifname = %key.2, pending = entry.result.is_null(), "gc: deleted stale attachment");
                     report.deleted.push(key);
                 }
@@ -776,6 +843,10 @@ impl<E: PluginExec> CniRunner<E> {
                 return report;
             }
         };
+        let stale_locks = self.cache.remove_idle_locks();
+        if !stale_locks.is_empty() {
+            tracing::info!(containers = ?stale_locks, "gc: removed lock files left by killed processes");
+        }
         let set = self.store.current();
         for net in set.networks.values() {
             if !version::at_least(&net.cni_version, "1.1.0") {
@@ -1669,9 +1740,34 @@ mod tests {
         assert!(report.deleted.is_empty());
         assert_eq!(report.deferred.len(), 2);
         let runner = runner.with_gc_grace(Duration::ZERO);
+        // Another process (a plugin running DEL without the agent) holds
+        // dead1: left to it, nothing runs.
+        let before = runner.exec.op_calls().len();
+        let other = ResultCache::new(runner.cache().dir());
+        let held = other.lock("dead1").await.unwrap();
+        let report = runner.gc(&live).await;
+        assert!(report.deleted.is_empty(), "{report:?}");
+        assert_eq!(report.deferred.len(), 2);
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert_eq!(
+            runner.exec.op_calls().len() - before,
+            2,
+            "only the GC verbs ran"
+        );
+        drop(held);
+        // Processes killed while holding locks left their files.
+        let locks = runner.cache().dir().join("locks");
+        for cid in ["live1", "gone1"] {
+            std::fs::write(locks.join(cid), "").unwrap();
+        }
         let before = runner.exec.op_calls().len();
         let report = runner.gc(&live).await;
         assert!(report.errors.is_empty(), "{report:?}");
+        let left: Vec<_> = std::fs::read_dir(&locks)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(left.is_empty(), "idle lock files removed: {left:?}");
         assert_eq!(
             report.deleted,
             [

@@ -3,15 +3,23 @@
 //! (minilet collects its own attachments), and forwards ADD, DEL, CHECK and
 //! STATUS over the agent's root-only unix socket; the agent runs its own
 //! networks and answers with the result or a CNI error, which this prints
-//! in the CNI wire format, the result converted to the runtime's cniVersion. This file also defines that socket's request/response
-//! types, shared with `server`.
+//! in the CNI wire format, the result converted to the runtime's cniVersion.
+//! This file also defines that socket's request/response types, shared with
+//! `server`.
 //!
-//! It runs as a short-lived process per CNI call, so it is synchronous and
-//! std-only (no tokio runtime): it must start fast and can never hang — the
-//! connect is bounded by 2 s and the whole exchange by `timeoutSeconds`.
+//! When no agent listens on the socket (no socket file, or a stale one),
+//! DEL and CHECK run here instead (`local`), from the agent settings the
+//! runtime's config carries under `withoutAgent`: tearing a pod down must
+//! not depend on the agent being up. ADD (and STATUS) fail fast with "agent
+//! not running".
+//!
+//! It runs as a short-lived process per CNI call, so the forwarding path is
+//! synchronous and std-only (no tokio runtime): it must start fast and can
+//! never hang — the connect is bounded by 2 s and the whole exchange by
+//! `timeoutSeconds`, which also bounds a DEL or CHECK run here.
 //!
 //! Side effects: reads the environment and stdin, dials the agent socket,
-//! writes stdout.
+//! writes stdout; without an agent, those of `local`.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -87,6 +95,11 @@ struct DelegateConf {
     runtime_config: Map<String, Value>,
     #[serde(default)]
     prev_result: Option<Value>,
+    /// What DEL and CHECK run with when the agent is not there (configs
+    /// written by older agents lack it: those fail as ADD does). Decoded
+    /// only when needed, so it can never break the forwarding path.
+    #[serde(default)]
+    without_agent: Option<Value>,
 }
 
 /// Converts the agent's result into the runtime's version.
@@ -110,7 +123,7 @@ pub fn parse_cni_args(s: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
-fn err(code: u32, msg: impl Into<String>) -> PluginError {
+pub(crate) fn err(code: u32, msg: impl Into<String>) -> PluginError {
     PluginError {
         cni_version: String::new(),
         code,
@@ -241,7 +254,49 @@ fn handle(
             .unwrap_or(DEFAULT_TIMEOUT_SECONDS)
             .max(1),
     );
-    let response = call_agent(&socket, &request, timeout)?;
+    // DEL and CHECK are idempotent: when the agent goes away mid-request
+    // (stopping, or dying: the connection breaks before any answer), ask
+    // again; with no agent left they run here.
+    let mut lost = 0;
+    let response = loop {
+        let stream = match connect(&socket, CONNECT_TIMEOUT.min(timeout)) {
+            Ok(stream) => stream,
+            Err(e) => {
+                // No agent at all (not merely a slow one): DEL and CHECK
+                // run here, so a pod can be torn down while it is down.
+                let absent = matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                );
+                return match conf.without_agent {
+                    Some(settings) if absent && super::local::runs_without_agent(command) => {
+                        let settings: super::local::Settings = serde_json::from_value(settings)
+                            .map_err(|e| {
+                                err(
+                                    codes::INVALID_CONFIG,
+                                    format!("decoding \"withoutAgent\": {e}"),
+                                )
+                            })?;
+                        super::local::run(&settings, &request, timeout).map(|_| None)
+                    }
+                    _ => Err(err(
+                        codes::TRY_AGAIN_LATER,
+                        format!("agent not running at {}: {e}", socket.display()),
+                    )),
+                };
+            }
+        };
+        match call_agent(stream, &socket, &request, timeout) {
+            Ok(response) => break response,
+            Err(CallError::Lost(_))
+                if super::local::runs_without_agent(command) && lost < LOST_RETRIES =>
+            {
+                lost += 1;
+                std::thread::sleep(LOST_PAUSE);
+            }
+            Err(CallError::Lost(e) | CallError::Failed(e)) => return Err(e),
+        }
+    };
     if let Some(e) = response.error {
         return Err(e);
     }
@@ -256,19 +311,45 @@ fn handle(
     }
 }
 
-/// One request/response exchange with the agent, bounded by `timeout`.
+/// How often DEL or CHECK is asked again after the agent went away
+/// mid-request, and the pause before each time.
+const LOST_RETRIES: u32 = 3;
+const LOST_PAUSE: Duration = Duration::from_millis(100);
+
+/// Why an exchange with the agent failed.
+enum CallError {
+    /// The connection broke before any byte of an answer: the agent went
+    /// away mid-request (it stopped, or died).
+    Lost(PluginError),
+    /// Anything else: a timeout, a bad answer.
+    Failed(PluginError),
+}
+
+impl From<PluginError> for CallError {
+    fn from(e: PluginError) -> Self {
+        CallError::Failed(e)
+    }
+}
+
+/// Whether an I/O error means the peer is gone.
+fn peer_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::NotConnected
+    )
+}
+
+/// One request/response exchange with the agent on `stream` (connected to
+/// `socket`), bounded by `timeout`.
 fn call_agent(
+    mut stream: UnixStream,
     socket: &Path,
     request: &AgentRequest,
     timeout: Duration,
-) -> Result<AgentResponse, PluginError> {
+) -> Result<AgentResponse, CallError> {
     let deadline = Instant::now() + timeout;
-    let not_running = |e: std::io::Error| {
-        err(
-            codes::TRY_AGAIN_LATER,
-            format!("agent not running at {}: {e}", socket.display()),
-        )
-    };
     let too_slow = || {
         err(
             codes::TRY_AGAIN_LATER,
@@ -279,18 +360,22 @@ fn call_agent(
             ),
         )
     };
-    let mut stream = connect(socket, CONNECT_TIMEOUT.min(timeout)).map_err(not_running)?;
     let io_err = |e: std::io::Error| {
         if matches!(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ) {
-            too_slow()
+            CallError::Failed(too_slow())
         } else {
-            err(
+            let pe = err(
                 codes::IO_FAILURE,
                 format!("talking to the agent at {}: {e}", socket.display()),
-            )
+            );
+            if peer_gone(&e) {
+                CallError::Lost(pe)
+            } else {
+                CallError::Failed(pe)
+            }
         }
     };
     let remaining = || {
@@ -315,29 +400,47 @@ fn call_agent(
             .set_read_timeout(Some(remaining().ok_or_else(too_slow)?))
             .map_err(io_err)?;
         match stream.read(&mut buf) {
+            Ok(0) if reply.is_empty() => {
+                return Err(CallError::Lost(err(
+                    codes::IO_FAILURE,
+                    format!(
+                        "the agent at {} closed the connection without an answer",
+                        socket.display()
+                    ),
+                )));
+            }
             Ok(0) => break,
             Ok(n) => {
                 reply.extend_from_slice(&buf[..n]);
                 if reply.len() as u64 > MAX_MESSAGE {
-                    return Err(err(
+                    return Err(CallError::Failed(err(
                         codes::DECODE_FAILURE,
                         "the agent's answer is too large",
-                    ));
+                    )));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err(e)),
+            Err(e) if reply.is_empty() => return Err(io_err(e)),
+            Err(e) => return Err(CallError::Failed(io_err(e).into_inner())),
         }
     }
     serde_json::from_slice(&reply).map_err(|e| {
-        err(
+        CallError::Failed(err(
             codes::DECODE_FAILURE,
             format!(
                 "the agent's answer is not valid ({e}): {:?}",
                 super::exec::head(&reply)
             ),
-        )
+        ))
     })
+}
+
+impl CallError {
+    fn into_inner(self) -> PluginError {
+        match self {
+            CallError::Lost(e) | CallError::Failed(e) => e,
+        }
+    }
 }
 
 /// `UnixStream::connect` with a bound: it can block when the agent's accept
@@ -428,6 +531,38 @@ mod tests {
             r#"{"cniVersion":"1.1.0","name":"minilet","agentSocket":"/nonexistent","cni.dev/valid-attachments":[]}"#,
         );
         assert_eq!((code, out), (0, Value::Null));
+    }
+
+    #[test]
+    fn a_bad_without_agent_section_fails_only_the_fallback() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","agentSocket":"{}/none.sock","withoutAgent":{{"cniConfDir":7}}}}"#,
+            dir.path().display()
+        );
+        let env = |cmd| {
+            [
+                ("CNI_COMMAND", cmd),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_NETNS", "/var/run/netns/x"),
+                ("CNI_IFNAME", "eth0"),
+            ]
+        };
+        let (rc, out) = run_with(&env("DEL"), &conf);
+        assert_eq!(
+            (rc, out["code"].as_u64()),
+            (1, Some(codes::INVALID_CONFIG.into()))
+        );
+        assert!(
+            out["msg"].as_str().unwrap().contains("withoutAgent"),
+            "{out}"
+        );
+        // ADD never reads it: it fails for the missing agent, as always.
+        let (rc, out) = run_with(&env("ADD"), &conf);
+        assert_eq!(
+            (rc, out["code"].as_u64()),
+            (1, Some(codes::TRY_AGAIN_LATER.into()))
+        );
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Installs the delegating plugin where the container runtime looks for CNI
 //! plugins and configs: the running executable as `minilet-cni` in the
 //! runtime's bin dir, and `00-minilet.conflist` (a name that sorts first:
-//! containerd loads only the first config) in its conf dir.
+//! containerd loads only the first config) in its conf dir. The config
+//! names the agent's socket and, under `withoutAgent`, the agent's CNI
+//! settings, with which the plugin runs DEL and CHECK itself while the
+//! agent is down (`local`).
 //!
 //! Side effects: creates those dirs, writes both files atomically (temp
 //! file in the same dir + rename); an identical file is left untouched, so
@@ -9,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::local::Settings;
 use crate::config::Config;
 
 /// Name of the plugin binary (main dispatches on argv[0]).
@@ -42,6 +46,7 @@ pub fn install(cfg: &Config) -> Result<(), InstallError> {
         &cfg.runtime_cni_bin_dir,
         &cfg.runtime_cni_conf_dir,
         &cfg.cni_socket(),
+        &Settings::from_config(cfg),
     )
 }
 
@@ -51,9 +56,11 @@ pub fn install_from(
     bin_dir: &Path,
     conf_dir: &Path,
     socket: &Path,
+    without_agent: &Settings,
 ) -> Result<(), InstallError> {
     copy_if_changed(exe, bin_dir, PLUGIN_NAME)?;
-    write_if_changed(conf_dir, CONF_NAME, &runtime_conflist(socket), 0o644)?;
+    let conflist = runtime_conflist(socket, Some(without_agent));
+    write_if_changed(conf_dir, CONF_NAME, &conflist, 0o644)?;
     Ok(())
 }
 
@@ -108,17 +115,22 @@ fn copy_if_changed(exe: &Path, dir: &Path, name: &str) -> Result<(), InstallErro
     Ok(())
 }
 
-/// The config the runtime runs: the delegating plugin alone.
-pub fn runtime_conflist(socket: &Path) -> Vec<u8> {
+/// The config the runtime runs: the delegating plugin alone, with what it
+/// needs to run DEL and CHECK without the agent (`None`: it can't).
+pub fn runtime_conflist(socket: &Path, without_agent: Option<&Settings>) -> Vec<u8> {
+    let mut plugin = serde_json::json!({
+        "type": PLUGIN_NAME,
+        "agentSocket": socket,
+        "timeoutSeconds": super::delegate::DEFAULT_TIMEOUT_SECONDS,
+        "capabilities": {"portMappings": true},
+    });
+    if let Some(s) = without_agent {
+        plugin["withoutAgent"] = serde_json::to_value(s).expect("settings serialise");
+    }
     let conf = serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "minilet",
-        "plugins": [{
-            "type": PLUGIN_NAME,
-            "agentSocket": socket,
-            "timeoutSeconds": super::delegate::DEFAULT_TIMEOUT_SECONDS,
-            "capabilities": {"portMappings": true},
-        }],
+        "plugins": [plugin],
     });
     let mut bytes = serde_json::to_vec_pretty(&conf).expect("JSON serialises");
     bytes.push(b'\n');
@@ -149,8 +161,14 @@ mod tests {
         let bin = dir.path().join("opt/cni/bin");
         let conf = dir.path().join("etc/cni/net.d");
         let socket = Path::new("/var/lib/minilet/cni.sock");
+        let settings = Settings {
+            cni_conf_dir: "/etc/minilet/net.d".into(),
+            cni_bin_dirs: vec!["/opt/cni/bin".into()],
+            cni_cache_dir: "/var/lib/minilet/cni/cache".into(),
+            cni_plugin_timeout_ms: 30_000,
+        };
 
-        install_from(&exe, &bin, &conf, socket).unwrap();
+        install_from(&exe, &bin, &conf, socket, &settings).unwrap();
         let plugin = bin.join("minilet-cni");
         assert_eq!(std::fs::read(&plugin).unwrap(), b"\x7fELF pretend");
         assert_eq!(
@@ -164,7 +182,9 @@ mod tests {
             written,
             serde_json::json!({"cniVersion":"1.0.0","name":"minilet","plugins":[{
                 "type":"minilet-cni","agentSocket":"/var/lib/minilet/cni.sock",
-                "timeoutSeconds":60,"capabilities":{"portMappings":true}}]})
+                "timeoutSeconds":60,"capabilities":{"portMappings":true},
+                "withoutAgent":{"cniConfDir":"/etc/minilet/net.d","cniBinDirs":["/opt/cni/bin"],
+                    "cniCacheDir":"/var/lib/minilet/cni/cache","cniPluginTimeoutMs":30000}}]})
         );
         // Valid for our own loader too.
         let list = crate::cni::config::load_default(&conf).unwrap();
@@ -173,13 +193,13 @@ mod tests {
         // Identical content: files untouched (same inode).
         let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
         let (bin_ino, conf_ino) = (ino(&plugin), ino(&conf.join("00-minilet.conflist")));
-        install_from(&exe, &bin, &conf, socket).unwrap();
+        install_from(&exe, &bin, &conf, socket, &settings).unwrap();
         assert_eq!(ino(&plugin), bin_ino);
         assert_eq!(ino(&conf.join("00-minilet.conflist")), conf_ino);
 
         // New content: replaced by rename, no temp files left behind.
         std::fs::write(&exe, b"\x7fELF v2").unwrap();
-        install_from(&exe, &bin, &conf, socket).unwrap();
+        install_from(&exe, &bin, &conf, socket, &settings).unwrap();
         assert_eq!(std::fs::read(&plugin).unwrap(), b"\x7fELF v2");
         assert_ne!(ino(&plugin), bin_ino);
         let names: Vec<_> = std::fs::read_dir(&bin)
@@ -197,6 +217,7 @@ mod tests {
             dir.path(),
             dir.path(),
             Path::new("/s"),
+            &Settings::from_config(&Config::default_for("n")),
         )
         .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");

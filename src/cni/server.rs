@@ -894,6 +894,166 @@ mod tests {
         assert!(file.exists());
     }
 
+    /// What `install` writes for this agent: `runtime_conf` plus the
+    /// settings the plugin runs DEL and CHECK with when the agent is gone.
+    fn runtime_conf_without_agent(agent: &Agent) -> String {
+        let settings = crate::cni::local::Settings {
+            cni_conf_dir: agent.dir.path().join("net.d"),
+            cni_bin_dirs: vec![agent.dir.path().join("bin")],
+            cni_cache_dir: agent.dir.path().join("cache"),
+            cni_plugin_timeout_ms: 10_000,
+        };
+        let mut conf: Value =
+            serde_json::from_str(&runtime_conf(&agent.socket, "1.0.0", 60)).unwrap();
+        conf["withoutAgent"] = serde_json::to_value(settings).unwrap();
+        conf.to_string()
+    }
+
+    /// An agent whose pod `uid` (with `annotations`) was ADDed through the
+    /// plugin, then stopped (SIGTERM: its socket file stays, stale).
+    /// Returns it, the runtime config and the ADD's result.
+    async fn added_then_stopped(uid: &str, annotations: &[(&str, &str)]) -> (Agent, String, Value) {
+        let mut agent = start_agent().await;
+        agent.pods.set(uid, annotations);
+        let conf = runtime_conf_without_agent(&agent);
+        let (code, out, _) = run_plugin("ADD", uid, conf.clone()).await;
+        assert_eq!(code, 0, "{out}");
+        agent.cancel.cancel();
+        (&mut agent.task).await.unwrap();
+        assert!(agent.socket.exists());
+        (agent, conf, serde_json::from_str(&out).unwrap())
+    }
+
+    /// The message of the "try again later" error the plugin printed.
+    fn try_again_msg(out: &str) -> String {
+        let e: Value = serde_json::from_str(out).unwrap();
+        assert_eq!(e["code"], codes::TRY_AGAIN_LATER, "{e}");
+        e["msg"].as_str().unwrap().to_owned()
+    }
+
+    fn ops_since(agent: &Agent, n: usize) -> Vec<String> {
+        full_log(agent)[n..]
+            .iter()
+            .map(|(p, c, _)| format!("{p} {c}"))
+            .collect()
+    }
+
+    /// The agent stopped: DEL and CHECK run in the plugin itself, from the
+    /// cache and the agent's settings in the runtime's config (extra
+    /// networks included); ADD still fails fast.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn without_the_agent_del_and_check_run_in_the_plugin() {
+        let (agent, conf, added) =
+            added_then_stopped("uid-multi", &[(podnet::NETWORKS_ANNOTATION, "net-a")]).await;
+
+        let n = full_log(&agent).len();
+        let (code, out, _) = run_plugin("CHECK", "uid-multi", conf.clone()).await;
+        assert_eq!((code, out.as_str()), (0, ""));
+        assert_eq!(
+            ops_since(&agent, n),
+            ["first CHECK", "ports CHECK", "a1 CHECK"]
+        );
+
+        let n = full_log(&agent).len();
+        let (code, out, took) = run_plugin("ADD", "uid-multi", conf.clone()).await;
+        assert_eq!(code, 1, "{out}");
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        assert!(try_again_msg(&out).starts_with("agent not running at"));
+        assert_eq!(
+            ops_since(&agent, n),
+            Vec::<String>::new(),
+            "ADD ran nothing"
+        );
+
+        let n = full_log(&agent).len();
+        let (code, out, _) = run_plugin("DEL", "uid-multi", conf.clone()).await;
+        assert_eq!((code, out.as_str()), (0, ""));
+        let log = full_log(&agent);
+        assert_eq!(ops_since(&agent, n), ["a1 DEL", "ports DEL", "first DEL"]);
+        // With the cached result and capability args (what ADD used).
+        assert_eq!(log[n + 1].2["prevResult"], added);
+        assert_eq!(
+            log[n + 1].2["runtimeConfig"]["portMappings"][0]["hostPort"],
+            8080
+        );
+        let cache = ResultCache::new(agent.dir.path().join("cache"));
+        assert!(cache.list().await.unwrap().is_empty(), "cache released");
+        let locks = std::fs::read_dir(agent.dir.path().join("cache/locks")).unwrap();
+        assert_eq!(locks.count(), 0, "no lock file left");
+
+        // The runtime retries DEL (and with no socket file at all): still
+        // fine, the default chain gets its idempotent DEL.
+        std::fs::remove_file(&agent.socket).unwrap();
+        let n = full_log(&agent).len();
+        let (code, out, _) = run_plugin("DEL", "uid-multi", conf.clone()).await;
+        assert_eq!((code, out.as_str()), (0, ""));
+        assert_eq!(ops_since(&agent, n), ["ports DEL", "first DEL"]);
+        // A runtime config without the settings (an older agent wrote it):
+        // DEL fails as before, naming the missing agent.
+        let (code, out, _) =
+            run_plugin("DEL", "uid-multi", runtime_conf(&agent.socket, "1.0.0", 60)).await;
+        assert_eq!(code, 1);
+        assert!(out.contains("agent not running at"), "{out}");
+    }
+
+    /// The agent dies while a DEL is in flight (it took the connection and
+    /// never answered): the plugin asks again, finds no agent, and runs the
+    /// DEL itself. An ADD that loses its agent fails.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn agent_dying_mid_del_leaves_the_del_to_the_plugin() {
+        let (agent, conf, _) = added_then_stopped("uid-known", &[]).await;
+        // A dying agent: takes one connection, drops it unanswered, goes.
+        let dying = |socket: PathBuf| {
+            let _ = std::fs::remove_file(&socket);
+            let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+            std::thread::spawn(move || {
+                let (conn, _) = listener.accept().unwrap();
+                drop(conn);
+                drop(listener);
+                std::fs::remove_file(&socket).unwrap();
+            })
+        };
+        let t = dying(agent.socket.clone());
+        let (code, out, _) = run_plugin("ADD", "uid-known", conf.clone()).await;
+        t.join().unwrap();
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("without an answer") || out.contains("talking to the agent"),
+            "{out}"
+        );
+
+        let t = dying(agent.socket.clone());
+        let n = full_log(&agent).len();
+        let (code, out, _) = run_plugin("DEL", "uid-known", conf).await;
+        t.join().unwrap();
+        assert_eq!((code, out.as_str()), (0, ""));
+        assert_eq!(ops_since(&agent, n), ["ports DEL", "first DEL"]);
+        let cache = ResultCache::new(agent.dir.path().join("cache"));
+        assert!(cache.list().await.unwrap().is_empty(), "cache released");
+    }
+
+    /// A plugin running DEL without the agent and an agent starting at the
+    /// same moment: the cache's per-container file lock serialises them.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn del_without_the_agent_waits_for_the_containers_lock() {
+        let (agent, conf, _) = added_then_stopped("uid-known", &[]).await;
+        // The (restarted) agent holds sandbox1's lock for a while.
+        let cache = ResultCache::new(agent.dir.path().join("cache"));
+        let held = cache.lock("sandbox1").await.unwrap();
+        let n = full_log(&agent).len();
+        let del = tokio::spawn(run_plugin("DEL", "uid-known", conf));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!del.is_finished(), "DEL waits for the lock");
+        assert_eq!(ops_since(&agent, n), Vec::<String>::new());
+        drop(held);
+        let (code, out, _) = tokio::time::timeout(Duration::from_secs(10), del)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((code, out.as_str()), (0, ""));
+        assert_eq!(ops_since(&agent, n), ["ports DEL", "first DEL"]);
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn agent_that_never_answers_hits_the_timeout() {
         let dir = tempfile::tempdir().unwrap();
@@ -906,15 +1066,8 @@ mod tests {
             took >= Duration::from_secs(1) && took < Duration::from_secs(3),
             "took {took:?}"
         );
-        let e: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(e["code"], codes::TRY_AGAIN_LATER);
-        assert!(
-            e["msg"]
-                .as_str()
-                .unwrap()
-                .contains("did not answer within 1s"),
-            "{e}"
-        );
+        let msg = try_again_msg(&out);
+        assert!(msg.contains("did not answer within 1s"), "{msg}");
     }
 
     fn req(command: Command, uid: &str, ifname: &str) -> AgentRequest {
