@@ -21,6 +21,7 @@ cargo clippy --all-targets -- -D warnings
 # Unit tests in parallel; the end-to-end suite serialises itself. Benches
 # are type-checked by clippy above and run with `cargo bench`, not here.
 cargo test --lib --bins --tests
+integration/image-test.sh # the Docker image, run against the stack
 
 netns_after=$(find /var/run/netns -maxdepth 1 -name 'cni-*' 2>/dev/null | wc -l)
 if [[ $netns_after != "$netns_before" ]]; then
