@@ -5,8 +5,8 @@
 # (privileged, host network and PID, the host paths it shares with the
 # runtime mounted at the same paths), and checks:
 #   - a static pod runs, seen through CRI (ctr, by the pod's labels) and
-#     through the agent's own control socket (`minilet get pods`, run from
-#     the host: the paths are the same on both sides);
+#     through the agent's own control socket (`minilet get pods`, from the
+#     host, where the paths are the same, and by docker exec);
 #   - its emptyDir (medium: Memory), a tmpfs the agent mounts inside its
 #     container, reaches the pod: the state dir's mount propagation works;
 #   - the agent's logs come out of the container (`docker logs`);
@@ -265,13 +265,14 @@ netns=$(ctr_ containers info "$sandbox" | grep -o '/var/run/netns/cni-[0-9a-f-]*
 [[ -n $netns && -e $netns ]] || die "sandbox $sandbox has no netns under $NETNS"
 
 STEP="get pods"
-# The agent's control socket from the host, through the same path.
-get_pods_running() {
-  target/minilet --config "$CONF/minilet.yaml" --hostname-override "$NODE" get pods 2>&1 |
-    awk -v p="$POD_FULL" '$1 == p && $2 == "1/1" && $3 == "Running" { f = 1 } END { exit !f }'
-}
-wait_for 20 get_pods_running ||
-  die "minilet get pods does not show $POD_FULL 1/1 Running: $(target/minilet --config "$CONF/minilet.yaml" get pods 2>&1 | tr '\n' ' ')"
+# The agent's control socket, from the host through the same path and from
+# the image's own CLI.
+get_pods() { "$@" --config "$CONF/minilet.yaml" get pods 2>&1; }
+shows_running() { get_pods "$@" | awk -v p="$POD_FULL" '$1 == p && $2 == "1/1" && $3 == "Running" { f = 1 } END { exit !f }'; }
+wait_for 20 shows_running target/minilet ||
+  die "minilet get pods (host) does not show $POD_FULL 1/1 Running: $(get_pods target/minilet | tr '\n' ' ')"
+shows_running docker exec "$NAME" minilet ||
+  die "minilet get pods (docker exec) does not show $POD_FULL 1/1 Running: $(get_pods docker exec "$NAME" minilet | tr '\n' ' ')"
 
 STEP="emptyDir propagation"
 probe_log() { cat "$LOGS"/default_"$POD_FULL"_*/probe/0.log 2>/dev/null; }

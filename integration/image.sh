@@ -140,6 +140,12 @@ cmd_base() {
       - "$img" >/dev/null
   docker tag "$img" "$BASE_REPO:$SUITE"
   rm -rf "$rootfs"
+  # Bases of older recipes (untagged now), unless an image builds on them.
+  # Images built FROM a base inherit its label: hence dangling only.
+  local old
+  for old in $(docker image ls -q --filter "label=$RECIPE_LABEL" --filter dangling=true); do
+    docker rmi "$old" >/dev/null 2>&1 || true
+  done
   STEP="base: check"
   local out
   out=$(docker run --rm --network none "$img" sh -c 'test -x /usr/lib/cni/bridge && iptables -V') ||
