@@ -12,7 +12,8 @@
 #   - the agent's logs come out of the container (`docker logs`);
 #   - removing the manifest removes the pod and its netns; `docker stop`
 #     stops the agent cleanly (exit 0), and nothing is left: no pod
-#     container, no netns, no tmpfs, no container, no mount of ours.
+#     container, no netns, no IP allocation, no tmpfs, no container, no
+#     mount of ours.
 # Runs against ${MINILET_STACK_DIR:-<repo>/integration/.run}; it starts the
 # stack if it is not up. The stack is shared: run it while no other agent
 # uses the runtime's CNI conf dir (CI runs it from test.sh).
@@ -268,11 +269,21 @@ STEP="get pods"
 # The agent's control socket, from the host through the same path and from
 # the image's own CLI.
 get_pods() { "$@" --config "$CONF/minilet.yaml" get pods 2>&1; }
-shows_running() { get_pods "$@" | awk -v p="$POD_FULL" '$1 == p && $2 == "1/1" && $3 == "Running" { f = 1 } END { exit !f }'; }
+# NAME READY STATUS RESTARTS AGE IP: running, with the IP its CNI ADD gave.
+shows_running() {
+  get_pods "$@" | awk -v p="$POD_FULL" '$1 == p && $2 == "1/1" && $3 == "Running" && $6 ~ /^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$/ { f = 1 } END { exit !f }'
+}
 wait_for 20 shows_running target/minilet ||
-  die "minilet get pods (host) does not show $POD_FULL 1/1 Running: $(get_pods target/minilet | tr '\n' ' ')"
+  die "minilet get pods (host) does not show $POD_FULL 1/1 Running with an IP: $(get_pods target/minilet | tr '\n' ' ')"
 shows_running docker exec "$NAME" minilet ||
-  die "minilet get pods (docker exec) does not show $POD_FULL 1/1 Running: $(get_pods docker exec "$NAME" minilet | tr '\n' ' ')"
+  die "minilet get pods (docker exec) does not show $POD_FULL 1/1 Running with an IP: $(get_pods docker exec "$NAME" minilet | tr '\n' ' ')"
+
+pod_ip=$(get_pods target/minilet | awk -v p="$POD_FULL" '$1 == p { print $6 }')
+STEP="IP allocation on the host"
+# host-local keeps it in /var/lib/cni, which must be the host's: else it
+# would die with the container and the next agent could hand it out twice.
+compgen -G "/var/lib/cni/networks/*/$pod_ip" >/dev/null ||
+  die "no host-local allocation of $pod_ip under the host's /var/lib/cni/networks"
 
 STEP="emptyDir propagation"
 probe_log() { cat "$LOGS"/default_"$POD_FULL"_*/probe/0.log 2>/dev/null; }
@@ -305,7 +316,11 @@ STEP="nothing left"
 docker ps -a --format '{{ .Names }}' | grep -qx "$NAME" && die "container $NAME still listed"
 [[ -z $(pod_containers) ]] || die "pod containers left: $(pod_containers | tr '\n' ' ')"
 [[ ! -e $netns ]] || die "netns $netns left"
+# host-local's allocation, made through the container's /var/lib/cni mount.
+for f in /var/lib/cni/networks/*/"$pod_ip"; do
+  [[ ! -e $f ]] || die "IP $pod_ip still allocated: $f"
+done
 left=$(awk -v root="$STATE/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo)
 [[ -z $left ]] || die "mounts left under $STATE: $left"
 
-say "ok: $IMAGE ran $POD_FULL (CRI running, get pods 1/1 Running, Memory emptyDir a tmpfs, agent logs in docker logs), removed it and stopped cleanly; nothing left"
+say "ok: $IMAGE ran $POD_FULL (CRI running, get pods 1/1 Running at $pod_ip, Memory emptyDir a tmpfs, agent logs in docker logs), removed it and stopped cleanly; nothing left (IP released)"
