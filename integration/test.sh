@@ -51,5 +51,6 @@ step clippy;        cargo clippy --all-targets -- -D warnings
 # are type-checked by clippy above and run with `cargo bench`, not here.
 step tests;         cargo test --features fault-injection --lib --bins --tests  # e2e needs the fault hook
 step "release binary"; integration/build-release.sh >/dev/null  # the shipped binary: fails if test-only code is in it
+step "image test";  integration/image-test.sh  # the Docker image, run against the stack
 step "netns leak";  netns_after=$(netns_count)
 [[ $netns_after == "$netns_before" ]] || die "netns leaked: $netns_before before, $netns_after after"
