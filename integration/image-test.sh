@@ -30,20 +30,12 @@ NODE=imgnode
 POD=img-probe
 POD_FULL=$POD-$NODE
 
-STEP=init
+# shellcheck source=integration/lib.sh
+. "$REPO/integration/lib.sh"
+# Any failure: one line "image-test: FAILED (<step>): ..." on stderr.
+fail_report image-test
 exec 3>&2
 say() { printf 'image-test: %s\n' "$*" >&3; }
-die() {
-  printf 'image-test: FAILED (%s): %s\n' "$STEP" "$*" >&3
-  exit 1
-}
-on_err() {
-  local rc=$1 line=$2 cmd=$3
-  [[ $BASHPID == "$$" ]] || exit "$rc"
-  printf 'image-test: FAILED (%s): line %s: %s (exit %s)\n' "$STEP" "$line" "$cmd" "$rc" >&3
-  exit "$rc"
-}
-trap 'on_err $? $LINENO "$BASH_COMMAND"' ERR
 
 # wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds.
 wait_for() {

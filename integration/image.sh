@@ -34,22 +34,13 @@ RECIPE_LABEL=io.minilet.base.recipe
 # runtime pulls images on the host, so no ca-certificates.
 PACKAGES=(iptables containernetworking-plugins)
 
-STEP=init
+# shellcheck source=integration/lib.sh
+. "$REPO/integration/lib.sh"
+# Any failure: one line "image: FAILED (<step>): ..." on stderr.
+fail_report image
 BASE_IMG=
 exec 3>&2
 say() { printf 'image: %s\n' "$*" >&3; }
-die() {
-  printf 'image: FAILED (%s): %s\n' "$STEP" "$*" >&3
-  exit 1
-}
-on_err() {
-  local rc=$1 line=$2 cmd=$3
-  # Only the main shell reports; a failing $(...) is reported by its caller.
-  [[ $BASHPID == "$$" ]] || exit "$rc"
-  printf 'image: FAILED (%s): line %s: %s (exit %s)\n' "$STEP" "$line" "$cmd" "$rc" >&3
-  exit "$rc"
-}
-trap 'on_err $? $LINENO "$BASH_COMMAND"' ERR
 
 # debootstrap is not on a fresh machine: install it (and nothing else).
 ensure_debootstrap() {
