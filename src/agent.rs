@@ -20,6 +20,7 @@ use crate::cni;
 use crate::config::Config;
 use crate::control;
 use crate::cri::Runtime;
+use crate::cri::bounded::Bounded;
 use crate::cri::remote::RemoteRuntime;
 use crate::pod::manager::Manager;
 use crate::pod::spec::{self, HostContext};
@@ -304,6 +305,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     info!(runtime = %runtime_name, version = %runtime_version, api = ?runtime.api_version(), "container runtime connected");
     board.readiness.runtime_connected();
 
+    // One node-wide bound on the calls that make the runtime work, shared by
+    // every worker, the GC and adoption (cri::bounded).
+    let runtime = Bounded::new(runtime, cfg.max_parallel_runtime_requests);
     let shared = Arc::new(Shared {
         runtime: Arc::new(runtime),
         host: HostContext {
@@ -321,7 +325,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         board: board.clone(),
         runtime_name: if runtime_name.is_empty() { "cri".into() } else { runtime_name },
         sync_frequency: cfg.sync_frequency,
-        sandbox_slots: tokio::sync::Semaphore::new(crate::pod::worker::PARALLEL_SANDBOXES),
+        sandbox_slots: tokio::sync::Semaphore::new(cfg.max_parallel_sandbox_creations),
         clock: Arc::new(crate::clock::SystemClock),
     });
     check_adopted(&*shared.runtime, &runner, &board, &cfg.node_name).await;
@@ -339,7 +343,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
             }
         });
     }
-    info!(node = %cfg.node_name, "minilet started");
+    info!(
+        node = %cfg.node_name,
+        max_parallel_runtime_requests = cfg.max_parallel_runtime_requests,
+        max_parallel_sandbox_creations = cfg.max_parallel_sandbox_creations,
+        "minilet started"
+    );
     let manager =
         Manager::new(shared, cfg.max_pods as usize, cancel.clone()).run(snap_rx, RELIST_PERIOD);
     let died = supervise(manager, &mut tasks, &cancel).await;

@@ -29,6 +29,11 @@ use crate::yaml::{self, Document, Limits};
 /// document may expand to is bounded by [`yaml::Limits::OBJECT`].
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
+/// Default of `maxParallelRuntimeRequests`: room for the sandbox slots plus
+/// the container calls of the pods already sandboxed, far below the burst
+/// (a pod's 1,000 containers stopped at once) that wedged containerd 1.6.
+pub const DEFAULT_PARALLEL_RUNTIME_REQUESTS: usize = 32;
+
 /// Where the host name is read from when --hostname-override is not given.
 const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
 
@@ -61,6 +66,8 @@ const MINILET_SUPPORTED: &[&str] = &[
     "runtimeCNIConfDir",
     "runtimeCNIBinDir",
     "cniPluginTimeout",
+    "maxParallelSandboxCreations",
+    "maxParallelRuntimeRequests",
 ];
 
 /// Every JSON field name of kubelet's `KubeletConfiguration` v1beta1
@@ -248,6 +255,14 @@ pub struct Config {
     pub runtime_cni_bin_dir: PathBuf,
     /// minilet `cniPluginTimeout`, default 30s: one plugin exec.
     pub cni_plugin_timeout: Duration,
+    /// minilet `maxParallelSandboxCreations`: RunPodSandbox calls in flight
+    /// at once, node-wide. Less than `max_parallel_runtime_requests`; when
+    /// unset, the default capped to that bound minus one.
+    pub max_parallel_sandbox_creations: usize,
+    /// minilet `maxParallelRuntimeRequests`, default 32: CRI calls that make
+    /// the runtime work (create, start, stop, remove) in flight at once,
+    /// node-wide (`cri::bounded`). At least 2.
+    pub max_parallel_runtime_requests: usize,
     /// Warnings found while loading (e.g. kubelet fields minilet ignores),
     /// logged by `main` once tracing is up.
     pub warnings: Vec<String>,
@@ -293,6 +308,8 @@ impl Config {
             runtime_cni_conf_dir: "/etc/cni/net.d".into(),
             runtime_cni_bin_dir: "/opt/cni/bin".into(),
             cni_plugin_timeout: Duration::from_secs(30),
+            max_parallel_sandbox_creations: crate::pod::worker::PARALLEL_SANDBOXES,
+            max_parallel_runtime_requests: DEFAULT_PARALLEL_RUNTIME_REQUESTS,
             warnings: Vec::new(),
         }
     }
@@ -483,6 +500,8 @@ struct FileSettings {
     runtime_cni_conf_dir: Option<Setting<String>>,
     runtime_cni_bin_dir: Option<Setting<String>>,
     cni_plugin_timeout: Option<Duration>,
+    max_parallel_sandbox_creations: Option<Setting<u32>>,
+    max_parallel_runtime_requests: Option<Setting<u32>>,
     /// Kubelet fields present but not implemented, in file order.
     unsupported: Vec<String>,
 }
@@ -636,7 +655,44 @@ fn resolve(
     if let Some(v) = fs.cni_plugin_timeout {
         cfg.cni_plugin_timeout = v;
     }
+    parallel_bounds(
+        &mut cfg,
+        fs.max_parallel_sandbox_creations,
+        fs.max_parallel_runtime_requests,
+    )?;
     Ok(cfg)
+}
+
+/// The two concurrency bounds, kept consistent: each RunPodSandbox holds a
+/// sandbox slot and, while it runs, a node-wide runtime slot, so fewer
+/// sandbox slots than runtime slots means a burst of creations never takes
+/// them all (containers of ready pods and stops still get through).
+fn parallel_bounds(
+    cfg: &mut Config,
+    sandboxes: Option<Setting<u32>>,
+    requests: Option<Setting<u32>>,
+) -> Result<(), ConfigError> {
+    // At least 2 (parsing): one slot for a sandbox creation, one for the rest.
+    if let Some(s) = requests {
+        cfg.max_parallel_runtime_requests = s.value as usize;
+    }
+    let limit = cfg.max_parallel_runtime_requests;
+    match sandboxes {
+        Some(s) if s.value as usize >= limit => Err(invalid(
+            s.origin,
+            "maxParallelSandboxCreations",
+            s.value.to_string(),
+            &format!("must be less than maxParallelRuntimeRequests ({limit})"),
+        )),
+        Some(s) => {
+            cfg.max_parallel_sandbox_creations = s.value as usize;
+            Ok(())
+        }
+        None => {
+            cfg.max_parallel_sandbox_creations = cfg.max_parallel_sandbox_creations.min(limit - 1);
+            Ok(())
+        }
+    }
 }
 
 fn invalid(origin: Origin, field: &'static str, value: String, reason: &str) -> ConfigError {
@@ -880,6 +936,28 @@ impl DocCtx<'_> {
         }
     }
 
+    /// A whole number, at least `min`; `None` for null.
+    fn count(
+        &self,
+        field: &'static str,
+        v: &Value,
+        min: u32,
+    ) -> Result<Option<Setting<u32>>, ConfigError> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Number(n) => match n.as_i64() {
+                Some(n) if n < i64::from(min) => {
+                    Err(self.invalid(field, v, &format!("must be at least {min}")))
+                }
+                Some(n) => u32::try_from(n)
+                    .map(|n| Some(self.setting(n)))
+                    .map_err(|_| self.invalid(field, v, "must be at most 4294967295")),
+                None => Err(self.invalid(field, v, "must be a whole number")),
+            },
+            _ => Err(self.invalid(field, v, "must be a whole number")),
+        }
+    }
+
     /// A Go duration string ("1m30s"), greater than zero; `None` for null.
     fn duration(&self, field: &'static str, v: &Value) -> Result<Option<Duration>, ConfigError> {
         let s = match v {
@@ -912,22 +990,7 @@ fn read_kubelet_field(
             fs.image_service_endpoint = ctx.string("imageServiceEndpoint", v)?;
         }
         "podLogsDir" => fs.pod_logs_dir = ctx.string("podLogsDir", v)?,
-        "maxPods" => {
-            fs.max_pods = match v {
-                Value::Null => None,
-                Value::Number(n) => match n.as_i64() {
-                    Some(n) if n < 1 => {
-                        return Err(ctx.invalid("maxPods", v, "must be at least 1"));
-                    }
-                    Some(n) => Some(
-                        u32::try_from(n)
-                            .map_err(|_| ctx.invalid("maxPods", v, "must be at most 4294967295"))?,
-                    ),
-                    None => return Err(ctx.invalid("maxPods", v, "must be a whole number")),
-                },
-                _ => return Err(ctx.invalid("maxPods", v, "must be a whole number")),
-            };
-        }
+        "maxPods" => fs.max_pods = ctx.count("maxPods", v, 1)?.map(|s| s.value),
         "runtimeRequestTimeout" => {
             fs.runtime_request_timeout = ctx.duration("runtimeRequestTimeout", v)?;
         }
@@ -958,6 +1021,12 @@ fn read_minilet_field(
         "runtimeCNIConfDir" => fs.runtime_cni_conf_dir = ctx.string("runtimeCNIConfDir", v)?,
         "runtimeCNIBinDir" => fs.runtime_cni_bin_dir = ctx.string("runtimeCNIBinDir", v)?,
         "cniPluginTimeout" => fs.cni_plugin_timeout = ctx.duration("cniPluginTimeout", v)?,
+        "maxParallelSandboxCreations" => {
+            fs.max_parallel_sandbox_creations = ctx.count("maxParallelSandboxCreations", v, 1)?;
+        }
+        "maxParallelRuntimeRequests" => {
+            fs.max_parallel_runtime_requests = ctx.count("maxParallelRuntimeRequests", v, 2)?;
+        }
         _ => return Err(ctx.unknown_field(field.to_string())),
     }
     Ok(())
@@ -1225,6 +1294,80 @@ mod tests {
         let cfg = from_text(&f, &text).unwrap();
         assert_eq!(cfg.image_service_endpoint, "unix:///img.sock");
         assert_eq!(cfg.cni_cache_dir, PathBuf::from("/cache"));
+    }
+
+    /// The sandbox slots stay below the node-wide runtime bound: set
+    /// explicitly, they must; left to the default, they are capped.
+    #[test]
+    fn parallel_bounds_stay_consistent() {
+        const F: &str = "config file /etc/minilet/config.yaml (document 2)";
+        let m = |body: &str| format!("{KUBELET}---\n{MINILET}{body}");
+        let default_slots = crate::pod::worker::PARALLEL_SANDBOXES;
+        let ok: Vec<(&str, String, usize, usize)> = vec![
+            (
+                "defaults",
+                m(""),
+                default_slots,
+                DEFAULT_PARALLEL_RUNTIME_REQUESTS,
+            ),
+            (
+                "both set",
+                m("maxParallelSandboxCreations: 6\nmaxParallelRuntimeRequests: 10\n"),
+                6,
+                10,
+            ),
+            (
+                "sandbox slots alone",
+                m("maxParallelSandboxCreations: 31\n"),
+                31,
+                32,
+            ),
+            (
+                "a small runtime bound caps the default sandbox slots",
+                m("maxParallelRuntimeRequests: 2\n"),
+                1,
+                2,
+            ),
+        ];
+        for (name, text, slots, requests) in ok {
+            let c = from_text(&flags(), &text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                (
+                    c.max_parallel_sandbox_creations,
+                    c.max_parallel_runtime_requests
+                ),
+                (slots, requests),
+                "{name}"
+            );
+        }
+        let bad = [
+            (
+                m("maxParallelSandboxCreations: 8\nmaxParallelRuntimeRequests: 8\n"),
+                format!(
+                    "{F}: invalid maxParallelSandboxCreations 8: must be less than maxParallelRuntimeRequests (8)"
+                ),
+            ),
+            (
+                m("maxParallelSandboxCreations: 40\n"),
+                format!(
+                    "{F}: invalid maxParallelSandboxCreations 40: must be less than maxParallelRuntimeRequests (32)"
+                ),
+            ),
+            (
+                m("maxParallelRuntimeRequests: 1\n"),
+                format!("{F}: invalid maxParallelRuntimeRequests 1: must be at least 2"),
+            ),
+            (
+                m("maxParallelSandboxCreations: four\n"),
+                format!(
+                    "{F}: invalid maxParallelSandboxCreations \"four\": must be a whole number"
+                ),
+            ),
+        ];
+        for (text, want) in bad {
+            let err = from_text(&flags(), &text).expect_err(&text);
+            assert_eq!(err.to_string(), want);
+        }
     }
 
     /// Every error displays as one line naming the file (or flag) and field.

@@ -6,6 +6,7 @@
 //! contract, so the fake and the real adapter speak exactly what a runtime
 //! would see. v1alpha2 runtimes are served by the adapter, not the trait.
 
+pub mod bounded;
 #[cfg(test)]
 pub mod fake;
 pub mod remote;
