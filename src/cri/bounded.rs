@@ -21,7 +21,10 @@
 //! sandbox slot and, while the call runs, one slot here. Config validation
 //! keeps the sandbox slots below this bound, so a burst of sandbox
 //! creations can never take every slot: containers of pods whose sandbox is
-//! ready, and stops of pods being deleted, always get through.
+//! ready, and stops of pods being deleted, always get through. No call made
+//! while a slot is held waits for another slot (the CNI ADD inside
+//! RunPodSandbox reaches the agent's CNI server, which makes no CRI call),
+//! so the bound cannot deadlock.
 //!
 //! Side effects: none of its own; it forwards every call to the inner runtime.
 

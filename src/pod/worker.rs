@@ -51,9 +51,10 @@ pub const NETWORK_STATUS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/network-status";
 
 /// Default size of `Shared::sandbox_slots` (config
 /// `maxParallelSandboxCreations`). Measured with `cargo bench --bench
-/// static_pods` on 2 cores, 30 pods at once: 8 finished the burst sooner
-/// than 4 with about the same per-pod p50; 12 and 16 raised the p50 and did
-/// not finish sooner (the runtime is saturated there).
+/// static_pods` on 2 cores: 8 finished a burst of 30 pods sooner than 4
+/// with no consistent change in the per-pod p50, within 1.05x the best
+/// direct floor at 30 and 110 pods; 12 and 16 helped on a quiet machine and
+/// not under load (integration/bench/README.md).
 pub const PARALLEL_SANDBOXES: usize = 8;
 
 /// CRI calls one pod makes at once when it acts on many containers (stops,
