@@ -160,6 +160,11 @@ bridge_names() {
   mapfile -t confs < <(our_cni_confs)
   [[ -f $REPO/config/cni/10-bridge.conflist ]] || echo minilet0
   json_strings bridge "${confs[@]}"
+  # The e2e suite's and the benchmarks' chains live in temp dirs of their
+  # own; their bridges (integration/e2e/harness.rs, integration/bench/) are
+  # made on this host all the same.
+  echo minie2e0
+  echo mlbench0
 }
 
 # Network names under which host-local keeps IPAM state in /var/lib/cni/networks.
@@ -167,6 +172,9 @@ network_names() {
   local confs
   mapfile -t confs < <(our_cni_confs)
   json_strings name "${confs[@]}"
+  # The e2e suite keeps host-local's state in its temp dir; the benchmark's
+  # network keeps it in the default /var/lib/cni/networks.
+  echo minilet-bench
 }
 
 # ---------------------------------------------------------------- up steps
