@@ -11,8 +11,8 @@
 #           `docker build` of the Dockerfile FROM that base. Prints the image
 #           name (MINILET_IMAGE, default minilet:dev).
 #
-# MINILET_DEBIAN_MIRROR (default http://deb.debian.org/debian) is where
-# debootstrap fetches packages; MINILET_BASE_REBUILD=1 rebuilds the base even
+# MINILET_DEBIAN_MIRROR (default: the Debian archive this host's apt uses,
+# read from /etc/apt/sources.list{,.d/}) is where debootstrap fetches packages; MINILET_BASE_REBUILD=1 rebuilds the base even
 # when it is cached (e.g. to pick up security updates). The rootfs is built
 # under /var/cache/minilet/image (the .deb cache stays there, so a rebuild
 # downloads nothing it already has), never in the checkout.
@@ -23,7 +23,25 @@ set -Eeuo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 CACHE=/var/cache/minilet/image
 SUITE=bookworm
-MIRROR=${MINILET_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The archive apt already uses here (deb822 "URIs:" or one-line "deb URI"
+# entries), so the base comes from the same place as the host's packages.
+apt_mirror() {
+  local f m
+  for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [[ -f $f ]] || continue
+    m=$(awk '
+      /^Types:/ { deb = ($0 ~ /(^|[[:space:]])deb([[:space:]]|$)/) }
+      /^URIs:/ && deb && $2 ~ /\/debian\/?$/ { print $2; exit }
+      /^deb[[:space:]]/ { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i ~ /\/debian\/?$/) { print $i; exit } }
+    ' "$f")
+    if [[ -n $m ]]; then
+      echo "$m"
+      return 0
+    fi
+  done
+  return 0
+}
+MIRROR=${MINILET_DEBIAN_MIRROR:-$(apt_mirror)}
 BASE_REPO=minilet-base
 IMAGE=${MINILET_IMAGE:-minilet:dev}
 RECIPE_LABEL=io.minilet.base.recipe
@@ -112,6 +130,7 @@ cmd_base() {
     IFS=,
     echo "${PACKAGES[*]}"
   )
+  [[ -n $MIRROR ]] || die "no Debian archive in apt's sources to debootstrap from: set MINILET_DEBIAN_MIRROR"
   say "base: debootstrap $SUITE (minbase + ${PACKAGES[*]}) from $MIRROR"
   # In a private mount namespace: the /proc and /sys it mounts in the rootfs
   # go away with it, even when it fails half-way.
