@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::lifecycle::{
     self, Action, Backoff, CState, ContainerObs, Memory, Observed, Op, PullPolicy, SandboxObs,
-    Waiting, next_delay,
+    Schedule, Waiting,
 };
 use super::spec::{self, Downward, HostContext};
 use crate::clock::Clock;
@@ -45,6 +45,12 @@ pub struct Shared<R> {
     /// "Now" for every lifecycle decision (the runtime's timestamps are wall time).
     pub clock: Arc<dyn Clock>,
 }
+
+/// Retrying a step that failed before plan could decide (observe, status).
+const STEP_ERROR_BACKOFF: Schedule = Schedule {
+    start: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+};
 
 /// Where a pod's network attachments are reported (Multus' convention).
 pub const NETWORK_STATUS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/network-status";
@@ -142,11 +148,10 @@ pub struct Worker<R> {
     cache: Cache,
     /// The last desired pod, kept to report status while terminating.
     last_pod: Option<Pod>,
-    /// Backoff of failed steps (observe and the like); zero after a good one.
-    error_delay: Duration,
-    /// No step before this (clock ns) after a failed one, even when woken:
-    /// wake-ups (relists, manifest rescans) must not shorten the backoff.
-    error_until: i64,
+    /// Backoff of failed steps (observe and the like); none after a good
+    /// one. No step runs before its `until`, even when woken: wake-ups
+    /// (relists, manifest rescans) must not shorten it.
+    error_backoff: Option<Backoff>,
 }
 
 /// What the run loop does after one turn.
@@ -186,8 +191,7 @@ impl<R: Runtime> Worker<R> {
             mem: Memory::default(),
             cache: Cache::default(),
             last_pod: None,
-            error_delay: Duration::ZERO,
-            error_until: 0,
+            error_backoff: None,
         };
         (worker, Handle { desired: tx, wake })
     }
@@ -235,7 +239,7 @@ impl<R: Runtime> Worker<R> {
 
     /// One step, and how long the loop may sleep after it.
     async fn turn(&mut self, desired: Option<&DesiredPod>) -> Next {
-        let left = self.error_until - self.now();
+        let left = self.error_backoff.map_or(0, |b| b.until - self.now());
         if left > 0 {
             return Next::Sleep(Duration::from_nanos(left as u64));
         }
@@ -249,25 +253,21 @@ impl<R: Runtime> Worker<R> {
                 Next::Finished
             }
             Ok(Some(Action::Wait { until })) => {
-                self.error_delay = Duration::ZERO;
+                self.error_backoff = None;
                 let sync = self.shared.sync_frequency;
                 Next::Sleep(until.map_or(sync, |u| {
                     Duration::from_nanos((u - self.now()).max(0) as u64).min(sync)
                 }))
             }
             Ok(_) => {
-                self.error_delay = Duration::ZERO;
+                self.error_backoff = None;
                 Next::Again
             }
             Err(e) => {
-                self.error_delay = next_delay(
-                    self.error_delay,
-                    Duration::from_millis(500),
-                    Duration::from_secs(30),
-                );
-                warn!(error = %crate::error_chain(&e), retry_in = ?self.error_delay, "pod step failed");
-                self.error_until = self.now() + self.error_delay.as_nanos() as i64;
-                Next::Sleep(self.error_delay)
+                let b = Backoff::after(self.error_backoff, STEP_ERROR_BACKOFF, self.now());
+                warn!(error = %crate::error_chain(&e), retry_in = ?b.delay, "pod step failed");
+                self.error_backoff = Some(b);
+                Next::Sleep(b.delay)
             }
         }
     }
