@@ -5,6 +5,7 @@
 //! `cni::exec::PluginExec`) so each module is testable with a hand-written fake.
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod cni;
@@ -13,8 +14,10 @@ pub mod control;
 pub mod cri;
 pub mod doctor;
 pub mod locks;
+pub mod objects;
 pub mod pod;
 pub mod readiness;
+pub mod sink;
 pub mod socket;
 pub mod source;
 pub mod status;

@@ -4,6 +4,7 @@
 //! wants now, plus the errors it found. The pod manager never learns which
 //! source a pod came from beyond the `source` string it shows to people.
 
+pub mod merge;
 pub mod static_dir;
 pub mod validate;
 
@@ -48,4 +49,48 @@ pub struct SourceError {
 pub struct Snapshot {
     pub pods: BTreeMap<String, Arc<DesiredPod>>,
     pub errors: Vec<SourceError>,
+    /// Sources that have not listed yet (merged snapshots only). While any
+    /// is pending, the node must not tear down a pod it finds running that
+    /// no source wants: the pending source may want it.
+    pub pending_sources: Vec<String>,
+}
+
+impl Snapshot {
+    /// Every source has listed at least once.
+    pub fn synced(&self) -> bool {
+        self.pending_sources.is_empty()
+    }
+}
+
+/// What the node should do with one pod (the worker's desired state).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Desired {
+    /// Run it as specified.
+    Run(Arc<DesiredPod>),
+    /// Stop its containers and sandbox, then forget it. `grace`: seconds
+    /// for each container to stop (the API's deletionGracePeriodSeconds);
+    /// `None` uses the pod's terminationGracePeriodSeconds (kubelet: 30).
+    Terminate { grace: Option<i64> },
+}
+
+impl Desired {
+    /// The pod to run, if it is to run.
+    pub fn running(&self) -> Option<&Arc<DesiredPod>> {
+        match self {
+            Desired::Run(d) => Some(d),
+            Desired::Terminate { .. } => None,
+        }
+    }
+
+    /// What a source's pod asks for: a pod the API server is deleting
+    /// (deletionTimestamp set) is terminated with its deletion grace.
+    pub fn of(pod: &Arc<DesiredPod>) -> Desired {
+        let m = &pod.pod.metadata;
+        match m.deletion_timestamp {
+            Some(_) => Desired::Terminate {
+                grace: m.deletion_grace_period_seconds,
+            },
+            None => Desired::Run(pod.clone()),
+        }
+    }
 }

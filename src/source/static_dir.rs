@@ -259,6 +259,7 @@ fn scan_at(dir: &Path, node_name: &str, previous: &Snapshot, now: jiff::Timestam
                     file: dir.display().to_string(),
                     message: format!("{message}; keeping the previous pods"),
                 }],
+                ..Default::default()
             };
         }
     };

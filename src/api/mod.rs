@@ -1,0 +1,9 @@
+//! API server mode: minilet as a node of a Kubernetes cluster. The client
+//! and the node's identity (`client`), the Node object, its status and its
+//! Lease (`node`), the pods bound to this node as a pod source (`pods`),
+//! pod status written to the status subresource (`status_writer`), mirror
+//! pods for static pods (`mirror`), the objects pods use, watched
+//! (`objects`), and events (`events`).
+//!
+//! Everything here talks to the server through kube-rs; the pod path sees
+//! only the seams (`source::merge`, `sink`, `objects::ObjectLookup`).

@@ -1,0 +1,226 @@
+//! The objects pods use (ConfigMap, Secret, PersistentVolumeClaim,
+//! PersistentVolume), behind one lookup seam. In API server mode the
+//! lookup is backed by watches of exactly the objects this node's pods
+//! reference (the Node authorizer allows nothing else); standalone, by the
+//! objects found in the manifest dir. The pod path (env, envFrom, volumes,
+//! imagePullSecrets) asks only this trait, never where objects live.
+//!
+//! `ObjectStore` is the in-memory implementation: the standalone source
+//! fills it from the manifest dir, and unit tests fill it by hand.
+//!
+//! Side effects: none here (implementations may watch an API server).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret};
+
+use crate::locks::{read, write};
+
+/// The kinds of object a pod can reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    ConfigMap,
+    Secret,
+    PersistentVolumeClaim,
+    PersistentVolume,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::ConfigMap => "configmap",
+            Kind::Secret => "secret",
+            Kind::PersistentVolumeClaim => "persistentvolumeclaim",
+            Kind::PersistentVolume => "persistentvolume",
+        })
+    }
+}
+
+/// One object, by kind, namespace ("" for cluster-scoped) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {:?}", self.kind, self.name)
+        } else {
+            write!(
+                f,
+                "{} {:?} in namespace {:?}",
+                self.kind, self.name, self.namespace
+            )
+        }
+    }
+}
+
+/// Why an object could not be had. kubelet's wording where it has one
+/// (`configmap "x" not found`), so `CreateContainerConfigError` messages
+/// read the same.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("{} {:?} not found", .0.kind, .0.name)]
+    NotFound(ObjectRef),
+    /// The source of objects cannot answer now (API server unreachable,
+    /// watch not yet synced): retry later.
+    #[error("{object}: {reason}")]
+    Unavailable { object: ObjectRef, reason: String },
+    /// The API server refused (the Node authorizer: the pod does not
+    /// reference it, or it is not bound to this node).
+    #[error("{object}: forbidden: {reason}")]
+    Forbidden { object: ObjectRef, reason: String },
+}
+
+impl LookupError {
+    /// Whether asking again later can succeed without anything changing
+    /// on the node (a missing object can appear too: kubelet retries both).
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+/// The lookup seam. Implementations cache: callers may ask on every step.
+pub trait ObjectLookup: Send + Sync {
+    fn config_map<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<ConfigMap>, LookupError>>;
+    fn secret<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<Secret>, LookupError>>;
+    fn persistent_volume_claim<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<PersistentVolumeClaim>, LookupError>>;
+    fn persistent_volume<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, LookupError>>;
+}
+
+/// Objects held in memory, keyed by reference.
+#[derive(Clone, Default)]
+pub struct ObjectStore {
+    inner: Arc<RwLock<Objects>>,
+}
+
+/// A set of objects of all kinds (what a source found).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Objects {
+    pub config_maps: BTreeMap<(String, String), Arc<ConfigMap>>,
+    pub secrets: BTreeMap<(String, String), Arc<Secret>>,
+    pub claims: BTreeMap<(String, String), Arc<PersistentVolumeClaim>>,
+    /// Cluster-scoped: keyed by ("", name).
+    pub volumes: BTreeMap<(String, String), Arc<PersistentVolume>>,
+}
+
+fn key(namespace: &str, name: &str) -> (String, String) {
+    (namespace.to_string(), name.to_string())
+}
+
+fn get<T>(
+    map: &BTreeMap<(String, String), Arc<T>>,
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+) -> Result<Arc<T>, LookupError> {
+    map.get(&key(namespace, name)).cloned().ok_or_else(|| {
+        LookupError::NotFound(ObjectRef {
+            kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        })
+    })
+}
+
+impl ObjectStore {
+    /// Replace everything (a source's new snapshot of its objects).
+    pub fn replace(&self, objects: Objects) {
+        *write(&self.inner) = objects;
+    }
+
+    pub fn snapshot(&self) -> Objects {
+        read(&self.inner).clone()
+    }
+}
+
+impl ObjectLookup for ObjectStore {
+    fn config_map<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<ConfigMap>, LookupError>> {
+        let r = get(
+            &read(&self.inner).config_maps,
+            Kind::ConfigMap,
+            namespace,
+            name,
+        );
+        Box::pin(async move { r })
+    }
+    fn secret<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<Secret>, LookupError>> {
+        let r = get(&read(&self.inner).secrets, Kind::Secret, namespace, name);
+        Box::pin(async move { r })
+    }
+    fn persistent_volume_claim<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<PersistentVolumeClaim>, LookupError>> {
+        let r = get(
+            &read(&self.inner).claims,
+            Kind::PersistentVolumeClaim,
+            namespace,
+            name,
+        );
+        Box::pin(async move { r })
+    }
+    fn persistent_volume<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, LookupError>> {
+        let r = get(&read(&self.inner).volumes, Kind::PersistentVolume, "", name);
+        Box::pin(async move { r })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[tokio::test]
+    async fn the_store_finds_what_it_holds_and_names_what_it_lacks() {
+        let store = ObjectStore::default();
+        let mut objects = Objects::default();
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("cfg".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        objects
+            .config_maps
+            .insert(key("default", "cfg"), Arc::new(cm));
+        store.replace(objects);
+        assert!(store.config_map("default", "cfg").await.is_ok());
+        let e = store.secret("default", "pw").await.unwrap_err();
+        assert_eq!(e.to_string(), "secret \"pw\" not found");
+    }
+}
