@@ -76,6 +76,16 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// cniPluginTimeout (default 20s).
     pub plugin_timeout: Option<String>,
+    /// Extra command-line flags for the agent (`--kubeconfig PATH`, …).
+    pub args: Vec<String>,
+    /// Extra KubeletConfiguration lines (YAML, e.g. "maxPods: 5").
+    pub kubelet_config: Vec<String>,
+    /// Extra MiniletConfiguration lines (YAML).
+    pub minilet_config: Vec<String>,
+}
+
+fn lines(extra: &[String]) -> String {
+    extra.iter().map(|l| format!("{l}\n")).collect()
 }
 
 /// A minilet process with its own config, manifests, state and logs.
@@ -150,10 +160,12 @@ impl Agent {
         let config = format!(
             "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
              staticPodPath: {m}\ncontainerRuntimeEndpoint: {sock}\npodLogsDir: {logs}\n\
-             fileCheckFrequency: 5s\n---\n\
+             fileCheckFrequency: 5s\n{kextra}---\n\
              apiVersion: minilet.io/v1alpha1\nkind: MiniletConfiguration\n\
              stateDir: {state}\ncniConfDir: {netd}\ncniBinDirs: [{plugins}]\n\
-             runtimeCNIConfDir: {rconf}\nruntimeCNIBinDir: {rbin}\ncniPluginTimeout: {timeout}\n",
+             runtimeCNIConfDir: {rconf}\nruntimeCNIBinDir: {rbin}\ncniPluginTimeout: {timeout}\n{mextra}",
+            kextra = lines(&options.kubelet_config),
+            mextra = lines(&options.minilet_config),
             m = root.join("manifests").display(),
             sock = stack.get("CONTAINERD_SOCK"),
             logs = root.join("logs").display(),
@@ -190,6 +202,7 @@ impl Agent {
                 &self.node,
             ])
             .args(["--log-level", "info,minilet=debug"])
+            .args(&self.options.args)
             .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
