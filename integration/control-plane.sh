@@ -464,8 +464,9 @@ start_service() {
   {
     printf '=== %s: %s\n' "$(date -u +%FT%TZ)" "$bin ${ARGS[*]}"
   } >>"$RUN/$name.log"
-  # Own session, stdin from /dev/null: it outlives us and our terminal.
-  setsid "$bin" "${ARGS[@]}" </dev/null >>"$RUN/$name.log" 2>&1 &
+  # Own session, stdin from /dev/null: it outlives us and our terminal; it
+  # must not hold our message fd (3), or `up | tail` would never see EOF.
+  setsid "$bin" "${ARGS[@]}" </dev/null >>"$RUN/$name.log" 2>&1 3>&- 9>&- &
   local pid=$!
   echo "$pid" >"$RUN/$name.pid"
   local deadline=$((SECONDS + grace))
