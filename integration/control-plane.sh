@@ -2,7 +2,8 @@
 # integration/control-plane.sh: a real Kubernetes control plane (etcd,
 # kube-apiserver, kube-controller-manager, kube-scheduler) on loopback, for
 # the tests of minilet's API server mode. Everything it runs lives under
-# ONE run dir, ${MINILET_STACK_DIR:-<repo>/integration/.run}/cp.
+# ONE run dir, ${MINILET_STACK_DIR:-<repo>/integration/.run}/cp (or
+# $MINILET_CP_DIR, as a sourced RUN/cp/env sets it).
 #
 #   build   build kube-apiserver, kube-scheduler, kube-controller-manager,
 #           kubectl and kubelet from Debian's own `kubernetes` source package,
@@ -33,8 +34,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 . "$REPO/integration/lib.sh"
 fail_report control-plane
 
+# MINILET_CP_DIR (from a sourced RUN/cp/env) names the run dir itself.
 STACK_RUN=$(realpath -m "${MINILET_STACK_DIR:-$REPO/integration/.run}")
-RUN=$STACK_RUN/cp
+RUN=$(realpath -m "${MINILET_CP_DIR:-$STACK_RUN/cp}")
 
 # The Kubernetes version we build, and the Debian source package it is in.
 KUBE_VERSION=1.20.2
@@ -223,10 +225,12 @@ cmd_build() {
 
 # issue NAME SUBJECT EXT: RUN/pki/NAME.{key,crt}, an ECDSA P-256 key and a
 # cert for SUBJECT signed by the CA, with the extensions in EXT (openssl
-# config lines). Kept when they exist already.
+# config lines). Kept when they exist already and the CA signed them.
 issue() {
   local name=$1 subj=$2 ext=$3
-  [[ -s $PKI/$name.crt && -s $PKI/$name.key ]] && return 0
+  if [[ -s $PKI/$name.key ]] && openssl verify -CAfile "$CA_CRT" "$PKI/$name.crt" >/dev/null 2>&1; then
+    return 0
+  fi
   (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI/$name.key.new")
   openssl req -new -key "$PKI/$name.key.new" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
   printf '%s\n' "$ext" >"$PKI/$name.ext"
@@ -437,6 +441,15 @@ service_args() {
   esac
 }
 
+service_ports() {
+  case $1 in
+  etcd) echo "${ETCD_CLIENT##*:} ${ETCD_PEER##*:}" ;;
+  kube-apiserver) echo "$API_PORT" ;;
+  kube-controller-manager) echo "$KCM_PORT" ;;
+  kube-scheduler) echo "$SCHED_PORT" ;;
+  esac
+}
+
 service_bin() {
   case $1 in
   etcd) command -v etcd || echo /usr/bin/etcd ;;
@@ -456,6 +469,14 @@ start_service() {
   fi
   # A stray one that does not answer: replace it.
   stop_pids 10 "${pids[@]}"
+  # A port someone else holds would make their server answer our health
+  # check.
+  local port
+  for port in $(service_ports "$name"); do
+    if ss -Hltn "sport = :$port" | grep -q .; then
+      die "port $port for $name is already taken: $(ss -Hltnp "sport = :$port" | head -n1)"
+    fi
+  done
   local bin
   service_args "$name"
   bin=$(service_bin "$name")

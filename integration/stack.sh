@@ -748,7 +748,7 @@ lift_netns_bind() {
 cmd_down() {
   STEP="control plane down"
   # First the control plane on this run dir, so one down cleans all.
-  MINILET_STACK_DIR=$RUN "$REPO/integration/control-plane.sh" down ||
+  MINILET_STACK_DIR=$RUN MINILET_CP_DIR=$RUN/cp "$REPO/integration/control-plane.sh" down ||
     die "integration/control-plane.sh down failed"
   STEP=down
   local killed_tasks=0 netns=() ns c
