@@ -746,11 +746,11 @@ lift_netns_bind() {
 }
 
 cmd_down() {
-  STEP="control plane down"
-  # First the control plane on this run dir, so one down cleans all.
-  MINILET_STACK_DIR=$RUN MINILET_CP_DIR=$RUN/cp "$REPO/integration/control-plane.sh" down ||
-    die "integration/control-plane.sh down failed"
   STEP=down
+  # First the control plane on this run dir, so one down cleans all; if it
+  # fails, the rest still goes down and the failure is reported at the end.
+  local cp_down=ok
+  MINILET_STACK_DIR=$RUN MINILET_CP_DIR=$RUN/cp "$REPO/integration/control-plane.sh" down || cp_down=""
   local killed_tasks=0 netns=() ns c
   # 1. Leftover tasks/containers, through containerd while it still answers.
   if containerd_answers; then
@@ -860,6 +860,7 @@ cmd_down() {
   local left=()
   mapfile -t -O 0 left < <(containerd_pids; shim_pids; registry_pids; auth_registry_pids)
   ((${#left[@]} == 0)) || die "processes left: ${left[*]}"
+  [[ -n $cp_down ]] || die "integration/control-plane.sh down failed (its line above says why)"
   [[ -z $(mounts_under "$RUN") ]] || die "mounts left under $RUN: $(mounts_under "$RUN" | tr '\n' ' ')"
   for m in "${netns[@]}"; do
     [[ ! -e /var/run/netns/${m##*/} ]] || die "netns left: $m"
