@@ -8,6 +8,7 @@
 //! Everything here talks to the server through kube-rs; the pod path sees
 //! only the seams (`source::merge`, `sink`, `objects::ObjectLookup`).
 
+pub mod client;
 pub mod mirror;
 pub mod pod_api;
 pub mod pods;
