@@ -167,6 +167,11 @@ pub fn merged_status(view: &PodStatus, old: &PodStatus, host_ip: &str) -> PodSta
         }
     }
     new.conditions = (!conds.is_empty()).then_some(conds);
+    // The server sets qosClass when it creates the pod; it is not the
+    // node's to change.
+    if old.qos_class.is_some() {
+        new.qos_class.clone_from(&old.qos_class);
+    }
     if new.nominated_node_name.is_none() {
         new.nominated_node_name.clone_from(&old.nominated_node_name);
     }
