@@ -3,13 +3,14 @@
 //! not "api") a pod of the same name, namespace, labels and spec, bound to
 //! the node, with the annotation `kubernetes.io/config.mirror` set to the
 //! static pod's config hash and an owner reference to the Node (v1 Node,
-//! its name and UID, not a controller, not blocking deletion: what
-//! NodeRestriction lets a node create).
+//! its name and UID, as the controller, not blocking deletion: exactly
+//! what NodeRestriction lets a node create).
 //!
 //! Reconciled level-triggered from the snapshot and a watch of the pods
 //! bound to the node, on every change of either and every 10 s: a missing
 //! mirror is created (someone deleted it), one with another hash is
-//! deleted and made again (the manifest changed), one whose static pod is
+//! deleted and made again (the manifest changed, or someone deleted it:
+//! the server then waits for the node to finish), one whose static pod is
 //! gone is deleted. Deletes carry grace 0 and the mirror's UID as a
 //! precondition. The status writer writes the mirrors' status; it is told
 //! when a mirror is (re)created so it writes the status again.
@@ -77,7 +78,7 @@ pub fn mirror_of(pod: &Pod, node: &str, node_uid: &str) -> Pod {
                 kind: "Node".into(),
                 name: node.to_string(),
                 uid: node_uid.to_string(),
-                controller: Some(false),
+                controller: Some(true),
                 block_owner_deletion: None,
             }]),
             ..Default::default()
@@ -101,7 +102,7 @@ pub enum Action {
 }
 
 /// What to do so that `mirrors` (the node's mirror pods on the server)
-/// reflect `statics`. Pure. A mirror being deleted is waited for.
+/// reflect `statics`. Pure.
 pub fn plan(
     statics: &BTreeMap<String, Pod>,
     mirrors: &BTreeMap<(String, String), Pod>,
@@ -119,15 +120,20 @@ pub fn plan(
                 static_uid: static_uid.clone(),
                 pod: Box::new(mirror_of(pod, node, node_uid)),
             }),
-            Some(m) if m.metadata.deletion_timestamp.is_some() => {}
-            Some(m) if hash_of(m, CONFIG_MIRROR_ANNOTATION) != hash => {
+            // Someone deleted it (the server waits for the node to finish
+            // the deletion), or the manifest changed: delete it now (grace
+            // 0), make it again once it is gone.
+            Some(m)
+                if m.metadata.deletion_timestamp.is_some()
+                    || hash_of(m, CONFIG_MIRROR_ANNOTATION) != hash =>
+            {
                 actions.push(delete(m));
             }
             Some(_) => {}
         }
     }
     for (k, m) in mirrors {
-        if !wanted.contains(k) && m.metadata.deletion_timestamp.is_none() {
+        if !wanted.contains(k) {
             actions.push(delete(m));
         }
     }
@@ -358,7 +364,11 @@ mod tests {
             ),
             ("v1", "Node", "n1", "node-uid")
         );
-        assert_eq!(o.controller, Some(false));
+        assert_eq!(
+            o.controller,
+            Some(true),
+            "NodeRestriction wants a controller ref"
+        );
         assert_ne!(o.block_owner_deletion, Some(true));
         assert_eq!(m.spec.as_ref().unwrap().node_name.as_deref(), Some("n1"));
         assert_eq!(m.metadata.labels.as_ref().unwrap()["app"], "web");
@@ -398,12 +408,19 @@ mod tests {
     }
 
     #[test]
-    fn a_mirror_being_deleted_is_waited_for_then_made_again() {
+    fn a_mirror_being_deleted_is_deleted_now_then_made_again() {
         let statics = BTreeMap::from([("s-web".to_string(), static_pod("web", "h1"))]);
         let mut m = on_server(mirror_of(&static_pod("web", "h0"), "n1", "nu"), "m1");
         m.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(5).unwrap()));
         let mirrors = BTreeMap::from([(key(&m), m)]);
-        assert!(plan(&statics, &mirrors, "n1", "nu").is_empty());
+        assert_eq!(
+            plan(&statics, &mirrors, "n1", "nu"),
+            [Action::Delete {
+                namespace: "default".into(),
+                name: "web-n1".into(),
+                uid: "m1".into()
+            }]
+        );
         let actions = plan(&statics, &BTreeMap::new(), "n1", "nu");
         assert_eq!(actions.len(), 1);
     }

@@ -40,7 +40,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::pod_api::{ApiError, KubePods, PodApi};
 use crate::sink::StatusSink;
@@ -436,7 +436,20 @@ impl StatusWriter {
         let target = Target::of(view);
         let (ns, name) = target.key();
         let span = tracing::info_span!("pod_status", pod = %format!("{ns}/{name}"), uid);
-        let _e = span.enter();
+        self.sync_in(api, &target, view, gone, known)
+            .instrument(span)
+            .await
+    }
+
+    async fn sync_in(
+        &self,
+        api: &dyn PodApi,
+        target: &Target,
+        view: &Pod,
+        gone: bool,
+        known: Option<Known>,
+    ) -> Result<Outcome, ApiError> {
+        let (ns, name) = target.key();
         if gone {
             if let Target::Api { uid, .. } = &target {
                 // Delete only what the server is deleting (the node never
