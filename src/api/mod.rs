@@ -7,4 +7,7 @@
 //!
 //! Everything here talks to the server through kube-rs; the pod path sees
 //! only the seams (`source::merge`, `sink`, `objects::ObjectLookup`).
+
 pub mod client;
+pub mod machine;
+pub mod node;
