@@ -57,6 +57,9 @@ pub enum AgentError {
     /// A node-wide task ended before the agent was told to stop.
     #[error("{cause}")]
     TaskDied { cause: String },
+    /// The API server credentials are unusable (API server mode).
+    #[error(transparent)]
+    Api(#[from] crate::api::client::ClientError),
 }
 
 /// Answers the CNI server's questions (host ports, network annotations)
@@ -203,6 +206,14 @@ async fn check_adopted(rt: &impl Runtime, runner: &Runner, board: &Board, node: 
 
 /// Run the agent until `cancel` fires. Pods keep running afterwards.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentError> {
+    // API server mode: credentials checked before anything starts; the
+    // server itself may still be away (the node task retries).
+    let api = crate::api::client::connect(&cfg).await?;
+    let pod_cidr = Arc::new(if api.is_some() {
+        cni::pod_cidr::PodCidr::waiting()
+    } else {
+        cni::pod_cidr::PodCidr::standalone()
+    });
     for dir in [&cfg.state_dir, &cfg.state_dir.join("pods")] {
         std::fs::create_dir_all(dir).map_err(|source| AgentError::StateDir {
             path: dir.clone(),
@@ -265,12 +276,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         });
     }
     let board = Board::default();
-    let runner = Arc::new(cni::chain::CniRunner::new(
-        cni::exec::ProcessExec::from_config(&cfg),
-        store,
-        cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
-        board.cni.metrics.clone(),
-    ));
+    let runner = Arc::new(
+        cni::chain::CniRunner::new(
+            cni::exec::ProcessExec::from_config(&cfg),
+            store,
+            cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
+            board.cni.metrics.clone(),
+        )
+        .with_pod_cidr(pod_cidr.clone()),
+    );
     let cni_socket = cfg.cni_socket();
     let listener = cni::server::bind(&cni_socket).map_err(|source| AgentError::Bind {
         path: cni_socket.clone(),
@@ -342,6 +356,38 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
                 _ = gc_loop(&*rt, &runner, &board) => {}
             }
         });
+    }
+    // API server mode: the Node, its Lease and status, its podCIDR. Ready
+    // follows the runtime answering CRI Version (probed every update period).
+    if let Some(api) = api {
+        let facts = crate::api::machine::gather(&cfg, (&shared.runtime_name, &runtime_version));
+        let settings = crate::api::node::NodeSettings::from_config(&cfg);
+        let (ready_tx, ready_rx) = watch::channel(true);
+        let (rt, every, c) = (
+            shared.runtime.clone(),
+            cfg.node_status_update_frequency,
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = async {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let up = rt.version().await.is_ok();
+                        ready_tx.send_if_modified(|r| std::mem::replace(r, up) != up);
+                    }
+                } => {}
+            }
+        });
+        tasks.spawn(crate::api::node::run(
+            api,
+            facts,
+            settings,
+            ready_rx,
+            pod_cidr.clone(),
+            cancel.clone(),
+        ));
     }
     info!(
         node = %cfg.node_name,
