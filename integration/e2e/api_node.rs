@@ -234,6 +234,11 @@ fn the_node_registers_ready_with_real_capacity_and_a_renewed_lease() {
     });
 }
 
+/// The bridge of the podCIDR network: its gateway address is the node's
+/// podCIDR's, so it cannot be the suite's bridge (which has another).
+/// The test deletes it at the end.
+const CIDR_BRIDGE: &str = "minie2ecidr";
+
 /// A network whose host-local IPAM says `usePodCidr` hands pods addresses
 /// from the Node's podCIDR.
 #[test]
@@ -246,7 +251,7 @@ fn pods_get_addresses_from_the_nodes_pod_cidr() {
             "cniVersion": "1.0.0",
             "name": "e2e-podcidr",
             "plugins": [
-                {"type": "bridge", "bridge": BRIDGE, "isGateway": true, "ipMasq": true,
+                {"type": "bridge", "bridge": CIDR_BRIDGE, "isGateway": true, "ipMasq": true,
                  "ipam": {"type": "host-local", "ranges": [[{"subnet": "usePodCidr"}]],
                           "routes": [{"dst": "0.0.0.0/0"}], "dataDir": dir.path().join("ipam")}},
                 {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true},
@@ -281,6 +286,9 @@ fn pods_get_addresses_from_the_nodes_pod_cidr() {
         agent.remove_manifest("p.yaml");
         drop(agent);
         cp.forget_node(node);
+        let _ = std::process::Command::new("ip")
+            .args(["link", "delete", CIDR_BRIDGE])
+            .status();
     });
 }
 
@@ -310,19 +318,20 @@ fn the_node_identity_cannot_touch_other_nodes_and_minilet_copes() {
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: e2e-api-third\n",
         )
         .unwrap();
+        let lease_yaml = dir.path().join("lease.yaml");
+        std::fs::write(
+            &lease_yaml,
+            format!(
+                "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: {other}\n  namespace: kube-node-lease\nspec:\n  holderIdentity: {other}\n"
+            ),
+        )
+        .unwrap();
         let attempts: Vec<Vec<&str>> = vec![
             vec!["create", "-f", other_yaml.to_str().unwrap()],
             vec!["label", "node", other, "x=y"],
-            vec![
-                "patch",
-                "node",
-                other,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                r#"{"status":{"conditions":[{"type":"Ready","status":"False"}]}}"#,
-            ],
-            vec!["-n", "kube-node-lease", "create", "lease", other],
+            vec!["annotate", "node", other, "x=y"],
+            vec!["taint", "node", other, "x=y:NoSchedule"],
+            vec!["create", "-f", lease_yaml.to_str().unwrap()],
             vec!["delete", "node", other],
         ];
         for args in attempts {
