@@ -736,9 +736,10 @@ async fn status_loop(
                 last_report = Some(Instant::now());
             }
             Err(e) => {
+                // Retried next period (the backoff is capped to it); the
+                // Node is re-read first.
                 resync.store(true, Ordering::Relaxed);
-                let wait = retry.failed(&e);
-                tokio::time::sleep(wait.saturating_sub(settings.update_frequency)).await;
+                retry.failed(&e);
             }
         }
     }
