@@ -370,6 +370,7 @@ fn the_node_identity_cannot_touch_other_nodes_and_minilet_copes() {
             "the refusal is logged once, not per retry:\n{log}"
         );
         assert!(refusals[0].contains("Forbidden"), "{}", refusals[0]);
+        eprintln!("the refusal, as logged: {}", refusals[0]);
         let mut agent = agent;
         assert!(agent.is_running(), "the agent lives with the refusal");
         agent.remove_manifest("p.yaml");
