@@ -54,12 +54,12 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    /// The API server credentials are unusable (`--kubeconfig`).
-    #[error("setting up the API server client")]
-    ApiClient(#[source] crate::api::client::ClientError),
     /// A node-wide task ended before the agent was told to stop.
     #[error("{cause}")]
     TaskDied { cause: String },
+    /// The API server credentials are unusable (API server mode).
+    #[error(transparent)]
+    Api(#[from] crate::api::client::ClientError),
 }
 
 /// Answers the CNI server's questions (host ports, network annotations)
@@ -230,6 +230,14 @@ fn local_address_towards(server: &str) -> String {
 
 /// Run the agent until `cancel` fires. Pods keep running afterwards.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentError> {
+    // API server mode: credentials checked before anything starts; the
+    // server itself may still be away (the node task retries).
+    let api = crate::api::client::connect(&cfg).await?;
+    let pod_cidr = Arc::new(if api.is_some() {
+        cni::pod_cidr::PodCidr::waiting()
+    } else {
+        cni::pod_cidr::PodCidr::standalone()
+    });
     for dir in [&cfg.state_dir, &cfg.state_dir.join("pods")] {
         std::fs::create_dir_all(dir).map_err(|source| AgentError::StateDir {
             path: dir.clone(),
@@ -271,11 +279,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     // source; their status is written back by the status writer (a sink,
     // below), static pods get mirror pods. The source and the mirror task
     // start once the sinks exist.
-    let api_client = crate::api::client::connect(&cfg)
-        .await
-        .map_err(AgentError::ApiClient)?;
     let mut api_pods = None;
-    if let Some(api) = &api_client {
+    if let Some(api) = &api {
         let (tx, src) = merge::channel(crate::api::pods::SOURCE);
         sources.push(src);
         let host_ip = cfg
@@ -326,12 +331,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         });
     }
     let board = Board::default();
-    let runner = Arc::new(cni::chain::CniRunner::new(
-        cni::exec::ProcessExec::from_config(&cfg),
-        store,
-        cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
-        board.cni.metrics.clone(),
-    ));
+    let runner = Arc::new(
+        cni::chain::CniRunner::new(
+            cni::exec::ProcessExec::from_config(&cfg),
+            store,
+            cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
+            board.cni.metrics.clone(),
+        )
+        .with_pod_cidr(pod_cidr.clone()),
+    );
     let cni_socket = cfg.cni_socket();
     let listener = cni::server::bind(&cni_socket).map_err(|source| AgentError::Bind {
         path: cni_socket.clone(),
@@ -368,8 +376,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
 
     // Where pod views and events go: the board, and in API mode the server.
     let mut sinks = crate::sink::Sinks::board(&board);
-    if let Some((_, _, writer)) = &api_pods {
+    if let Some((client, _, writer)) = &api_pods {
         sinks.status.push(writer.clone());
+        // kubelet's events, aggregated and rate-limited (api::events).
+        let (recorder, task) =
+            crate::api::events::recorder(client.clone(), cfg.node_name.clone(), cancel.clone());
+        sinks.events.push(recorder);
+        tasks.spawn(task);
     }
     let sinks = Arc::new(sinks);
     if let Some((client, tx, writer)) = api_pods {
@@ -432,6 +445,38 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
                 _ = gc_loop(&*rt, &runner, &board) => {}
             }
         });
+    }
+    // API server mode: the Node, its Lease and status, its podCIDR. Ready
+    // follows the runtime answering CRI Version (probed every update period).
+    if let Some(api) = api {
+        let facts = crate::api::machine::gather(&cfg, (&shared.runtime_name, &runtime_version));
+        let settings = crate::api::node::NodeSettings::from_config(&cfg);
+        let (ready_tx, ready_rx) = watch::channel(true);
+        let (rt, every, c) = (
+            shared.runtime.clone(),
+            cfg.node_status_update_frequency,
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = async {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let up = rt.version().await.is_ok();
+                        ready_tx.send_if_modified(|r| std::mem::replace(r, up) != up);
+                    }
+                } => {}
+            }
+        });
+        tasks.spawn(crate::api::node::run(
+            api,
+            facts,
+            settings,
+            ready_rx,
+            pod_cidr.clone(),
+            cancel.clone(),
+        ));
     }
     info!(
         node = %cfg.node_name,

@@ -260,10 +260,15 @@ pub fn describe(e: &kube::Error) -> String {
             let mut msg = String::new();
             let mut cur: Option<&dyn std::error::Error> = Some(other);
             while let Some(c) = cur {
-                if !msg.is_empty() {
-                    msg.push_str(": ");
+                // kube and hyper often print their cause in their own
+                // message too: say each part once.
+                let part = c.to_string();
+                if !msg.contains(&part) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&part);
                 }
-                msg.push_str(&c.to_string());
                 cur = c.source();
             }
             msg
@@ -354,6 +359,25 @@ mod tests {
             "{}",
             crate::error_chain(&err)
         );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_described_in_one_line() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Nothing listens on port 1 of loopback.
+        let client =
+            kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap()))
+                .unwrap();
+        let e = client.apiserver_version().await.unwrap_err();
+        let msg = describe(&e);
+        assert!(msg.contains("onnection refused"), "{msg}");
+        assert_eq!(msg.matches("onnection refused").count(), 1, "{msg}");
+        assert_eq!(status_code(&e), None);
+        let forbidden = kube::Error::Api(Box::new(
+            kube::core::Status::failure("nodes \"x\" is forbidden", "Forbidden").with_code(403),
+        ));
+        assert_eq!(describe(&forbidden), "Forbidden: nodes \"x\" is forbidden");
+        assert_eq!(status_code(&forbidden), Some(403));
     }
 
     #[tokio::test]

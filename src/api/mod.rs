@@ -10,7 +10,9 @@
 
 pub mod client;
 pub mod events;
+pub mod machine;
 pub mod mirror;
+pub mod node;
 pub mod pod_api;
 pub mod pods;
 pub mod status_writer;
