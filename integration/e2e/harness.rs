@@ -189,26 +189,39 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
+        self.restart_unready();
+        self.wait_ready();
+    }
+
+    /// Start the agent again after `kill9`/`terminate` without waiting for
+    /// it to be ready (it is not while a source cannot list).
+    pub fn restart_unready(&mut self) {
+        assert!(self.child.is_none(), "agent still running");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_minilet"))
-            .args([
-                "--config",
-                self.config().to_str().unwrap(),
-                "--hostname-override",
-                &self.node,
-            ])
-            .args(["--log-level", "info,minilet=debug"])
-            .args(&self.options.args)
-            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn minilet");
-        self.child = Some(child);
+        self.child = Some(self.command().stderr(log).spawn().expect("spawn minilet"));
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_minilet"));
+        cmd.args([
+            "--config",
+            self.config().to_str().unwrap(),
+            "--hostname-override",
+            &self.node,
+        ])
+        .args(["--log-level", "info,minilet=debug"])
+        .args(&self.options.args)
+        .envs(self.options.env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null());
+        cmd
+    }
+
+    /// Wait (up to a minute) until the agent says it is ready.
+    pub fn wait_ready(&self) {
         // Ready once the agent says so: runtime connected, sources synced,
         // its first relist done and every pod found then reconciled once.
         // (The control socket answers long before that.)
