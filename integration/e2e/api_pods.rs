@@ -336,6 +336,17 @@ fn bad_api_pods_get_a_reason_and_leave_the_node_alone() {
         })
         .await;
         assert_eq!(phase(&waiting), "Pending", "{}", waiting["status"]);
+        // Both go when deleted: the refused one has nothing to stop, the
+        // waiting one stops its sandbox; the node deletes the objects.
+        for bad in ["nfs", "noimage"] {
+            n.cp.kubectl_ok(&["delete", "pod", &format!("{bad}-{node}"), "--wait=false"]);
+        }
+        eventually("bad pods deleted", Duration::from_secs(20), || async {
+            (n.pod(&format!("nfs-{node}")).is_none() && n.pod(&format!("noimage-{node}")).is_none())
+                .then_some(())
+        })
+        .await;
+        assert!(sandboxes(&cri, &agent, "noimage").await.is_empty());
         // The good pod is untouched.
         let cs = containers(&cri, &agent, "good").await;
         assert_eq!(cs.len(), 1);
