@@ -336,6 +336,17 @@ fn bad_api_pods_get_a_reason_and_leave_the_node_alone() {
         })
         .await;
         assert_eq!(phase(&waiting), "Pending", "{}", waiting["status"]);
+        // Both go when deleted: the refused one has nothing to stop, the
+        // waiting one stops its sandbox; the node deletes the objects.
+        for bad in ["nfs", "noimage"] {
+            n.cp.kubectl_ok(&["delete", "pod", &format!("{bad}-{node}"), "--wait=false"]);
+        }
+        eventually("bad pods deleted", Duration::from_secs(20), || async {
+            (n.pod(&format!("nfs-{node}")).is_none() && n.pod(&format!("noimage-{node}")).is_none())
+                .then_some(())
+        })
+        .await;
+        assert!(sandboxes(&cri, &agent, "noimage").await.is_empty());
         // The good pod is untouched.
         let cs = containers(&cri, &agent, "good").await;
         assert_eq!(cs.len(), 1);
@@ -380,5 +391,165 @@ fn a_deployment_is_scheduled_and_runs() {
         assert_eq!(sbs.len(), 3, "three sandboxes in the runtime");
         n.cp.kubectl_ok(&["delete", "deployment", &format!("sleepers-{node}")]);
         drop(n);
+    });
+}
+
+/// A TCP relay to the API server that a test can cut: while down, open
+/// connections are dropped and new ones closed at once (the server looks
+/// gone to the agent, TLS and all, without stopping the shared server).
+struct Relay {
+    port: u16,
+    up: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(target: &str) -> Relay {
+        let target = target.to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::watch::channel(true);
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((mut conn, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if rx.has_changed().is_err() {
+                        return;
+                    }
+                    if !*rx.borrow() {
+                        drop(conn);
+                        continue;
+                    }
+                    let (target, mut rx) = (target.clone(), rx.clone());
+                    tokio::spawn(async move {
+                        let Ok(mut up) = tokio::net::TcpStream::connect(&target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut conn, &mut up) => {}
+                            _ = rx.wait_for(|up| !*up) => {}
+                        }
+                    });
+                }
+            });
+        });
+        Relay {
+            port,
+            up: std::sync::Arc::new(tx),
+            _thread: thread,
+        }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+/// The API server goes away (a relay cut for ~25 s): running pods keep
+/// running, a crashing container is still restarted, an agent restarted
+/// meanwhile tears nothing down; when it returns the statuses converge
+/// (the restarts show) and no pod was recreated.
+#[test]
+fn api_server_away_stops_no_pod_and_statuses_converge_after() {
+    on_stack(async {
+        let cp = ControlPlane::load();
+        let node = "e2e-apiaway";
+        let relay = Relay::start("127.0.0.1:6443");
+        // Node, kubeconfig through the relay, agent.
+        let (agent0, n0) = ApiNode::start(node).await;
+        drop(agent0); // only wanted the Node; restart through the relay below
+        let kc = n0._kubeconfig.path().join("node.kubeconfig");
+        let text = std::fs::read_to_string(&kc).unwrap();
+        let relayed = n0._kubeconfig.path().join("relayed.kubeconfig");
+        std::fs::write(
+            &relayed,
+            text.replace(
+                "https://127.0.0.1:6443",
+                &format!("https://127.0.0.1:{}", relay.port),
+            ),
+        )
+        .unwrap();
+        let mut agent = Agent::start_with(
+            node,
+            Options {
+                args: vec!["--kubeconfig".into(), relayed.display().to_string()],
+                ..Default::default()
+            },
+        );
+        let cri = agent.stack.cri().await;
+        cp.apply(&bound_pod("keep", node, 1, ""));
+        cp.apply(&bound_pod("crash", node, 1, "").replace("sleep 3600 & wait", "sleep 2; exit 1"));
+        let keep = running_container(&cri, &agent, "keep", "app").await;
+        let keep_sb = sandboxes(&cri, &agent, "keep").await;
+        eventually(
+            "both Running in the API",
+            Duration::from_secs(30),
+            || async {
+                let k = n0.pod(&format!("keep-{node}"))?;
+                let c = n0.pod(&format!("crash-{node}"))?;
+                (phase(&k) == "Running" && phase(&c) == "Running").then_some(())
+            },
+        )
+        .await;
+
+        relay.set(false);
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        // Meanwhile the agent restarts (kill -9), the server still away;
+        // the relay comes back while it waits for the API source's list.
+        agent.kill9();
+        let back = {
+            let up = relay.up.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(12));
+                up.send_replace(true);
+            })
+        };
+        // Nothing may be torn down while the API source has not listed.
+        let before_restart = containers(&cri, &agent, "keep").await;
+        assert!(before_restart.iter().any(|c| c.id == keep.id && running(c)));
+        agent.restart();
+        back.join().unwrap();
+        assert!(
+            agent.log().contains("pod watch failed") || agent.log().contains("will resync"),
+            "the agent saw the server go"
+        );
+        let cs = containers(&cri, &agent, "keep").await;
+        assert!(
+            cs.iter().any(|c| c.id == keep.id && running(c)),
+            "keep's container survived the outage and the restart"
+        );
+        let sb = sandboxes(&cri, &agent, "keep").await;
+        assert_eq!(sb.len(), 1);
+        assert_eq!(sb[0].id, keep_sb[0].id, "no pod recreated");
+        // The crashing container went on restarting during the outage, and
+        // the API shows it once the server is back.
+        let restarts = containers(&cri, &agent, "crash")
+            .await
+            .iter()
+            .filter_map(|c| {
+                c.annotations["io.kubernetes.container.restartCount"]
+                    .parse::<i64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(restarts >= 1, "restarted while the server was away");
+        eventually("statuses converge", Duration::from_secs(40), || async {
+            let c = n0.pod(&format!("crash-{node}"))?;
+            let k = n0.pod(&format!("keep-{node}"))?;
+            let rc = c["status"]["containerStatuses"][0]["restartCount"].as_i64()?;
+            (rc >= restarts && phase(&k) == "Running").then_some(())
+        })
+        .await;
+        drop(n0);
+        drop(agent);
     });
 }

@@ -26,7 +26,6 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -174,7 +173,8 @@ pub async fn run(
     let nodes: Api<Node> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let stream = watcher::watcher(pods_api, config).default_backoff();
+    let stream = watcher::watcher(pods_api, config);
+    let mut backoff = super::pods::Backoff::default();
     let api = KubePods { client };
     let mut r = Reconciler {
         api: &api,
@@ -201,7 +201,12 @@ pub async fn run(
             ev = stream.next() => match ev {
                 None => return,
                 Some(Err(e)) => {
-                    warn!(error = %crate::error_chain(&e), "mirror pod watch failed; retrying");
+                    let wait = backoff.next_delay();
+                    warn!(error = %crate::error_chain(&e), retry_in = ?wait, "mirror pod watch failed; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
                     continue;
                 }
                 Some(Ok(Event::Init)) => { relist = Some(BTreeMap::new()); continue; }
@@ -212,6 +217,7 @@ pub async fn run(
                     continue;
                 }
                 Some(Ok(Event::InitDone)) => {
+                    backoff.reset();
                     if let Some(r) = relist.take() {
                         mirrors = r;
                     }

@@ -21,7 +21,7 @@
 //!   started again; one this source already published stays (its worker
 //!   keeps the finished containers).
 //! - When the server goes away the watcher retries with backoff and
-//!   jitter (kube-runtime's default: 800 ms doubling to 30 s) and the last
+//!   jitter (800 ms doubling to 30 s, give or take a quarter) and the last
 //!   snapshot stays published: no pod is stopped because the server is
 //!   unreachable (kubernetes#105543).
 //!
@@ -33,7 +33,6 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -148,6 +147,28 @@ pub fn rejected_status(message: &str) -> PodStatus {
     }
 }
 
+/// Retry delays for a failing watch: 800 ms doubling to 30 s, each give
+/// or take a quarter (so many nodes do not retry in step).
+#[derive(Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> std::time::Duration {
+        let base = std::time::Duration::from_millis(800) * 2u32.pow(self.failures.min(6));
+        self.failures += 1;
+        let base = base.min(std::time::Duration::from_secs(30));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.subsec_nanos());
+        base.mul_f64(0.75 + f64::from(nanos % 1000) / 2000.0)
+    }
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 /// The source's state between watch events.
 struct State {
     /// Every pod bound to the node, by UID, as the server has it.
@@ -228,7 +249,7 @@ pub async fn run(
 ) {
     let api: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let stream = watcher::watcher(api, config).default_backoff();
+    let stream = watcher::watcher(api, config);
     run_stream(stream, tx, status, events, cancel).await;
 }
 
@@ -252,6 +273,7 @@ pub async fn run_stream<S>(
     let mut listed = false;
     let mut relist: Option<BTreeMap<String, Pod>> = None;
     let mut failing = false;
+    let mut backoff = Backoff::default();
     loop {
         let ev = tokio::select! {
             () = cancel.cancelled() => return,
@@ -267,12 +289,20 @@ pub async fn run_stream<S>(
                     warn!(error = %crate::error_chain(&e), "pod watch failed; retrying with backoff, pods keep running");
                 }
                 failing = true;
+                // The watcher retries when polled again: wait first.
+                let wait = backoff.next_delay();
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
                 false
             }
             Some(Ok(ev)) => {
-                if failing {
+                // Init comes before the list is read: not a sign of life.
+                if failing && !matches!(ev, Event::Init) {
                     info!("pod watch back");
                     failing = false;
+                    backoff.reset();
                 }
                 match ev {
                     Event::Init => {

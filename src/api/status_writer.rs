@@ -5,7 +5,8 @@
 //! namespace, annotation `kubernetes.io/config.mirror` = the static pod's
 //! config hash).
 //!
-//! Only real changes are written. What the writer compares against is what
+//! Only real changes are written, and a burst of them once: the first
+//! change since the last write waits 250 ms for the rest. What the writer compares against is what
 //! the server has: read once (GET) when unknown, then what it last wrote.
 //! The workers recompute the status on every observation, so before the
 //! compare the new status takes the previous `lastTransitionTime` of every
@@ -57,6 +58,9 @@ const KUBELET_CONDITIONS: &[&str] = &[
     "ContainersReady",
 ];
 
+/// A pod's first change since its last write waits this long for more
+/// (a start that takes less is one write, not three).
+const QUIET: Duration = Duration::from_millis(250);
 /// How long a mirror pod that is not there yet waits before the next try.
 const RETRY: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -275,6 +279,8 @@ pub struct StatusWriter {
     entries: Mutex<HashMap<String, Entry>>,
     wake: Notify,
     host_ip: String,
+    /// How long a first change waits for more before it is written.
+    quiet: Duration,
 }
 
 /// What one sync of one pod came to.
@@ -308,6 +314,7 @@ impl StatusWriter {
             entries: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             host_ip,
+            quiet: QUIET,
         });
         let task = Arc::clone(&w).run(api, cancel);
         (w, task)
@@ -549,6 +556,11 @@ impl StatusSink for StatusWriter {
             let e = es.entry(uid.to_string()).or_default();
             e.view = Some(pod.clone());
             e.gone = false;
+            // The first change since the last sync waits a moment, so the
+            // steps of a quick start (sandbox, IP, container) are one write.
+            if !e.dirty() && e.not_before.is_none() {
+                e.not_before = Some(Instant::now() + self.quiet);
+            }
             e.generation += 1;
         });
         self.wake.notify_one();
@@ -708,6 +720,7 @@ mod tests {
             entries: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             host_ip: "10.0.0.5".into(),
+            quiet: Duration::ZERO,
         })
     }
 
@@ -749,6 +762,33 @@ mod tests {
         }
         assert_eq!(api.count("patch"), 1, "{:?}", api.calls());
         assert_eq!(api.count("get"), 1, "no reads while the server is known");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_start_is_one_write() {
+        let api = FakePods::default();
+        api.insert(api_pod("u1", "p"));
+        let w = writer();
+        let w = Arc::new(StatusWriter {
+            entries: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            host_ip: w.host_ip.clone(),
+            quiet: QUIET,
+        });
+        for phase in ["Pending", "Pending", "Running"] {
+            w.publish(
+                "u1",
+                &with_status(api_pod("u1", "p"), status(phase, vec![])),
+            );
+            settle(&w, &api).await;
+            tokio::time::advance(Duration::from_millis(60)).await;
+        }
+        assert_eq!(api.count("patch"), 0, "still quiet");
+        tokio::time::advance(QUIET).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 1);
+        let s = api.pod("default", "p").unwrap().status.unwrap();
+        assert_eq!(s.phase.as_deref(), Some("Running"));
     }
 
     #[tokio::test]
