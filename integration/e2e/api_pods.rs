@@ -23,8 +23,8 @@ struct ApiNode {
 }
 
 impl ApiNode {
-    /// A Node object for `node` (admin-made, with allocatable, until node
-    /// registration lands) and an agent running as `system:node:<node>`.
+    /// An agent running as `system:node:<node>`, its Node registered by
+    /// itself and Ready (the scheduler binds only to such a node).
     async fn start(node: &str) -> (Agent, ApiNode) {
         let cp = ControlPlane::load();
         cp.forget_node(node);
@@ -32,25 +32,6 @@ impl ApiNode {
             let (code, _, _) = cp.kubectl(&["get", "node", node]);
             code != 0
         });
-        cp.apply(&format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels:\n    kubernetes.io/hostname: {node}\n"
-        ));
-        // kubectl 1.20 cannot patch a subresource: kube-rs as the admin.
-        let patch = serde_json::json!({"status": {
-            "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
-            "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                "message": "e2e", "lastHeartbeatTime": jiff::Timestamp::now().to_string()}],
-        }});
-        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(admin(&cp).await);
-        nodes
-            .patch_status(
-                node,
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(&patch),
-            )
-            .await
-            .expect("patch node status as the admin");
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("node.kubeconfig");
         cp.node_kubeconfig(node, &kubeconfig);
@@ -61,6 +42,16 @@ impl ApiNode {
                 ..Default::default()
             },
         );
+        wait_until("the agent's Node is Ready", Duration::from_secs(60), || {
+            let (code, out, _) = cp.kubectl(&["get", "node", node, "-o", "json"]);
+            code == 0
+                && serde_json::from_str::<Value>(&out).is_ok_and(|n| {
+                    n["status"]["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+                })
+        });
         let n = ApiNode {
             cp,
             node: node.to_string(),
@@ -113,16 +104,6 @@ impl Drop for ApiNode {
         }
         self.cp.forget_node(&self.node);
     }
-}
-
-/// A kube-rs client as the cluster admin.
-async fn admin(cp: &ControlPlane) -> kube::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let kc = kube::config::Kubeconfig::read_from(cp.get("MINILET_CP_ADMIN_KUBECONFIG")).unwrap();
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    kube::Client::try_from(cfg).unwrap()
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
