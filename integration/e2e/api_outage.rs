@@ -74,8 +74,14 @@ fn pods_keep_running_and_static_pods_keep_restarting_while_the_api_server_is_awa
         cp.apply(&format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: outage-api\n  namespace: default\nspec:\n  nodeName: {node}\n  automountServiceAccountToken: false\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: app\n    image: {BUSYBOX}\n    command: [sleep, '3600']\n"
         ));
+        // By uid: an earlier run's pod of the same name may still be in
+        // the runtime until the agent has torn it down.
+        let uid = cp.get_json(&["pod", "outage-api", "-n", "default"])["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let mut api_labels = agent.selector();
-        api_labels.insert("io.kubernetes.pod.name".into(), "outage-api".into());
+        api_labels.insert("io.kubernetes.pod.uid".into(), uid);
         let api_selector = || api_labels.clone();
         let api_container = eventually("the API pod runs", Duration::from_secs(60), || async {
             cri.list_containers(api_selector())
