@@ -681,6 +681,7 @@ impl<R: Runtime> Worker<R> {
                     &self.shared.host,
                     &downward,
                     &paths,
+                    &Default::default(),
                 )?)
             });
         let config = match built {
