@@ -107,7 +107,7 @@ pub async fn resolve(
     // name -> optional (only if every reference says optional).
     let mut cms: BTreeMap<&str, bool> = BTreeMap::new();
     let mut secrets: BTreeMap<&str, bool> = BTreeMap::new();
-    let mut want = |map: &mut BTreeMap<_, bool>, name, optional: Option<bool>| {
+    let want = |map: &mut BTreeMap<_, bool>, name, optional: Option<bool>| {
         let o = optional.unwrap_or(false);
         map.entry(name)
             .and_modify(|v: &mut bool| *v &= o)

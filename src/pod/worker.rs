@@ -622,7 +622,7 @@ impl<R: Runtime> Worker<R> {
             });
         }
         info!(%image, "pulling image");
-        match rt.pull_image(&image, sandbox.clone()).await {
+        match rt.pull_image(&image, None, sandbox.clone()).await {
             Ok(_) => {
                 self.mem.pull_backoff.remove(&image);
                 Ok(())
