@@ -4,11 +4,16 @@
 #
 #   up      install what is missing (apt), start a local registry on
 #           127.0.0.1:5000, build and push a busybox and a pause image (cached
-#           in the registry storage), start a private containerd with its own
-#           config, socket, root and state, pre-pull both images into the
-#           k8s.io namespace, write RUN/env. Idempotent.
-#   down    stop everything and leave no process, mount, netns or bridge
-#           behind; the registry storage (the image cache) stays. Idempotent.
+#           in the registry storage), start a second registry on
+#           127.0.0.1:5001 that requires a login (htpasswd) holding the same
+#           busybox as localhost:5001/private/busybox:1.36 (for the
+#           imagePullSecrets tests; NOT pre-pulled), start a private
+#           containerd with its own config, socket, root and state, pre-pull
+#           both images of the first registry into the k8s.io namespace,
+#           write RUN/env. Idempotent.
+#   down    stop everything (the control plane of integration/control-plane.sh
+#           first) and leave no process, mount, netns or bridge behind; the
+#           registries' storage (the image cache) stays. Idempotent.
 #   status  one line per component; exit 0 only when all are up.
 #   env     print the path of RUN/env (after `up`).
 #
@@ -37,6 +42,12 @@ REGISTRY_ADDR=127.0.0.1:5000
 REGISTRY=localhost:5000
 BUSYBOX_IMAGE=$REGISTRY/busybox:1.36
 PAUSE_IMAGE=$REGISTRY/pause:3.9
+# The registry that wants a login, for pulls with imagePullSecrets.
+AUTH_REGISTRY_ADDR=127.0.0.1:5001
+AUTH_REGISTRY=localhost:5001
+AUTH_IMAGE=$AUTH_REGISTRY/private/busybox:1.36
+AUTH_USER=minilet
+AUTH_PASS=minilet-pass
 CNI_PLUGIN_DIR=/usr/lib/cni
 IMAGE_PATH_ENV=PATH=/bin:/usr/bin:/sbin:/usr/sbin
 # Namespace for the CRI-less smoke test, kept apart from CRI's k8s.io.
@@ -45,7 +56,8 @@ CHECK_NS=minilet-stack-check
 # protobuf-compiler, gcc and libc6-dev are for building minilet itself (the
 # CRI protos; rustc links with cc, and the static build needs libc.a).
 PACKAGES=(containerd runc containernetworking-plugins docker-registry skopeo
-  umoci busybox-static iproute2 iptables protobuf-compiler curl gcc libc6-dev)
+  umoci busybox-static iproute2 iptables protobuf-compiler curl gcc libc6-dev
+  apache2-utils)
 
 CD_DIR=$RUN/containerd
 CD_CONFIG=$CD_DIR/config.toml
@@ -58,6 +70,10 @@ REG_DIR=$RUN/registry
 REG_CONFIG=$REG_DIR/config.yml
 REG_PIDFILE=$RUN/registry.pid
 REG_LOG=$RUN/registry.log
+AREG_DIR=$RUN/registry-auth
+AREG_CONFIG=$AREG_DIR/config.yml
+AREG_PIDFILE=$RUN/registry-auth.pid
+AREG_LOG=$RUN/registry-auth.log
 IMG_DIR=$RUN/images
 CNI_BIN=$RUN/cni/bin
 CNI_CONF=$RUN/cni/net.d
@@ -130,10 +146,16 @@ stop_pids() {
 
 containerd_pids() { pids_of containerd "--config $CD_CONFIG"; }
 registry_pids() { pids_of docker-registry "serve $REG_CONFIG"; }
+auth_registry_pids() { pids_of docker-registry "serve $AREG_CONFIG"; }
 shim_pids() { pids_of 'containerd-shim*' "-address $SOCK"; }
 ctr_() { timeout 30 ctr --address "$SOCK" "$@"; }
 containerd_answers() { [[ -S $SOCK ]] && timeout 5 ctr --address "$SOCK" version >/dev/null 2>&1; }
 registry_answers() { curl -fsS -m 2 -o /dev/null "http://$REGISTRY_ADDR/v2/" 2>/dev/null; }
+# It answers with the login, and refuses without.
+auth_registry_answers() {
+  curl -fsS -m 2 -o /dev/null -u "$AUTH_USER:$AUTH_PASS" "http://$AUTH_REGISTRY_ADDR/v2/" 2>/dev/null &&
+    [[ $(curl -sS -m 2 -o /dev/null -w '%{http_code}' "http://$AUTH_REGISTRY_ADDR/v2/" 2>/dev/null) == 401 ]]
+}
 snapshotter() { cat "$SNAPSHOTTER_FILE" 2>/dev/null || echo overlayfs; }
 
 # json_strings KEY FILE...: every "KEY": "value" string in the files.
@@ -219,7 +241,7 @@ preflight() {
       die "run dir $RUN overlaps a system containerd's root/state" ;;
   esac
   local cmd
-  for cmd in containerd ctr runc containerd-shim-runc-v2 docker-registry skopeo umoci busybox ip iptables protoc curl cc; do
+  for cmd in containerd ctr runc containerd-shim-runc-v2 docker-registry skopeo umoci busybox ip iptables protoc curl cc htpasswd; do
     command -v "$cmd" >/dev/null || die "command $cmd not found after installing packages"
   done
   [[ -x $CNI_PLUGIN_DIR/bridge && -x $CNI_PLUGIN_DIR/host-local && -x $CNI_PLUGIN_DIR/loopback ]] ||
@@ -266,46 +288,78 @@ check_overlay() {
   fi
 }
 
-start_registry() {
-  STEP=registry
-  mkdir -p "$REG_DIR/storage"
-  cat >"$REG_CONFIG.new" <<EOF
+# serve_registry NAME ADDR DIR PIDFILE LOG [HTPASSWD]: a docker-registry on
+# ADDR with its config and storage under DIR, behind an htpasswd login when
+# HTPASSWD is given. Kept when it runs with the same config and answers.
+serve_registry() {
+  local name=$1 addr=$2 dir=$3 pidfile=$4 log=$5 htpasswd=${6:-}
+  local config=$dir/config.yml answers=registry_answers
+  [[ -z $htpasswd ]] || answers=auth_registry_answers
+  mkdir -p "$dir/storage"
+  {
+    cat <<EOF
 # written by integration/stack.sh
 version: 0.1
 log:
   level: warn
   fields:
-    service: minilet-stack-registry
+    service: minilet-stack-$name
 storage:
   filesystem:
-    rootdirectory: $REG_DIR/storage
+    rootdirectory: $dir/storage
   delete:
     enabled: true
 http:
-  addr: $REGISTRY_ADDR
+  addr: $addr
 EOF
+    if [[ -n $htpasswd ]]; then
+      cat <<EOF
+auth:
+  htpasswd:
+    realm: minilet-stack
+    path: $htpasswd
+EOF
+    fi
+  } >"$config.new"
   local pids changed=""
-  cmp -s "$REG_CONFIG.new" "$REG_CONFIG" || changed=1
-  mv -f "$REG_CONFIG.new" "$REG_CONFIG"
-  mapfile -t pids < <(registry_pids)
-  if ((${#pids[@]})) && [[ -z $changed ]] && registry_answers; then
-    echo "${pids[0]}" >"$REG_PIDFILE"
-    say "registry: already up (pid ${pids[0]})"
+  cmp -s "$config.new" "$config" || changed=1
+  mv -f "$config.new" "$config"
+  mapfile -t pids < <(pids_of docker-registry "serve $config")
+  if ((${#pids[@]})) && [[ -z $changed ]] && $answers; then
+    echo "${pids[0]}" >"$pidfile"
+    say "$name: already up (pid ${pids[0]})"
     return
   fi
   ((${#pids[@]} == 0)) || stop_pids 5 "${pids[@]}"
-  if ss -Hltn "sport = :${REGISTRY_ADDR##*:}" | grep -q .; then
-    die "port ${REGISTRY_ADDR##*:} is already taken by another process: $(ss -Hltnp "sport = :${REGISTRY_ADDR##*:}" | head -n1)"
+  if ss -Hltn "sport = :${addr##*:}" | grep -q .; then
+    die "port ${addr##*:} is already taken by another process: $(ss -Hltnp "sport = :${addr##*:}" | head -n1)"
   fi
   # 3>&-: a daemon must not hold our message fd, or `stack.sh up | tail`
   # would never see EOF.
-  setsid docker-registry serve "$REG_CONFIG" >>"$REG_LOG" 2>&1 </dev/null 3>&- &
+  setsid docker-registry serve "$config" >>"$log" 2>&1 </dev/null 3>&- &
   local pid=$!
-  echo "$pid" >"$REG_PIDFILE"
-  wait_for 20 registry_answers ||
-    die "registry did not answer http://$REGISTRY_ADDR/v2/ within 20 s: $(tail -n1 "$REG_LOG" 2>/dev/null)"
-  alive "$pid" || die "registry exited: $(tail -n1 "$REG_LOG")"
-  say "registry: up on $REGISTRY_ADDR (pid $pid), storage $REG_DIR/storage"
+  echo "$pid" >"$pidfile"
+  wait_for 20 $answers ||
+    die "$name did not answer http://$addr/v2/ within 20 s: $(tail -n1 "$log" 2>/dev/null)"
+  alive "$pid" || die "$name exited: $(tail -n1 "$log")"
+  say "$name: up on $addr (pid $pid), storage $dir/storage"
+}
+
+start_registry() {
+  STEP=registry
+  serve_registry registry "$REGISTRY_ADDR" "$REG_DIR" "$REG_PIDFILE" "$REG_LOG"
+}
+
+# The registry with a login: bcrypt htpasswd (the only kind it accepts).
+start_auth_registry() {
+  STEP="auth registry"
+  mkdir -p "$AREG_DIR"
+  local pw=$AREG_DIR/htpasswd
+  if ! htpasswd -vb "$pw" "$AUTH_USER" "$AUTH_PASS" >/dev/null 2>&1; then
+    htpasswd -Bbn "$AUTH_USER" "$AUTH_PASS" >"$pw.new"
+    mv -f "$pw.new" "$pw"
+  fi
+  serve_registry auth-registry "$AUTH_REGISTRY_ADDR" "$AREG_DIR" "$AREG_PIDFILE" "$AREG_LOG" "$pw"
 }
 
 # The test image's rootfs: static busybox plus a link for every applet, the
@@ -384,6 +438,28 @@ images() {
   say "images: built and pushed $BUSYBOX_IMAGE and $PAUSE_IMAGE"
 }
 
+# The same busybox in the login registry, copied whenever the digests differ.
+auth_image() {
+  STEP="auth image"
+  local creds=$AUTH_USER:$AUTH_PASS src dst
+  src=$(skopeo inspect --tls-verify=false --format '{{.Digest}}' "docker://$BUSYBOX_IMAGE" 2>/dev/null) ||
+    die "no $BUSYBOX_IMAGE to copy"
+  dst=$(skopeo inspect --tls-verify=false --creds "$creds" --format '{{.Digest}}' "docker://$AUTH_IMAGE" 2>/dev/null) || dst=""
+  if [[ $src == "$dst" ]]; then
+    say "images: $AUTH_IMAGE already in the login registry (cached)"
+    return
+  fi
+  skopeo --insecure-policy copy -q --src-tls-verify=false --dest-tls-verify=false \
+    --dest-creds "$creds" "docker://$BUSYBOX_IMAGE" "docker://$AUTH_IMAGE" >>"$IMG_DIR.log" 2>&1 ||
+    die "skopeo could not push $AUTH_IMAGE (see $IMG_DIR.log)"
+  skopeo inspect --tls-verify=false --creds "$creds" "docker://$AUTH_IMAGE" >/dev/null 2>&1 ||
+    die "pushed $AUTH_IMAGE but the login registry does not serve it"
+  if skopeo inspect --tls-verify=false --no-creds "docker://$AUTH_IMAGE" >/dev/null 2>&1; then
+    die "the login registry serves $AUTH_IMAGE without a login"
+  fi
+  say "images: pushed $AUTH_IMAGE (login $AUTH_USER)"
+}
+
 # toml_set FILE SECTION KEY VALUE: set KEY = VALUE (raw TOML) inside
 # [SECTION] ("" = top level), adding the key or the section when missing.
 toml_set() {
@@ -409,14 +485,19 @@ toml_set() {
 
 write_containerd_config() {
   STEP="containerd config"
-  mkdir -p "$CD_DIR/root" "$CD_DIR/state" "$CD_DIR/opt" "$HOSTS_DIR/$REGISTRY" "$RUNC_ROOT" "$CNI_BIN" "$CNI_CONF"
-  # Plain-HTTP pulls from the local registry (CRI PullImage and the sandbox image).
-  cat >"$HOSTS_DIR/$REGISTRY/hosts.toml" <<EOF
-server = "http://$REGISTRY"
+  mkdir -p "$CD_DIR/root" "$CD_DIR/state" "$CD_DIR/opt" "$RUNC_ROOT" "$CNI_BIN" "$CNI_CONF"
+  # Plain-HTTP pulls from the local registries (CRI PullImage and the
+  # sandbox image; the login one with the credentials CRI is given).
+  local r
+  for r in "$REGISTRY" "$AUTH_REGISTRY"; do
+    mkdir -p "$HOSTS_DIR/$r"
+    cat >"$HOSTS_DIR/$r/hosts.toml" <<EOF
+server = "http://$r"
 
-[host."http://$REGISTRY"]
+[host."http://$r"]
   capabilities = ["pull", "resolve"]
 EOF
+  done
   # The runtime's CNI bin dir: Debian's plugins, plus whatever the tests add.
   local p
   for p in "$CNI_PLUGIN_DIR"/*; do
@@ -541,6 +622,10 @@ write_env() {
     printf 'export REGISTRY=%q\n' "$REGISTRY"
     printf 'export BUSYBOX_IMAGE=%q\n' "$BUSYBOX_IMAGE"
     printf 'export PAUSE_IMAGE=%q\n' "$PAUSE_IMAGE"
+    printf 'export MINILET_AUTH_REGISTRY=%q\n' "$AUTH_REGISTRY"
+    printf 'export MINILET_AUTH_IMAGE=%q\n' "$AUTH_IMAGE"
+    printf 'export MINILET_AUTH_USER=%q\n' "$AUTH_USER"
+    printf 'export MINILET_AUTH_PASS=%q\n' "$AUTH_PASS"
     printf 'export CNI_PLUGIN_DIR=%q\n' "$CNI_PLUGIN_DIR"
     printf 'export CONTAINERD_SNAPSHOTTER=%q\n' "$(snapshotter)"
   } >"$ENV_FILE.new"
@@ -555,7 +640,9 @@ cmd_up() {
   check_oom
   check_overlay
   start_registry
+  start_auth_registry
   images
+  auth_image
   write_containerd_config
   start_containerd
   check_containerd
@@ -660,6 +747,10 @@ lift_netns_bind() {
 
 cmd_down() {
   STEP=down
+  # First the control plane on this run dir, so one down cleans all; if it
+  # fails, the rest still goes down and the failure is reported at the end.
+  local cp_down=ok
+  MINILET_STACK_DIR=$RUN MINILET_CP_DIR=$RUN/cp "$REPO/integration/control-plane.sh" down || cp_down=""
   local killed_tasks=0 netns=() ns c
   # 1. Leftover tasks/containers, through containerd while it still answers.
   if containerd_answers; then
@@ -692,9 +783,9 @@ cmd_down() {
   local shims
   mapfile -t shims < <(shim_pids)
   stop_pids 3 "${shims[@]}"
-  # 4. The registry.
+  # 4. The registries.
   local reg_pids
-  mapfile -t reg_pids < <(registry_pids)
+  mapfile -t reg_pids < <(registry_pids; auth_registry_pids)
   stop_pids 5 "${reg_pids[@]}"
   # 5. Mounts under the run dir, deepest first.
   local mnts=0 m
@@ -763,17 +854,18 @@ cmd_down() {
   else
     extra+=", kept cni-* netns/iptables of another containerd"
   fi
-  rm -f "$CD_PIDFILE" "$REG_PIDFILE" "$SOCK" "$SOCK.ttrpc" "$ENV_FILE"
+  rm -f "$CD_PIDFILE" "$REG_PIDFILE" "$AREG_PIDFILE" "$SOCK" "$SOCK.ttrpc" "$ENV_FILE"
 
   # Verify.
   local left=()
-  mapfile -t -O 0 left < <(containerd_pids; shim_pids; registry_pids)
+  mapfile -t -O 0 left < <(containerd_pids; shim_pids; registry_pids; auth_registry_pids)
   ((${#left[@]} == 0)) || die "processes left: ${left[*]}"
+  [[ -n $cp_down ]] || die "integration/control-plane.sh down failed (its line above says why)"
   [[ -z $(mounts_under "$RUN") ]] || die "mounts left under $RUN: $(mounts_under "$RUN" | tr '\n' ' ')"
   for m in "${netns[@]}"; do
     [[ ! -e /var/run/netns/${m##*/} ]] || die "netns left: $m"
   done
-  say "down: stopped containerd(${#cd_pids[@]}) shims(${#shims[@]}) registry(${#reg_pids[@]}), $killed_tasks containers, $mnts unmounts, $removed_ns netns$extra; nothing left under $RUN"
+  say "down: stopped containerd(${#cd_pids[@]}) shims(${#shims[@]}) registries(${#reg_pids[@]}), $killed_tasks containers, $mnts unmounts, $removed_ns netns$extra; nothing left under $RUN"
 }
 
 cmd_status() {
@@ -784,6 +876,13 @@ cmd_status() {
     echo "registry: up (pid ${pids[0]}, http://$REGISTRY_ADDR)"
   else
     echo "registry: down"
+    rc=3
+  fi
+  mapfile -t pids < <(auth_registry_pids)
+  if ((${#pids[@]})) && auth_registry_answers; then
+    echo "auth-registry: up (pid ${pids[0]}, http://$AUTH_REGISTRY_ADDR, login $AUTH_USER)"
+  else
+    echo "auth-registry: down"
     rc=3
   fi
   mapfile -t pids < <(containerd_pids)

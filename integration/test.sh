@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The full test suite, as CI runs it: bring the real stack up (installing
-# what is missing), check formatting and lints, run the unit tests and the
+# The full test suite, as CI runs it: bring the real stack and a real
+# Kubernetes control plane up (installing and building what is missing),
+# check formatting and lints, run the unit tests and the
 # end-to-end tests against the real containerd, CNI plugins and registry,
 # then take the stack down and check nothing leaked. Any failure, including
 # a stack that can't come up, fails the run with ONE last line
@@ -44,6 +45,9 @@ stack_down() {
   exit "$rc"
 }
 trap stack_down EXIT
+# The real API server the API server mode tests talk to (stack.sh down, in
+# the trap, takes it down too); building it is cached outside the checkout.
+step "control plane up"; integration/control-plane.sh up
 step "netns count"; netns_before=$(netns_count)
 step fmt;           cargo fmt --all -- --check
 step clippy;        cargo clippy --all-targets -- -D warnings

@@ -25,7 +25,7 @@ use crate::cri::remote::RemoteRuntime;
 use crate::pod::manager::Manager;
 use crate::pod::spec::{self, HostContext};
 use crate::pod::worker::Shared;
-use crate::source::{Snapshot, static_dir};
+use crate::source::{Snapshot, merge, static_dir};
 use crate::status::Board;
 
 /// How often the manager relists the runtime (kubelet's PLEG period).
@@ -222,19 +222,31 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     for e in &first.errors {
         warn!(file = %e.file, error = %e.message, "bad manifest");
     }
-    let (snap_tx, snap_rx) = watch::channel(first);
     let mut tasks = tokio::task::JoinSet::new();
+    // Every pod source feeds the merger; the manager sees their union.
+    let mut sources = vec![];
+    let (file_tx, file_rx) = watch::channel(first);
     if let Some(dir) = cfg.static_pod_path.clone() {
-        let (node, every, tx, c) = (
+        sources.push(merge::Source::listed("file", file_rx));
+        let (node, every, c) = (
             cfg.node_name.clone(),
             cfg.file_check_frequency,
-            snap_tx,
             cancel.clone(),
         );
         tasks.spawn(async move {
             tokio::select! {
                 _ = c.cancelled() => {}
-                _ = static_dir::watch(dir, node, every, tx) => {}
+                _ = static_dir::watch(dir, node, every, file_tx) => {}
+            }
+        });
+    }
+    let (snap_tx, snap_rx) = watch::channel(merge::first(&mut sources));
+    {
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = merge::run(sources, snap_tx) => {}
             }
         });
     }
@@ -305,6 +317,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     info!(runtime = %runtime_name, version = %runtime_version, api = ?runtime.api_version(), "container runtime connected");
     board.readiness.runtime_connected();
 
+    // Where pod views and events go: the board, and in API mode the server.
+    let sinks = Arc::new(crate::sink::Sinks::board(&board));
+    let objects: Arc<dyn crate::objects::ObjectLookup> =
+        Arc::new(crate::objects::ObjectStore::default());
+
     // One node-wide bound on the calls that make the runtime work, shared by
     // every worker, the GC and adoption (cri::bounded).
     let runtime = Bounded::new(runtime, cfg.max_parallel_runtime_requests);
@@ -327,6 +344,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         sync_frequency: cfg.sync_frequency,
         sandbox_slots: tokio::sync::Semaphore::new(cfg.max_parallel_sandbox_creations),
         clock: Arc::new(crate::clock::SystemClock),
+        status: sinks.clone(),
+        events: sinks,
+        objects,
     });
     check_adopted(&*shared.runtime, &runner, &board, &cfg.node_name).await;
     {

@@ -74,7 +74,7 @@ impl StatusSink for Sinks {
 }
 
 /// The pod an event is about.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,

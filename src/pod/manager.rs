@@ -5,6 +5,12 @@
 //! workers whose pod changed, so a crashed container is noticed within a
 //! relist period without every worker polling.
 //!
+//! Each pod a source wants gets `Desired::Run`; a pod the API server is
+//! deleting, or one no source wants any more, `Desired::Terminate`. A pod
+//! the runtime holds that no source wants is torn down only once every
+//! source has listed (the merger's "sources synced" gate): until then it
+//! may belong to a source that has not spoken yet.
+//!
 //! A worker task that dies (a panic in it, or its task aborted) is noticed
 //! on the JoinSet and started again, with a log line: one pod's bug must not
 //! leave that pod unmanaged, nor take the other pods down. Restarts of the
@@ -32,7 +38,7 @@ use super::lifecycle::next_delay;
 use super::worker::{Handle, Shared, Worker};
 use crate::cri::{Labels, Runtime};
 use crate::labels;
-use crate::source::Snapshot;
+use crate::source::{Desired, DesiredPod, Snapshot};
 
 /// Delay before the second restart of a dead worker (the first is at once).
 pub const WORKER_RESTART_START: Duration = Duration::from_secs(1);
@@ -60,6 +66,11 @@ pub struct Manager<R: Runtime> {
     lives: HashMap<tokio::task::Id, Life>,
     fingerprints: HashMap<String, u64>,
     snapshot: Snapshot,
+    /// Pods rejected at admission (over maxPods), reported as Failed.
+    rejected: std::collections::HashSet<String>,
+    /// Pods being deleted whose worker has finished: not started again
+    /// while the source still lists them (until the object is gone).
+    terminated: std::collections::HashSet<String>,
     cancel: CancellationToken,
 }
 
@@ -73,12 +84,14 @@ impl<R: Runtime> Manager<R> {
             lives: HashMap::new(),
             fingerprints: HashMap::new(),
             snapshot: Snapshot::default(),
+            rejected: Default::default(),
+            terminated: Default::default(),
             cancel,
         }
     }
 
-    fn spawn(&mut self, uid: &str, desired: Option<Arc<crate::source::DesiredPod>>) {
-        self.spawn_after(uid, desired, None);
+    fn spawn(&mut self, uid: &str, desired: Desired, known: Option<Arc<DesiredPod>>) {
+        self.spawn_after(uid, desired, known, None);
     }
 
     /// Start a worker for `uid`; `restart_delay` when it replaces a dead one
@@ -86,10 +99,11 @@ impl<R: Runtime> Manager<R> {
     fn spawn_after(
         &mut self,
         uid: &str,
-        desired: Option<Arc<crate::source::DesiredPod>>,
+        desired: Desired,
+        known: Option<Arc<DesiredPod>>,
         restart_delay: Option<Duration>,
     ) {
-        let (worker, handle) = Worker::new(uid.to_string(), self.shared.clone(), desired);
+        let (worker, handle) = Worker::new(uid.to_string(), self.shared.clone(), desired, known);
         let cancel = self.cancel.child_token();
         let uid_owned = uid.to_string();
         let delay = restart_delay.unwrap_or_default();
@@ -136,6 +150,12 @@ impl<R: Runtime> Manager<R> {
         let restart_delay = match done {
             Ok(_) => {
                 debug!(uid = %uid, "worker ended");
+                if self.snapshot.pods.contains_key(&uid) {
+                    // Finished while the source still lists it: a pod being
+                    // deleted whose object is not gone yet.
+                    self.terminated.insert(uid.clone());
+                    return;
+                }
                 None
             }
             Err(e) => {
@@ -157,7 +177,7 @@ impl<R: Runtime> Manager<R> {
         };
         // Level-triggered: if the pod is wanted, start over.
         if let Some(d) = self.snapshot.pods.get(&uid).cloned() {
-            self.spawn_after(&uid, Some(d), restart_delay);
+            self.spawn_after(&uid, Desired::of(&d), Some(d), restart_delay);
         }
     }
 
@@ -172,50 +192,95 @@ impl<R: Runtime> Manager<R> {
     /// Bring the set of workers in line with a source snapshot.
     pub fn apply(&mut self, snapshot: Snapshot) {
         self.shared.board.set_errors(snapshot.errors.clone());
-        for (uid, desired) in &snapshot.pods {
+        for (uid, pod) in &snapshot.pods {
+            let desired = Desired::of(pod);
             match self.workers.get(uid) {
                 Some(h) => {
                     h.desired.send_if_modified(|cur| {
-                        let changed = cur.as_ref() != Some(desired);
+                        let changed = *cur != desired;
                         if changed {
-                            *cur = Some(desired.clone());
+                            *cur = desired.clone();
                         }
                         changed
                     });
                 }
+                None if self.terminated.contains(uid) => {}
+                // Being deleted: a worker makes sure nothing of it runs and
+                // reports it gone (in API mode the object is then deleted).
+                None if matches!(desired, Desired::Terminate { .. }) => {
+                    self.unreject(uid);
+                    self.spawn(uid, desired, Some(pod.clone()));
+                }
                 None if self.workers.len() < self.max_pods => {
-                    info!(pod = %desired.name(), uid = %uid, source = %desired.source, "pod added");
-                    self.spawn(uid, Some(desired.clone()));
+                    self.unreject(uid);
+                    info!(pod = %pod.name(), uid = %uid, source = %pod.source, "pod added");
+                    self.spawn(uid, desired, None);
                 }
-                None => {
-                    // kubelet's admission: over maxPods the pod is rejected, not run.
-                    let mut pod = desired.pod.clone();
-                    pod.status = Some(PodStatus {
-                        phase: Some("Failed".into()),
-                        reason: Some("OutOfpods".into()),
-                        message: Some(format!(
-                            "Node didn't have enough resource: pods, maxPods {}",
-                            self.max_pods
-                        )),
-                        ..Default::default()
-                    });
-                    self.shared.board.set_pod(uid, pod);
-                }
+                None => self.reject(uid, pod),
             }
         }
         for (uid, h) in &self.workers {
             if !snapshot.pods.contains_key(uid) {
-                h.desired.send_if_modified(|cur| cur.take().is_some());
+                h.desired.send_if_modified(|cur| {
+                    let changed = matches!(cur, Desired::Run(_));
+                    if changed {
+                        *cur = Desired::Terminate { grace: None };
+                    }
+                    changed
+                });
             }
         }
-        // Rejected pods that are no longer wanted leave the board.
-        for pod in self.shared.board.view("").pods {
-            let uid = pod.metadata.uid.unwrap_or_default();
-            if !snapshot.pods.contains_key(&uid) && !self.workers.contains_key(&uid) {
-                self.shared.board.remove_pod(&uid);
-            }
+        // Rejected pods that are no longer wanted are gone.
+        let unwanted: Vec<String> = self
+            .rejected
+            .iter()
+            .filter(|uid| !snapshot.pods.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in unwanted {
+            self.unreject(&uid);
+        }
+        self.terminated
+            .retain(|uid| snapshot.pods.contains_key(uid));
+        if snapshot.synced() && !self.snapshot.synced() {
+            info!("all pod sources synced");
+        }
+        if snapshot.synced() {
+            self.shared.board.readiness.sources_synced();
         }
         self.snapshot = snapshot;
+    }
+
+    /// kubelet's admission: over maxPods the pod is rejected, not run.
+    fn reject(&mut self, uid: &str, desired: &DesiredPod) {
+        if !self.rejected.insert(uid.to_string()) {
+            return;
+        }
+        let message = format!(
+            "Node didn't have enough resource: pods, maxPods {}",
+            self.max_pods
+        );
+        warn!(pod = %desired.name(), uid = %uid, %message, "pod rejected");
+        let mut pod = desired.pod.clone();
+        pod.status = Some(PodStatus {
+            phase: Some("Failed".into()),
+            reason: Some("OutOfpods".into()),
+            message: Some(message.clone()),
+            ..Default::default()
+        });
+        self.shared.status.publish(uid, &pod);
+        self.shared.events.event(
+            &crate::sink::PodRef::of(&pod),
+            crate::sink::EventType::Warning,
+            "OutOfpods",
+            message,
+        );
+    }
+
+    fn unreject(&mut self, uid: &str) {
+        if self.rejected.remove(uid) {
+            self.shared.status.gone(uid);
+        }
     }
 
     /// List this node's sandboxes and containers; wake workers whose pod
@@ -263,9 +328,14 @@ impl<R: Runtime> Manager<R> {
             if self.fingerprints.get(&uid) != Some(&fp) {
                 match self.workers.get(&uid) {
                     Some(handle) => handle.wake.notify_one(),
+                    None if !self.snapshot.synced() => {
+                        debug!(uid = %uid, pending = ?self.snapshot.pending_sources, "pod the runtime holds is left alone until every source has listed");
+                        // Not recorded: looked at again on every relist until then.
+                        continue;
+                    }
                     None => {
                         info!(uid = %uid, "adopting pod the runtime holds but no source wants: tearing it down");
-                        self.spawn(&uid, None);
+                        self.spawn(&uid, Desired::Terminate { grace: None }, None);
                     }
                 }
             }
@@ -292,7 +362,6 @@ impl<R: Runtime> Manager<R> {
     pub async fn run(mut self, mut snapshots: watch::Receiver<Snapshot>, relist_every: Duration) {
         let first = snapshots.borrow_and_update().clone();
         self.apply(first);
-        self.shared.board.readiness.sources_synced();
         self.relist().await;
         let mut tick = tokio::time::interval(relist_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -455,6 +524,76 @@ mod tests {
         assert_eq!(sh3.board.readiness.status().first_relist_pods, ["b"]);
         cancel3.cancel();
         t3.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pending_source_holds_back_the_teardown_of_pods_nobody_wants_yet() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let (tx, cancel, task) = run_manager(&shared(rt.clone(), tmp.path()), &["a"]);
+        wait_until("a running", || running_containers(&rt) == 1).await;
+        cancel.cancel();
+        task.await.unwrap();
+        drop(tx);
+        // Restart with the API source not yet listed: "a" is left alone.
+        let sh = shared(rt.clone(), tmp.path());
+        let (tx, cancel, task) = run_manager(&sh, &[]);
+        let mut waiting = Snapshot::default();
+        waiting.pending_sources.push("api".into());
+        tx.send(waiting).unwrap();
+        // Ten relists' worth of time.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            running_containers(&rt),
+            1,
+            "nothing torn down before the sources synced"
+        );
+        assert_eq!(calls_of(&rt, "StopContainer"), 0);
+        assert!(!sh.board.readiness.status().sources_synced);
+        // The source lists, without "a": now it goes.
+        tx.send(Snapshot::default()).unwrap();
+        wait_until("a torn down once synced", || rt.sandboxes().is_empty()).await;
+        assert!(sh.board.readiness.status().sources_synced);
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pod_being_deleted_stops_with_its_deletion_grace_and_is_reported_gone_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let sh = shared(rt.clone(), tmp.path());
+        let (tx, cancel, task) = run_manager(&sh, &["a"]);
+        wait_until("a running", || running_containers(&rt) == 1).await;
+        let mut deleting = snap(&["a"]);
+        let d = deleting.pods.get_mut("a").unwrap();
+        let mut pod = d.pod.clone();
+        pod.metadata.deletion_timestamp = crate::status::time(1);
+        pod.metadata.deletion_grace_period_seconds = Some(7);
+        *d = Arc::new(DesiredPod {
+            pod,
+            source: "t".into(),
+        });
+        tx.send(deleting.clone()).unwrap();
+        wait_until("a torn down", || {
+            rt.sandboxes().is_empty() && sh.board.view("").pods.is_empty()
+        })
+        .await;
+        assert!(
+            rt.calls()
+                .iter()
+                .any(|c| c.starts_with("StopContainer") && c.ends_with("grace=7")),
+            "stopped with the deletion's grace: {:?}",
+            rt.calls()
+        );
+        // Still listed (the object is not deleted yet): no new worker.
+        let stops = calls_of(&rt, "StopPodSandbox");
+        tx.send(deleting.clone()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls_of(&rt, "RunPodSandbox"), 1);
+        assert_eq!(calls_of(&rt, "StopPodSandbox"), stops);
+        cancel.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
 use tracing::warn;
 
+use crate::cri::keyring::Keyring;
+use crate::cri::{CriError, Runtime, api};
 use crate::objects::{Kind, LookupError, ObjectLookup, ObjectRef};
 
 /// Every object a pod references: env valueFrom and envFrom of all
@@ -151,6 +153,52 @@ fn optional_ok<T>(
         Err(LookupError::NotFound(_)) if optional => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Pull `image` with the pod's pull secrets as kubelet does: no matching
+/// credential, an anonymous pull; otherwise each matching credential in
+/// turn (longest registry key first) until one works, and all their
+/// errors if none does.
+pub async fn pull_image<R: Runtime>(
+    rt: &R,
+    lookup: &dyn ObjectLookup,
+    pod: &Pod,
+    image: &str,
+    sandbox: &api::PodSandboxConfig,
+) -> Result<String, CriError> {
+    let secrets = pull_secrets(pod, lookup).await;
+    let (ring, errors) = Keyring::from_secrets(secrets.iter().map(|s| s.as_ref()));
+    for e in errors {
+        warn!(error = %e, "pull secret skipped");
+    }
+    let creds = ring.lookup(image);
+    if creds.is_empty() {
+        return rt.pull_image(image, None, sandbox.clone()).await;
+    }
+    let mut earlier: Vec<String> = Vec::new();
+    let mut creds = creds.into_iter().peekable();
+    while let Some(auth) = creds.next() {
+        match rt.pull_image(image, Some(auth), sandbox.clone()).await {
+            Ok(r) => return Ok(r),
+            Err(e) if creds.peek().is_some() => earlier.push(e.message()),
+            // kubelet aggregates the errors; the last one keeps its type.
+            Err(CriError::Rejected {
+                op,
+                message,
+                source,
+            }) if !earlier.is_empty() => {
+                earlier.push(message);
+                return Err(CriError::Rejected {
+                    op,
+                    message: format!("[{}]", earlier.join(", ")),
+                    source,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Not reached: `creds` was not empty.
+    rt.pull_image(image, None, sandbox.clone()).await
 }
 
 /// The pod's imagePullSecrets that could be read. As kubelet: one that
@@ -306,6 +354,68 @@ spec:
         let c = &strict.spec.as_ref().unwrap().containers[0];
         let e = resolve(&strict, c, &store).await.unwrap_err();
         assert_eq!(e.to_string(), "secret \"gone\" not found");
+    }
+
+    #[tokio::test]
+    async fn a_private_image_pulls_with_the_matching_pull_secret_only() {
+        use crate::cri::fake::FakeRuntime;
+        let rt = FakeRuntime::new();
+        let image = "localhost:5001/private/busybox:1.36";
+        rt.private_image(image, "minilet", "minilet-pass");
+        let p = pod(r#"
+metadata: {name: p, namespace: ns}
+spec:
+  imagePullSecrets: [{name: wrong}, {name: regcred}, {name: absent}]
+  containers: [{name: c, image: "localhost:5001/private/busybox:1.36"}]
+"#);
+        let sandbox = api::PodSandboxConfig::default();
+        let store = ObjectStore::default();
+        let e = pull_image(&rt, &store, &p, image, &sandbox)
+            .await
+            .unwrap_err();
+        assert_eq!(e.message(), "401 Unauthorized", "no secret: anonymous");
+
+        let secret = |name: &str, json: &str| {
+            Arc::new(Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                type_: Some("kubernetes.io/dockerconfigjson".into()),
+                data: Some(BTreeMap::from([(
+                    ".dockerconfigjson".to_string(),
+                    k8s_openapi::ByteString(json.as_bytes().to_vec()),
+                )])),
+                ..Default::default()
+            })
+        };
+        let mut objects = Objects::default();
+        // A deeper key is tried first, fails, then the host's works.
+        objects.secrets.insert(
+            ("ns".into(), "wrong".into()),
+            secret(
+                "wrong",
+                r#"{"auths":{"localhost:5001/private":{"username":"x","password":"y"}}}"#,
+            ),
+        );
+        objects.secrets.insert(
+            ("ns".into(), "regcred".into()),
+            secret(
+                "regcred",
+                r#"{"auths":{"http://localhost:5001":{"auth":"bWluaWxldDptaW5pbGV0LXBhc3M="}}}"#,
+            ),
+        );
+        store.replace(objects);
+        pull_image(&rt, &store, &p, image, &sandbox).await.unwrap();
+        let sent: Vec<_> = rt
+            .pull_auths()
+            .into_iter()
+            .map(|(_, a)| a.map(|(u, _)| u))
+            .collect();
+        assert_eq!(
+            sent,
+            [None, Some("x".to_string()), Some("minilet".to_string())]
+        );
     }
 
     #[tokio::test]

@@ -1,7 +1,10 @@
 //! The per-pod worker: one tokio task per pod uid that owns the pod's
 //! `Memory`, observes the runtime, asks `lifecycle::plan` for the next step
 //! and performs it through the `Runtime` seam. It never learns where the
-//! pod came from: it gets `Option<DesiredPod>` on a watch channel.
+//! pod came from: it gets a `Desired` (run this pod, or terminate it with
+//! this grace) on a watch channel, and reports through the sinks: the pod's
+//! view to a `StatusSink`, what happened (kubelet's event reasons) to an
+//! `EventSink`.
 //!
 //! Side effects: CRI calls, pod log and volume directories, tmpfs mounts.
 
@@ -22,7 +25,9 @@ use super::spec::{self, Downward, HostContext};
 use crate::clock::Clock;
 use crate::cri::{CriError, Labels, Runtime, api};
 use crate::labels;
-use crate::source::DesiredPod;
+use crate::objects::ObjectLookup;
+use crate::sink::{EventSink, EventType, PodRef, StatusSink};
+use crate::source::{Desired, DesiredPod};
 use crate::status::{self, Board};
 use crate::volume;
 use futures::StreamExt;
@@ -44,6 +49,12 @@ pub struct Shared<R> {
     pub sandbox_slots: tokio::sync::Semaphore,
     /// "Now" for every lifecycle decision (the runtime's timestamps are wall time).
     pub clock: Arc<dyn Clock>,
+    /// Where pod views go (the board; in API mode also the status writer).
+    pub status: Arc<dyn StatusSink>,
+    /// Where pod events go (the board; in API mode also the recorder).
+    pub events: Arc<dyn EventSink>,
+    /// ConfigMaps, Secrets, claims and volumes the pods reference.
+    pub objects: Arc<dyn ObjectLookup>,
 }
 
 /// Retrying a step that failed before plan could decide (observe, status).
@@ -73,6 +84,11 @@ pub const PARALLEL_SANDBOXES: usize = 8;
 /// whose containers all ignore SIGTERM takes ceil(n/8) grace periods.
 pub const POD_CRI_CALLS: usize = 8;
 
+/// The shortest grace a deletion gets (kubelet's
+/// minimumGracePeriodInSeconds): a `--grace-period=0` delete still sends
+/// SIGTERM and waits this long before SIGKILL.
+pub const MIN_GRACE: i64 = 2;
+
 #[cfg(test)]
 impl Shared<crate::cri::fake::FakeRuntime> {
     /// A node "n1" with logs and pod dirs under `dir`, on the fake's clock.
@@ -80,8 +96,13 @@ impl Shared<crate::cri::fake::FakeRuntime> {
         runtime: Arc<crate::cri::fake::FakeRuntime>,
         dir: &std::path::Path,
     ) -> Self {
+        let board = Board::default();
+        let sinks = Arc::new(crate::sink::Sinks::board(&board));
         Shared {
             clock: runtime.clock(),
+            status: sinks.clone(),
+            events: sinks,
+            objects: Arc::new(crate::objects::ObjectStore::default()),
             runtime,
             host: HostContext {
                 node_name: "n1".into(),
@@ -89,7 +110,7 @@ impl Shared<crate::cri::fake::FakeRuntime> {
                 ..Default::default()
             },
             pods_dir: dir.join("pods"),
-            board: Board::default(),
+            board,
             runtime_name: "fake".into(),
             sync_frequency: Duration::from_secs(60),
             sandbox_slots: tokio::sync::Semaphore::new(PARALLEL_SANDBOXES),
@@ -124,7 +145,7 @@ pub enum StepError {
 
 /// The handle the manager keeps for one worker.
 pub struct Handle {
-    pub desired: watch::Sender<Option<Arc<DesiredPod>>>,
+    pub desired: watch::Sender<Desired>,
     pub wake: Arc<Notify>,
 }
 
@@ -142,12 +163,15 @@ struct Cache {
 pub struct Worker<R> {
     uid: String,
     shared: Arc<Shared<R>>,
-    desired: watch::Receiver<Option<Arc<DesiredPod>>>,
+    desired: watch::Receiver<Desired>,
     wake: Arc<Notify>,
     mem: Memory,
     cache: Cache,
     /// The last desired pod, kept to report status while terminating.
     last_pod: Option<Pod>,
+    /// BackOff events already sent, by container name and reason, so one
+    /// back-off is one event (the recorder aggregates repeats anyway).
+    backoff_told: HashMap<String, String>,
     /// Backoff of failed steps (observe and the like); none after a good
     /// one. No step runs before its `until`, even when woken: wake-ups
     /// (relists, manifest rescans) must not shorten it.
@@ -175,12 +199,16 @@ fn find_container<'a>(pod: &'a Pod, name: &str, init: bool) -> Option<&'a Contai
 }
 
 impl<R: Runtime> Worker<R> {
-    /// Spawn-ready worker and the manager's handle for it.
+    /// Spawn-ready worker and the manager's handle for it. `known` is the
+    /// pod's last spec when it is to be terminated from the start (an API
+    /// pod already being deleted), so its status can still be reported.
     pub fn new(
         uid: String,
         shared: Arc<Shared<R>>,
-        desired: Option<Arc<DesiredPod>>,
+        desired: Desired,
+        known: Option<Arc<DesiredPod>>,
     ) -> (Self, Handle) {
+        let last_pod = desired.running().or(known.as_ref()).map(|d| d.pod.clone());
         let (tx, rx) = watch::channel(desired);
         let wake = Arc::new(Notify::new());
         let worker = Worker {
@@ -190,7 +218,8 @@ impl<R: Runtime> Worker<R> {
             wake: wake.clone(),
             mem: Memory::default(),
             cache: Cache::default(),
-            last_pod: None,
+            last_pod,
+            backoff_told: HashMap::new(),
             error_backoff: None,
         };
         (worker, Handle { desired: tx, wake })
@@ -208,15 +237,19 @@ impl<R: Runtime> Worker<R> {
 
     /// Run until the pod is gone (returns) or the agent stops (cancel).
     pub async fn run(mut self, cancel: CancellationToken) {
-        let name = match self.desired.borrow().as_deref() {
-            Some(d) => format!("{}/{}", d.namespace(), d.name()),
+        let name = match &self.last_pod {
+            Some(p) => format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+                p.metadata.name.as_deref().unwrap_or_default()
+            ),
             None => "(no longer wanted)".to_string(),
         };
         let span = info_span!("pod", pod = %name, uid = %self.uid);
         async move {
             loop {
                 let desired = self.desired.borrow_and_update().clone();
-                let sleep = match self.turn(desired.as_deref()).await {
+                let sleep = match self.turn(&desired).await {
                     Next::Finished => return,
                     Next::Again => continue,
                     Next::Sleep(d) => d,
@@ -238,7 +271,7 @@ impl<R: Runtime> Worker<R> {
     }
 
     /// One step, and how long the loop may sleep after it.
-    async fn turn(&mut self, desired: Option<&DesiredPod>) -> Next {
+    async fn turn(&mut self, desired: &Desired) -> Next {
         let left = self.error_backoff.map_or(0, |b| b.until - self.now());
         if left > 0 {
             return Next::Sleep(Duration::from_nanos(left as u64));
@@ -249,7 +282,7 @@ impl<R: Runtime> Worker<R> {
         match step {
             Ok(Some(Action::Finished)) => {
                 info!("pod removed");
-                self.shared.board.remove_pod(&self.uid);
+                self.shared.status.gone(&self.uid);
                 Next::Finished
             }
             Ok(Some(Action::Wait { until })) => {
@@ -273,7 +306,8 @@ impl<R: Runtime> Worker<R> {
     }
 
     /// Observe, publish status, plan, act. Returns the action taken.
-    async fn step(&mut self, desired: Option<&DesiredPod>) -> Result<Option<Action>, StepError> {
+    async fn step(&mut self, want: &Desired) -> Result<Option<Action>, StepError> {
+        let desired = want.running().map(|d| d.as_ref());
         if let Some(d) = desired.filter(|d| self.last_pod.as_ref() != Some(&d.pod)) {
             self.last_pod = Some(d.pod.clone());
         }
@@ -299,11 +333,16 @@ impl<R: Runtime> Worker<R> {
                     .get_or_insert_default()
                     .insert(NETWORK_STATUS_ANNOTATION.into(), net);
             }
-            self.shared.board.set_pod(&self.uid, view);
+            self.tell_backoffs(&view);
+            self.shared.status.publish(&self.uid, &view);
         }
         let action = lifecycle::plan(desired.map(|d| &d.pod), &obs, &self.mem, now);
         debug!(?action, "plan");
-        self.act(&action, desired, &obs).await?;
+        let grace = match want {
+            Desired::Terminate { grace } => *grace,
+            Desired::Run(_) => None,
+        };
+        self.act(&action, desired, grace, &obs).await?;
         Ok(Some(action))
     }
 
@@ -430,9 +469,20 @@ impl<R: Runtime> Worker<R> {
         Ok(obs)
     }
 
-    /// The pod's grace period: from its spec, else (a pod adopted after a
-    /// restart that no source wants) from the containers' annotation.
-    fn grace_period(&self, desired: Option<&DesiredPod>, obs: &Observed, ids: &[String]) -> i64 {
+    /// The pod's grace period: the deletion's own when the API server gave
+    /// one (at least `MIN_GRACE`, as kubelet), else from its spec, else (a
+    /// pod adopted after a restart that no source wants) from the
+    /// containers' annotation.
+    fn grace_period(
+        &self,
+        desired: Option<&DesiredPod>,
+        deletion_grace: Option<i64>,
+        obs: &Observed,
+        ids: &[String],
+    ) -> i64 {
+        if let Some(g) = deletion_grace {
+            return g.max(MIN_GRACE);
+        }
         desired
             .map(|d| &d.pod)
             .or(self.last_pod.as_ref())
@@ -451,6 +501,7 @@ impl<R: Runtime> Worker<R> {
         &mut self,
         action: &Action,
         desired: Option<&DesiredPod>,
+        deletion_grace: Option<i64>,
         obs: &Observed,
     ) -> Result<(), StepError> {
         let rt = self.shared.runtime.clone();
@@ -474,8 +525,15 @@ impl<R: Runtime> Worker<R> {
                 Ok(())
             }
             Action::StopContainers { ids } => {
-                let grace = self.grace_period(desired, obs, ids);
+                let grace = self.grace_period(desired, deletion_grace, obs, ids);
                 info!(?ids, grace, "stopping containers");
+                for c in obs.containers.iter().filter(|c| ids.contains(&c.id)) {
+                    self.event(
+                        EventType::Normal,
+                        "Killing",
+                        format!("Stopping container {}", c.name),
+                    );
+                }
                 let results = each_bounded(ids, |id| {
                     let rt = rt.clone();
                     async move { rt.stop_container(&id, grace).await }
@@ -577,6 +635,11 @@ impl<R: Runtime> Worker<R> {
                     self.now(),
                 );
                 warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
+                self.event(
+                    EventType::Warning,
+                    "FailedCreatePodSandBox",
+                    format!("Failed to create pod sandbox: {msg}"),
+                );
                 self.mem.sandbox_error = Some(msg);
                 self.mem.sandbox_backoff = Some(b);
             }
@@ -586,6 +649,7 @@ impl<R: Runtime> Worker<R> {
     /// Pull the image as the policy says. `Err` holds the waiting reason.
     async fn ensure_image(
         &mut self,
+        pod: &Pod,
         c: &Container,
         sandbox: &api::PodSandboxConfig,
     ) -> Result<(), Waiting> {
@@ -611,6 +675,11 @@ impl<R: Runtime> Worker<R> {
                 .is_some(),
         };
         if present {
+            self.event(
+                EventType::Normal,
+                "Pulled",
+                format!("Container image {image:?} already present on machine"),
+            );
             return Ok(());
         }
         if policy == PullPolicy::Never {
@@ -622,15 +691,45 @@ impl<R: Runtime> Worker<R> {
             });
         }
         info!(%image, "pulling image");
-        match rt.pull_image(&image, None, sandbox.clone()).await {
+        self.event(
+            EventType::Normal,
+            "Pulling",
+            format!("Pulling image {image:?}"),
+        );
+        let began = std::time::Instant::now();
+        match super::objects::pull_image(
+            rt.as_ref(),
+            self.shared.objects.as_ref(),
+            pod,
+            &image,
+            sandbox,
+        )
+        .await
+        {
             Ok(_) => {
                 self.mem.pull_backoff.remove(&image);
+                self.event(
+                    EventType::Normal,
+                    "Pulled",
+                    format!(
+                        "Successfully pulled image {image:?} in {:.3}s",
+                        began.elapsed().as_secs_f64()
+                    ),
+                );
                 Ok(())
             }
-            Err(e) => Err(Waiting {
-                reason: "ErrImagePull".into(),
-                message: format!("failed to pull image {image:?}: {}", e.message()),
-            }),
+            Err(e) => {
+                let message = format!("failed to pull image {image:?}: {}", e.message());
+                self.event(
+                    EventType::Warning,
+                    "Failed",
+                    format!("Failed to pull image {image:?}: {}", e.message()),
+                );
+                Err(Waiting {
+                    reason: "ErrImagePull".into(),
+                    message,
+                })
+            }
         }
     }
 
@@ -649,7 +748,7 @@ impl<R: Runtime> Worker<R> {
         let sandbox_obs = obs.sandboxes.iter().find(|s| s.id == sandbox_id);
         let attempt = sandbox_obs.map_or(0, |s| s.attempt);
         let sandbox_config = spec::sandbox_config(pod, &self.shared.host, attempt);
-        if let Err(w) = self.ensure_image(c, &sandbox_config).await {
+        if let Err(w) = self.ensure_image(pod, c, &sandbox_config).await {
             let key = lifecycle::pull_key(c).to_string();
             let b = Backoff::after(
                 self.mem.pull_backoff.get(&key).copied(),
@@ -670,6 +769,22 @@ impl<R: Runtime> Worker<R> {
         let downward = Downward {
             pod_ip: sandbox_obs.map(|s| s.ip.clone()).unwrap_or_default(),
         };
+        // The ConfigMaps and Secrets env uses; kubelet's message as is
+        // (`configmap "x" not found`).
+        let objects = match super::objects::resolve(pod, c, self.shared.objects.as_ref()).await {
+            Ok(objects) => objects,
+            Err(e) => {
+                self.start_failed(name, "CreateContainerConfigError", e.to_string());
+                return Ok(());
+            }
+        };
+        for message in spec::invalid_env_names(pod, c, &objects) {
+            self.event(
+                EventType::Warning,
+                "InvalidEnvironmentVariableNames",
+                message,
+            );
+        }
         let built = volume::prepare(&self.shared.pods_dir.join(&self.uid), pod)
             .map_err(StepError::from)
             .and_then(|paths| {
@@ -681,11 +796,16 @@ impl<R: Runtime> Worker<R> {
                     &self.shared.host,
                     &downward,
                     &paths,
-                    &Default::default(),
+                    &objects,
                 )?)
             });
         let config = match built {
             Ok(config) => config,
+            // kubelet's words for a missing key, unprefixed.
+            Err(StepError::Spec(e @ spec::SpecError::MissingKey { .. })) => {
+                self.start_failed(name, "CreateContainerConfigError", e.to_string());
+                return Ok(());
+            }
             Err(e) => {
                 self.start_failed(name, "CreateContainerConfigError", crate::error_chain(&e));
                 return Ok(());
@@ -713,6 +833,11 @@ impl<R: Runtime> Worker<R> {
                 return Ok(());
             }
         };
+        self.event(
+            EventType::Normal,
+            "Created",
+            format!("Created container {name}"),
+        );
         if let Err(e) = rt.start_container(&id).await {
             // The container stays Created: `plan` removes it rather than
             // adopting it, since its start already failed.
@@ -727,6 +852,12 @@ impl<R: Runtime> Worker<R> {
 
     /// A container started: its waiting reason and start backoff are over.
     fn started(&mut self, name: &str) {
+        self.event(
+            EventType::Normal,
+            "Started",
+            format!("Started container {name}"),
+        );
+        self.backoff_told.remove(name);
         self.mem.waiting.remove(name);
         self.mem.start_backoff.remove(name);
     }
@@ -740,6 +871,7 @@ impl<R: Runtime> Worker<R> {
             self.now(),
         );
         warn!(container = name, reason, error = %message, retry_in = ?b.delay, "container not started");
+        self.event(EventType::Warning, "Failed", format!("Error: {message}"));
         self.mem.start_backoff.insert(name.to_string(), b);
         self.mem.waiting.insert(
             name.to_string(),
@@ -748,6 +880,58 @@ impl<R: Runtime> Worker<R> {
                 message,
             },
         );
+    }
+
+    /// Tell the event sink about this pod.
+    fn event(&self, kind: EventType, reason: &str, message: String) {
+        let pod = match &self.last_pod {
+            Some(p) => PodRef::of(p),
+            None => PodRef {
+                uid: self.uid.clone(),
+                ..Default::default()
+            },
+        };
+        self.shared.events.event(&pod, kind, reason, message);
+    }
+
+    /// kubelet's BackOff events: once each time a container enters a
+    /// back-off (CrashLoopBackOff, ImagePullBackOff), seen in its status.
+    fn tell_backoffs(&mut self, view: &Pod) {
+        let Some(st) = &view.status else { return };
+        let all = st
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(st.container_statuses.iter().flatten());
+        let mut events = vec![];
+        for cs in all {
+            let reason = cs
+                .state
+                .as_ref()
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.clone());
+            let told = self.backoff_told.get(&cs.name);
+            match reason.as_deref() {
+                Some(r @ ("CrashLoopBackOff" | "ImagePullBackOff"))
+                    if told.map(String::as_str) != Some(r) =>
+                {
+                    let message = if r == "CrashLoopBackOff" {
+                        "Back-off restarting failed container".to_string()
+                    } else {
+                        format!("Back-off pulling image {:?}", cs.image)
+                    };
+                    events.push(message);
+                    self.backoff_told.insert(cs.name.clone(), r.to_string());
+                }
+                Some("CrashLoopBackOff" | "ImagePullBackOff") => {}
+                _ => {
+                    self.backoff_told.remove(&cs.name);
+                }
+            }
+        }
+        for message in events {
+            self.event(EventType::Warning, "BackOff", message);
+        }
     }
 
     /// Remember an attempt of `op` on each object, so `plan` does not repeat
@@ -801,6 +985,14 @@ spec:
   containers: [{name: app, image: "img:1"}]
 "#;
 
+    /// A test's desired state: run this pod, or (None) terminate it.
+    fn want(d: Option<&DesiredPod>) -> Desired {
+        match d {
+            Some(d) => Desired::Run(Arc::new(d.clone())),
+            None => Desired::Terminate { grace: None },
+        }
+    }
+
     fn shared(rt: Arc<FakeRuntime>, dir: &std::path::Path) -> Arc<Shared<FakeRuntime>> {
         Arc::new(Shared::for_tests(rt, dir))
     }
@@ -812,7 +1004,7 @@ spec:
     ) -> Vec<Action> {
         let mut out = vec![];
         for _ in 0..steps {
-            let a = w.step(d).await.unwrap().unwrap();
+            let a = w.step(&want(d)).await.unwrap().unwrap();
             let stop = matches!(a, Action::Wait { .. } | Action::Finished);
             out.push(a);
             if stop {
@@ -827,7 +1019,12 @@ spec:
         let tmp = tempfile::tempdir().unwrap();
         let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
         let d = desired(POD);
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         let acts = drive(&mut w, Some(&d), 10).await;
         assert!(matches!(acts[0], Action::CreateSandbox { attempt: 0 }));
         assert!(
@@ -848,6 +1045,23 @@ spec:
         let st = board.pods[0].status.as_ref().unwrap();
         assert_eq!(st.phase.as_deref(), Some("Running"));
         assert_eq!(st.pod_ip.as_deref(), Some("10.0.0.1"));
+        // kubelet's events, in order, for both containers.
+        let events: Vec<String> = board
+            .events
+            .iter()
+            .map(|e| format!("{} {}", e.event.reason, e.event.message))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "Pulled Container image \"img:1\" already present on machine",
+                "Created Created container init",
+                "Started Started container init",
+                "Pulled Container image \"img:1\" already present on machine",
+                "Created Created container app",
+                "Started Started container app",
+            ]
+        );
         let log_dir = tmp.path().join("logs/default_web-n1_u1/app");
         assert!(log_dir.is_dir());
 
@@ -868,13 +1082,18 @@ spec:
         let d = desired(
             "metadata: {name: p, namespace: default, uid: u2}\nspec:\n  containers: [{name: app, image: \"img:2\"}]\n",
         );
-        let (mut w, _h) = Worker::new("u2".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u2".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         let acts = drive(&mut w, Some(&d), 5).await;
         assert!(
             matches!(acts.last(), Some(Action::Wait { until: Some(_) })),
             "{acts:?}"
         );
-        let _ = w.step(Some(&d)).await.unwrap();
+        let _ = w.step(&want(Some(&d))).await.unwrap();
         let cs = app_status(&w);
         let waiting = cs.state.as_ref().unwrap().waiting.as_ref().unwrap();
         assert_eq!(waiting.reason.as_deref(), Some("ErrImagePull"));
@@ -892,10 +1111,20 @@ spec:
         let tmp = tempfile::tempdir().unwrap();
         let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
         let d = desired(POD);
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         drive(&mut w, Some(&d), 10).await;
         // A restarted agent whose sources no longer hold the pod.
-        let (mut orphan, _h2) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), None);
+        let (mut orphan, _h2) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Terminate { grace: None },
+            None,
+        );
         rt.clear_calls();
         drive(&mut orphan, None, 10).await;
         assert!(
@@ -913,14 +1142,23 @@ spec:
         let tmp = tempfile::tempdir().unwrap();
         let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
         let d = desired(POD);
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         drive(&mut w, Some(&d), 10).await;
         let init_id = rt.containers()[0].id.clone();
         rt.exit_container(&init_id, 0);
         drive(&mut w, Some(&d), 10).await;
         // A new agent (fresh worker, empty memory) adopts: no new calls that create.
-        let (mut w2, _h2) =
-            Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w2, _h2) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         rt.clear_calls();
         let acts = drive(&mut w2, Some(&d), 5).await;
         assert_eq!(acts, vec![Action::Wait { until: None }]);
@@ -938,7 +1176,12 @@ spec:
     async fn building_an_unwanted_pod_is_an_error_not_a_panic() {
         let tmp = tempfile::tempdir().unwrap();
         let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), None);
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Terminate { grace: None },
+            None,
+        );
         let start = Action::StartContainer {
             sandbox_id: "sb1".into(),
             name: "app".into(),
@@ -947,7 +1190,7 @@ spec:
         };
         for action in [Action::CreateSandbox { attempt: 0 }, start] {
             let err = w
-                .act(&action, None, &Observed::default())
+                .act(&action, None, None, &Observed::default())
                 .await
                 .unwrap_err();
             assert!(matches!(err, StepError::NotDesired(_)), "{err:?}");
@@ -982,7 +1225,7 @@ spec:
         let mut turns = 0;
         while tokio::time::Instant::now() < end && turns < 10_000 && !done() {
             turns += 1;
-            match w.turn(d).await {
+            match w.turn(&want(d)).await {
                 Next::Finished => break,
                 Next::Again => {}
                 Next::Sleep(s) => {
@@ -1029,7 +1272,12 @@ spec:
         let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
         rt.exit_after("app", Duration::from_secs(1), 1);
         let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         let starts = || rt.count("StartContainer");
         simulate(&mut w, Some(&d), Duration::from_secs(3600), RELIST, || {
             starts() >= 9
@@ -1043,7 +1291,7 @@ spec:
             .collect();
         assert!(waits[0] <= 1, "{waits:?}");
         assert_eq!(waits[1..], [10, 20, 40, 80, 160, 300, 300]);
-        w.step(Some(&d)).await.unwrap();
+        w.step(&want(Some(&d))).await.unwrap();
         let st = app_status(&w);
         assert_eq!(st.restart_count, 8);
 
@@ -1075,7 +1323,12 @@ spec:
         let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
         rt.exit_after("app", Duration::from_secs(1), 1);
         let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         // Restart count 3 started, then crashed.
         simulate(&mut w, Some(&d), Duration::from_secs(3600), RELIST, || {
             rt.count("StartContainer") >= 4
@@ -1093,8 +1346,12 @@ spec:
         assert_eq!(crashed.0, api::ContainerState::ContainerExited as i32);
 
         // A new agent: empty memory, the runtime's records only.
-        let (mut w2, _h2) =
-            Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w2, _h2) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         rt.clear_calls();
         simulate(&mut w2, Some(&d), Duration::from_secs(5), RELIST, || false).await;
         assert_eq!(rt.count("StartContainer"), 0, "{:?}", rt.calls());
@@ -1140,7 +1397,12 @@ spec:
         let tmp = tempfile::tempdir().unwrap();
         let rt = Arc::new(FakeRuntime::new());
         let d = app_pod("u1", "[{name: app}]");
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         let turns = simulate(&mut w, Some(&d), Duration::from_secs(600), RELIST, || false).await;
         // One turn a second (the wake-ups), not a loop.
         assert!(turns < 700, "{turns} turns in 600 s");
@@ -1158,7 +1420,12 @@ spec:
         tmp: &std::path::Path,
     ) -> Worker<FakeRuntime> {
         let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp),
+            Desired::Run(d.clone()),
+            None,
+        );
         simulate(&mut w, Some(&d), Duration::from_secs(5), RELIST, || {
             rt.count("StartContainer") >= 1
         })
@@ -1216,7 +1483,12 @@ spec:
             "u1",
             "[{name: bad, image: \"img:bad\", volumeMounts: [{name: nope, mountPath: /x}]}, {name: good, image: \"img:1\"}]",
         );
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         simulate(&mut w, Some(&d), Duration::from_secs(60), RELIST, || false).await;
         assert_eq!(
             rt.calls()
@@ -1246,7 +1518,12 @@ spec:
             .map(|i| format!("{{name: c{i}, image: \"img:1\"}}"))
             .collect();
         let d = app_pod("u1", &format!("[{}]", names.join(", ")));
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         simulate(&mut w, Some(&d), Duration::from_secs(60), RELIST, || {
             rt.count("StartContainer") >= 100
         })
@@ -1267,13 +1544,23 @@ spec:
         d: &Arc<DesiredPod>,
     ) -> (Worker<FakeRuntime>, String) {
         rt.fail_next("StartContainer", "agent killed");
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp), Some(d.clone()));
-        w.step(Some(d)).await.unwrap();
-        w.step(Some(d)).await.unwrap();
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp),
+            Desired::Run(d.clone()),
+            None,
+        );
+        w.step(&want(Some(d))).await.unwrap();
+        w.step(&want(Some(d))).await.unwrap();
         let made = rt.containers();
         assert_eq!(made.len(), 1);
         assert_eq!(made[0].state, api::ContainerState::ContainerCreated as i32);
-        let (w2, _h2) = Worker::new("u1".into(), shared(rt.clone(), tmp), Some(d.clone()));
+        let (w2, _h2) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp),
+            Desired::Run(d.clone()),
+            None,
+        );
         rt.clear_calls();
         (w2, made[0].id.clone())
     }
@@ -1334,7 +1621,12 @@ spec:
         let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
         rt.sandboxes_die_after(Duration::ZERO);
         let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         simulate(&mut w, Some(&d), Duration::from_secs(60), RELIST, || false).await;
         assert_eq!(
             gaps_secs(&times(&rt, "RunPodSandbox")),
@@ -1352,7 +1644,12 @@ spec:
         let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
         rt.fail_always("ListContainers", "", "runtime unavailable");
         let d = app_pod("u1", "[{name: app, image: \"img:1\"}]");
-        let (mut w, _h) = Worker::new("u1".into(), shared(rt.clone(), tmp.path()), Some(d.clone()));
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared(rt.clone(), tmp.path()),
+            Desired::Run(d.clone()),
+            None,
+        );
         let often = Some(Duration::from_millis(100));
         simulate(&mut w, Some(&d), Duration::from_secs(60), often, || false).await;
         let t = times(&rt, "ListContainers");

@@ -20,7 +20,40 @@ use super::{Snapshot, SourceError};
 /// One source's side of the merger.
 pub struct Source {
     pub name: String,
-    pub rx: watch::Receiver<Option<Snapshot>>,
+    feed: Feed,
+}
+
+enum Feed {
+    /// `None` until the source's first complete listing.
+    Listing(watch::Receiver<Option<Snapshot>>),
+    /// A source whose first listing was done before it was added (the
+    /// manifest dir, scanned before anything starts).
+    Listed(watch::Receiver<Snapshot>),
+}
+
+impl Source {
+    /// A source that publishes whole snapshots from the start.
+    pub fn listed(name: &str, rx: watch::Receiver<Snapshot>) -> Source {
+        Source {
+            name: name.to_string(),
+            feed: Feed::Listed(rx),
+        }
+    }
+
+    fn current(&mut self) -> Option<Snapshot> {
+        match &mut self.feed {
+            Feed::Listing(rx) => rx.borrow_and_update().clone(),
+            Feed::Listed(rx) => Some(rx.borrow_and_update().clone()),
+        }
+    }
+
+    /// Waits for a change; `true` when the source has ended.
+    async fn ended(&mut self) -> bool {
+        match &mut self.feed {
+            Feed::Listing(rx) => rx.changed().await.is_err(),
+            Feed::Listed(rx) => rx.changed().await.is_err(),
+        }
+    }
 }
 
 /// A new source channel: the sender for the source, the `Source` for the merger.
@@ -30,7 +63,7 @@ pub fn channel(name: &str) -> (watch::Sender<Option<Snapshot>>, Source) {
         tx,
         Source {
             name: name.to_string(),
-            rx,
+            feed: Feed::Listing(rx),
         },
     )
 }
@@ -67,7 +100,7 @@ pub fn merged(states: &[(&str, Option<&Snapshot>)]) -> Snapshot {
 fn merge_now(sources: &mut [Source]) -> Snapshot {
     let states: Vec<(String, Option<Snapshot>)> = sources
         .iter_mut()
-        .map(|s| (s.name.clone(), s.rx.borrow_and_update().clone()))
+        .map(|s| (s.name.clone(), s.current()))
         .collect();
     let refs: Vec<(&str, Option<&Snapshot>)> = states
         .iter()
@@ -103,7 +136,7 @@ pub async fn run(mut sources: Vec<Source>, out: watch::Sender<Snapshot>) {
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| live.contains(i))
-                .map(|(i, s)| Box::pin(async move { (i, s.rx.changed().await.is_err()) }));
+                .map(|(i, s)| Box::pin(async move { (i, s.ended().await) }));
             tokio::select! {
                 ((i, ended), _, _) = futures::future::select_all(changes) => ended.then_some(i),
                 _ = out.closed() => return,
