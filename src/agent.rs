@@ -54,6 +54,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The API server credentials are unusable (`--kubeconfig`).
+    #[error("setting up the API server client")]
+    ApiClient(#[source] crate::api::client::ClientError),
     /// A node-wide task ended before the agent was told to stop.
     #[error("{cause}")]
     TaskDied { cause: String },
@@ -201,6 +204,30 @@ async fn check_adopted(rt: &impl Runtime, runner: &Runner, board: &Board, node: 
     }
 }
 
+/// The local address the node reaches `server` from (its hostIP when
+/// `--node-ip` is not given); empty if it cannot be found.
+fn local_address_towards(server: &str) -> String {
+    let host = server
+        .split("://")
+        .nth(1)
+        .unwrap_or(server)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let target = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:443")
+    };
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect(&target)?;
+            s.local_addr()
+        })
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
 /// Run the agent until `cancel` fires. Pods keep running afterwards.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentError> {
     for dir in [&cfg.state_dir, &cfg.state_dir.join("pods")] {
@@ -239,6 +266,28 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
                 _ = static_dir::watch(dir, node, every, file_tx) => {}
             }
         });
+    }
+    // API server mode, pods (issue 7): the pods bound to this node are a
+    // source; their status is written back by the status writer (a sink,
+    // below), static pods get mirror pods. The source and the mirror task
+    // start once the sinks exist.
+    let api_client = crate::api::client::connect(&cfg)
+        .await
+        .map_err(AgentError::ApiClient)?;
+    let mut api_pods = None;
+    if let Some(api) = &api_client {
+        let (tx, src) = merge::channel(crate::api::pods::SOURCE);
+        sources.push(src);
+        let host_ip = cfg
+            .node_ip
+            .map_or_else(|| local_address_towards(&api.server), |ip| ip.to_string());
+        let (writer, task) = crate::api::status_writer::StatusWriter::new(
+            api.client.clone(),
+            host_ip,
+            cancel.clone(),
+        );
+        tasks.spawn(task);
+        api_pods = Some((api.client.clone(), tx, writer));
     }
     let (snap_tx, snap_rx) = watch::channel(merge::first(&mut sources));
     {
@@ -318,7 +367,28 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     board.readiness.runtime_connected();
 
     // Where pod views and events go: the board, and in API mode the server.
-    let sinks = Arc::new(crate::sink::Sinks::board(&board));
+    let mut sinks = crate::sink::Sinks::board(&board);
+    if let Some((_, _, writer)) = &api_pods {
+        sinks.status.push(writer.clone());
+    }
+    let sinks = Arc::new(sinks);
+    if let Some((client, tx, writer)) = api_pods {
+        tasks.spawn(crate::api::pods::run(
+            client.clone(),
+            cfg.node_name.clone(),
+            tx,
+            sinks.clone(),
+            sinks.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(crate::api::mirror::run(
+            client,
+            cfg.node_name.clone(),
+            snap_rx.clone(),
+            Some(writer),
+            cancel.clone(),
+        ));
+    }
     let objects: Arc<dyn crate::objects::ObjectLookup> =
         Arc::new(crate::objects::ObjectStore::default());
 

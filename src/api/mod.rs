@@ -7,4 +7,10 @@
 //!
 //! Everything here talks to the server through kube-rs; the pod path sees
 //! only the seams (`source::merge`, `sink`, `objects::ObjectLookup`).
+
+pub mod client;
+pub mod mirror;
 pub mod objects;
+pub mod pod_api;
+pub mod pods;
+pub mod status_writer;
