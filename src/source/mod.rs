@@ -91,6 +91,24 @@ impl Snapshot {
     }
 }
 
+/// Keep `store` holding the objects of the latest snapshot (the manifest
+/// dir's ConfigMaps, Secrets, claims, volumes). Returns when the sender is
+/// gone.
+pub async fn feed_objects(
+    store: crate::objects::ObjectStore,
+    mut snapshots: tokio::sync::watch::Receiver<Snapshot>,
+) {
+    loop {
+        let objects = snapshots.borrow_and_update().all_objects();
+        if store.snapshot() != objects {
+            store.replace(objects);
+        }
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// What the node should do with one pod (the worker's desired state).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Desired {

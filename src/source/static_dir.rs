@@ -318,7 +318,7 @@ fn scan_at(dir: &Path, node_name: &str, previous: &Snapshot, now: jiff::Timestam
             for (doc, d) in docs {
                 match d {
                     Doc::Pod(p) => raw_pods.push((doc, p)),
-                    Doc::Object(o) => objects.push((doc, o)),
+                    Doc::Object(o) => objects.push((doc, *o)),
                 }
             }
             let pods = raw_pods
@@ -543,16 +543,16 @@ fn parse_yaml(text: &str) -> Result<Vec<(usize, Doc)>, FileError> {
     // passes, one for a file of pods only.
     decode(text, &kinds, DocKind::Pod, &mut out, Doc::Pod)?;
     decode(text, &kinds, DocKind::ConfigMap, &mut out, |o| {
-        Doc::Object(ObjectDoc::ConfigMap(o))
+        Doc::Object(Box::new(ObjectDoc::ConfigMap(o)))
     })?;
     decode(text, &kinds, DocKind::Secret, &mut out, |o| {
-        Doc::Object(ObjectDoc::Secret(o))
+        Doc::Object(Box::new(ObjectDoc::Secret(o)))
     })?;
     decode(text, &kinds, DocKind::Claim, &mut out, |o| {
-        Doc::Object(ObjectDoc::Claim(o))
+        Doc::Object(Box::new(ObjectDoc::Claim(o)))
     })?;
     decode(text, &kinds, DocKind::Volume, &mut out, |o| {
-        Doc::Object(ObjectDoc::Volume(o))
+        Doc::Object(Box::new(ObjectDoc::Volume(Box::new(o))))
     })?;
     let out: Vec<(usize, Doc)> = out
         .into_iter()
@@ -625,17 +625,20 @@ impl DocKind {
     }
 }
 
-/// One decoded document.
+/// One decoded document (held only while its file is checked, so the
+/// variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
 enum Doc {
     Pod(Pod),
-    Object(ObjectDoc),
+    Object(Box<ObjectDoc>),
 }
 
+#[allow(clippy::large_enum_variant)]
 enum ObjectDoc {
     ConfigMap(ConfigMap),
     Secret(Secret),
     Claim(PersistentVolumeClaim),
-    Volume(PersistentVolume),
+    Volume(Box<PersistentVolume>),
 }
 
 fn keys<'a, V>(
@@ -733,7 +736,7 @@ fn file_objects(
                 out.claims.insert(key, Arc::new(c));
             }
             ObjectDoc::Volume(v) => {
-                out.volumes.insert(key, Arc::new(v));
+                out.volumes.insert(key, Arc::new(*v));
             }
         }
     }
