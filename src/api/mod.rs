@@ -14,3 +14,4 @@ pub mod objects;
 pub mod pod_api;
 pub mod pods;
 pub mod status_writer;
+pub mod tokens;
