@@ -9,6 +9,7 @@
 //! only the seams (`source::merge`, `sink`, `objects::ObjectLookup`).
 
 pub mod client;
+pub mod events;
 pub mod mirror;
 pub mod objects;
 pub mod pod_api;
