@@ -133,8 +133,9 @@ impl Keyring {
             .map(|c| api::AuthConfig {
                 username: c.username.clone(),
                 password: c.password.clone(),
-                // kubelet sends the key it matched as the server address.
-                server_address: c.key.clone(),
+                // No server address: containerd drops credentials whose
+                // address does not parse as a URL with its host (a bare
+                // `localhost:5001`, a glob), and the match is made here.
                 ..Default::default()
             })
             .collect()
@@ -270,10 +271,7 @@ mod tests {
     }
 
     fn users(ring: &Keyring, image: &str) -> Vec<String> {
-        ring.lookup(image)
-            .into_iter()
-            .map(|a| format!("{}@{}", a.username, a.server_address))
-            .collect()
+        ring.lookup(image).into_iter().map(|a| a.username).collect()
     }
 
     #[test]
@@ -312,23 +310,20 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(
             users(&ring, "localhost:5001/private/busybox:1.36"),
-            ["deep@localhost:5001/private", "user@localhost:5001"],
+            ["deep", "user"],
             "longest key first, then the host's"
         );
-        assert_eq!(
-            users(&ring, "localhost:5001/public/x"),
-            ["user@localhost:5001"]
-        );
+        assert_eq!(users(&ring, "localhost:5001/public/x"), ["user"]);
         assert!(
             users(&ring, "localhost:5000/private/x").is_empty(),
             "port differs"
         );
-        assert_eq!(users(&ring, "reg.example.com/x"), ["glob@*.example.com"]);
+        assert_eq!(users(&ring, "reg.example.com/x"), ["glob"]);
         assert!(
             users(&ring, "a.reg.example.com/x").is_empty(),
             "label count differs"
         );
-        assert_eq!(users(&ring, "busybox"), ["hub@index.docker.io"]);
+        assert_eq!(users(&ring, "busybox"), ["hub"]);
         let auth = &ring.lookup("localhost:5001/public/x")[0];
         assert_eq!(
             (auth.username.as_str(), auth.password.as_str()),
@@ -358,7 +353,7 @@ mod tests {
         );
         let opaque = secret("opaque", "Opaque", ".dockerconfigjson", "{");
         let (ring, errors) = Keyring::from_secrets([&old, &broken, &bad_auth, &opaque]);
-        assert_eq!(users(&ring, "reg.local:443/app"), ["u@reg.local:443"]);
+        assert_eq!(users(&ring, "reg.local:443/app"), ["u"]);
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(matches!(errors[1], KeyringError::BadAuth { .. }));
     }

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::cri::keyring::Keyring;
 use crate::cri::{CriError, Runtime, api};
@@ -172,6 +172,12 @@ pub async fn pull_image<R: Runtime>(
         warn!(error = %e, "pull secret skipped");
     }
     let creds = ring.lookup(image);
+    debug!(
+        %image,
+        secrets = secrets.len(),
+        credentials = creds.len(),
+        "pull credentials"
+    );
     if creds.is_empty() {
         return rt.pull_image(image, None, sandbox.clone()).await;
     }
