@@ -369,6 +369,25 @@ fn node_lookup_sees_only_what_its_pods_reference() {
             },
         )
         .await;
+        // The server away: the cached object is still served; an object
+        // never listed is Unavailable (after the first-list timeout).
+        {
+            let _away = ApiServerAway::stop();
+            let s = lookup.secret("default", "e2e-used").await.unwrap();
+            assert_eq!(s.data.as_ref().unwrap()["k"].0, b"w");
+            let start = Instant::now();
+            let e = lookup.config_map("default", "e2e-later").await.unwrap_err();
+            assert!(matches!(e, LookupError::Unavailable { .. }), "{e:?}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                start.elapsed()
+            );
+        }
+        wait_until("API server back", Duration::from_secs(60), || {
+            n.cp.kubectl(&["get", "--raw", "/readyz"]).0 == 0
+        });
+        lookup.retain(&Default::default());
         let missing = lookup.config_map("default", "e2e-never").await.unwrap_err();
         assert!(
             matches!(missing, LookupError::Forbidden { .. }),
@@ -442,6 +461,32 @@ fn static_pod_env_from_a_config_map_in_the_manifest_dir() {
         agent.remove_manifest("envy.yaml");
         agent.remove_manifest("objects.yaml");
     });
+}
+
+/// kube-apiserver stopped for a while; started again when dropped (also
+/// when the test fails).
+struct ApiServerAway;
+
+impl ApiServerAway {
+    fn stop() -> ApiServerAway {
+        control_plane(&["stop", "kube-apiserver"]);
+        ApiServerAway
+    }
+}
+
+impl Drop for ApiServerAway {
+    fn drop(&mut self) {
+        control_plane(&["start", "kube-apiserver"]);
+    }
+}
+
+fn control_plane(args: &[&str]) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let st = std::process::Command::new(repo.join("integration/control-plane.sh"))
+        .args(args)
+        .status()
+        .expect("run control-plane.sh");
+    assert!(st.success(), "control-plane.sh {args:?} failed");
 }
 
 impl ApiNode {
