@@ -402,8 +402,36 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
             cancel.clone(),
         ));
     }
-    let objects: Arc<dyn crate::objects::ObjectLookup> =
-        Arc::new(crate::objects::ObjectStore::default());
+    // The objects pods use (issue 7): the manifest dir's, from the merged
+    // snapshot; in API mode then the server's, watched one by one.
+    let local = crate::objects::ObjectStore::default();
+    local.replace(snap_rx.borrow().all_objects());
+    {
+        let (store, rx, c) = (local.clone(), snap_rx.clone(), cancel.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = crate::source::feed_objects(store, rx) => {}
+            }
+        });
+    }
+    let objects: Arc<dyn crate::objects::ObjectLookup> = match &api {
+        Some(api) => {
+            let watched = Arc::new(crate::api::objects::WatchedObjects::new(api.client.clone()));
+            let (w, rx, c) = (watched.clone(), snap_rx.clone(), cancel.clone());
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = c.cancelled() => {}
+                    _ = crate::api::objects::prune(w, rx) => {}
+                }
+            });
+            Arc::new(crate::objects::Layered {
+                local,
+                remote: watched,
+            })
+        }
+        None => Arc::new(local),
+    };
 
     // One node-wide bound on the calls that make the runtime work, shared by
     // every worker, the GC and adoption (cri::bounded).

@@ -4,6 +4,7 @@
 //! They need root and the stack, and FAIL (never skip) without them.
 
 mod api_node;
+mod api_objects;
 mod api_outage;
 mod api_pods;
 mod cluster;

@@ -13,6 +13,8 @@ pub mod events;
 pub mod machine;
 pub mod mirror;
 pub mod node;
+pub mod objects;
 pub mod pod_api;
 pub mod pods;
 pub mod status_writer;
+pub mod tokens;
