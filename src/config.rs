@@ -15,6 +15,7 @@
 //!
 //! Side effects: reads the config file, the host name. Nothing else.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
@@ -151,7 +152,6 @@ const KUBELET_FIELDS: &[&str] = &[
     "kubeAPIBurst",
     "serializeImagePulls",
     "maxParallelImagePulls",
-    "evictionHard",
     "evictionSoft",
     "evictionSoftGracePeriod",
     "evictionPressureTransitionPeriod",
@@ -287,6 +287,9 @@ pub struct Config {
     /// kubelet `nodeLeaseDurationSeconds`, default 40; the Lease is renewed
     /// every quarter of it.
     pub node_lease_duration_seconds: u32,
+    /// kubelet `evictionHard`: the thresholds of the pressure conditions
+    /// and allocatable (`eviction`), kubelet's defaults when unset.
+    pub eviction_hard: crate::eviction::EvictionHard,
     /// Warnings found while loading (e.g. kubelet fields minilet ignores),
     /// logged by `main` once tracing is up.
     pub warnings: Vec<String>,
@@ -339,6 +342,7 @@ impl Config {
             node_status_update_frequency: Duration::from_secs(10),
             node_status_report_frequency: Duration::from_secs(300),
             node_lease_duration_seconds: 40,
+            eviction_hard: Default::default(),
             warnings: Vec::new(),
         }
     }
@@ -525,6 +529,8 @@ struct FileSettings {
     node_status_update_frequency: Option<Duration>,
     node_status_report_frequency: Option<Duration>,
     node_lease_duration_seconds: Option<u32>,
+    eviction_hard: Option<crate::eviction::EvictionHard>,
+    eviction_warnings: Vec<String>,
     state_dir: Option<Setting<String>>,
     cni_conf_dir: Option<Setting<String>>,
     cni_bin_dirs: Option<Setting<Vec<String>>>,
@@ -627,6 +633,10 @@ fn resolve(
     if let Some(v) = fs.node_lease_duration_seconds {
         cfg.node_lease_duration_seconds = v;
     }
+    if let Some(v) = fs.eviction_hard {
+        cfg.eviction_hard = v;
+    }
+    cfg.warnings.extend(fs.eviction_warnings.iter().cloned());
     cfg.kubeconfig.clone_from(&flags.kubeconfig);
     if let Some(ip) = &flags.node_ip {
         cfg.node_ip = Some(ip.trim().parse::<IpAddr>().map_err(|_| {
@@ -971,6 +981,26 @@ impl DocCtx<'_> {
         }
     }
 
+    /// A map of strings to strings; `None` for null.
+    fn string_map(
+        &self,
+        field: &'static str,
+        v: &Value,
+    ) -> Result<Option<BTreeMap<String, String>>, ConfigError> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Object(m) => m
+                .iter()
+                .map(|(k, item)| match item {
+                    Value::String(s) => Ok((k.clone(), s.clone())),
+                    _ => Err(self.invalid(field, item, "must map names to strings")),
+                })
+                .collect::<Result<_, _>>()
+                .map(Some),
+            _ => Err(self.invalid(field, v, "must map names to strings")),
+        }
+    }
+
     /// A list of strings; `None` for null.
     fn strings(
         &self,
@@ -1066,6 +1096,14 @@ fn read_kubelet_field(
             fs.node_lease_duration_seconds = ctx
                 .count("nodeLeaseDurationSeconds", v, 1)?
                 .map(|s| s.value);
+        }
+        "evictionHard" => {
+            if let Some(map) = ctx.string_map("evictionHard", v)? {
+                let (e, warnings) = crate::eviction::parse(&map)
+                    .map_err(|reason| ctx.invalid("evictionHard", v, &reason))?;
+                fs.eviction_hard = Some(e);
+                fs.eviction_warnings = warnings;
+            }
         }
         _ if KUBELET_FIELDS.contains(&field) => fs.unsupported.push(field.to_string()),
         _ => return Err(ctx.unknown_field(field.to_string())),

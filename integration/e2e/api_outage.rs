@@ -100,13 +100,7 @@ fn pods_keep_running_and_static_pods_keep_restarting_while_the_api_server_is_awa
             },
         )
         .await;
-        let sandboxes_before: BTreeSet<String> = cri
-            .list_pod_sandboxes(agent.selector())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
+        let sandboxes_before = live_sandboxes(&cri, &agent, &api_labels).await;
 
         // The server goes away for 60 s.
         control_plane("stop", "kube-apiserver");
@@ -155,13 +149,7 @@ fn pods_keep_running_and_static_pods_keep_restarting_while_the_api_server_is_awa
             },
         )
         .await;
-        let sandboxes_after: BTreeSet<String> = cri
-            .list_pod_sandboxes(agent.selector())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
+        let sandboxes_after = live_sandboxes(&cri, &agent, &api_labels).await;
         assert_eq!(sandboxes_before, sandboxes_after, "no pod was recreated");
 
         cp.kubectl_ok(&[
@@ -192,4 +180,28 @@ async fn containers_max_restarts(cri: &impl Runtime, agent: &Agent) -> u32 {
         .map(restarts)
         .max()
         .unwrap_or(0)
+}
+
+/// Ids of the test's two pods' sandboxes (the API pod by uid, the static
+/// one by name): leftovers of an earlier run are not counted.
+async fn live_sandboxes(
+    cri: &impl Runtime,
+    agent: &Agent,
+    api: &minilet::cri::Labels,
+) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = cri
+        .list_pod_sandboxes(api.clone())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    out.extend(
+        cri.list_pod_sandboxes(agent.pod_selector("crash"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id),
+    );
+    out
 }

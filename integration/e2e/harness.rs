@@ -160,10 +160,14 @@ impl Agent {
         let config = format!(
             "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
              staticPodPath: {m}\ncontainerRuntimeEndpoint: {sock}\npodLogsDir: {logs}\n\
-             fileCheckFrequency: 5s\n{kextra}---\n\
+             fileCheckFrequency: 5s\n{eviction}{kextra}---\n\
              apiVersion: minilet.io/v1alpha1\nkind: MiniletConfiguration\n\
              stateDir: {state}\ncniConfDir: {netd}\ncniBinDirs: [{plugins}]\n\
              runtimeCNIConfDir: {rconf}\nruntimeCNIBinDir: {rbin}\ncniPluginTimeout: {timeout}\n{mextra}",
+            // The test machines' one disk is shared with everything else
+            // on them: kubelet's default nodefs.available<10% would taint
+            // the test nodes with disk-pressure whenever it runs low.
+            eviction = "evictionHard: {memory.available: 100Mi, nodefs.available: \"1%\", nodefs.inodesFree: \"1%\"}\n",
             kextra = lines(&options.kubelet_config),
             mextra = lines(&options.minilet_config),
             m = root.join("manifests").display(),

@@ -37,6 +37,7 @@ pub fn gather(cfg: &Config, runtime: (&str, &str)) -> NodeFacts {
         memory_bytes: meminfo("MemTotal:").unwrap_or(0),
         ephemeral_storage_bytes: fs_bytes,
         max_pods: cfg.max_pods,
+        eviction: cfg.eviction_hard,
         kernel_version: read_trim("/proc/sys/kernel/osrelease"),
         os_image: os_image(),
         architecture: go_arch(std::env::consts::ARCH).to_string(),
@@ -63,6 +64,7 @@ pub fn sample(state_dir: &Path) -> Sample {
     let (fs_capacity, fs_available, inodes, inodes_free) = statvfs(state_dir).unwrap_or_default();
     Sample {
         memory_available: meminfo("MemAvailable:"),
+        memory_total: meminfo("MemTotal:").unwrap_or_default(),
         fs_capacity,
         fs_available,
         inodes,

@@ -49,16 +49,12 @@ use tracing::{info, warn};
 use super::client::{ApiClient, describe, status_code};
 use crate::cni::pod_cidr::PodCidr;
 use crate::config::Config;
+use crate::eviction::EvictionHard;
 
 /// The namespace of node leases.
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 /// kubelet's port, reported in daemonEndpoints (kubectl logs/exec dial it).
 pub const KUBELET_PORT: i32 = 10250;
-/// kubelet's default hard eviction thresholds, which its allocatable
-/// subtracts and its pressure conditions compare against.
-pub const EVICTION_MEMORY_AVAILABLE: u64 = 100 * 1024 * 1024;
-pub const EVICTION_NODEFS_AVAILABLE_PERCENT: u64 = 10;
-pub const EVICTION_NODEFS_INODES_FREE_PERCENT: u64 = 5;
 
 /// The machine as the Node describes it (`machine::gather`).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -72,6 +68,8 @@ pub struct NodeFacts {
     pub ephemeral_storage_bytes: u64,
     /// maxPods: the `pods` capacity.
     pub max_pods: u32,
+    /// kubelet `evictionHard`: pressure thresholds, held back from allocatable.
+    pub eviction: EvictionHard,
     pub kernel_version: String,
     pub os_image: String,
     /// GOARCH name (amd64, arm64...).
@@ -117,6 +115,8 @@ impl NodeSettings {
 pub struct Sample {
     /// MemAvailable in bytes; `None` if unreadable.
     pub memory_available: Option<u64>,
+    /// MemTotal in bytes (what a percentage threshold is of).
+    pub memory_total: u64,
     pub fs_capacity: u64,
     pub fs_available: u64,
     pub inodes: u64,
@@ -133,19 +133,15 @@ pub struct Health {
     pub pid_pressure: bool,
 }
 
-/// The conditions from a sample, with kubelet's default hard thresholds.
-pub fn health(runtime_ready: bool, s: &Sample) -> Health {
-    let below = |free: u64, total: u64, pct: u64| total > 0 && free * 100 < total * pct;
+/// The conditions from a sample, against the hard eviction thresholds.
+pub fn health(runtime_ready: bool, s: &Sample, e: &EvictionHard) -> Health {
     Health {
         runtime_ready,
         memory_pressure: s
             .memory_available
-            .is_some_and(|m| m < EVICTION_MEMORY_AVAILABLE),
-        disk_pressure: below(
-            s.fs_available,
-            s.fs_capacity,
-            EVICTION_NODEFS_AVAILABLE_PERCENT,
-        ) || below(s.inodes_free, s.inodes, EVICTION_NODEFS_INODES_FREE_PERCENT),
+            .is_some_and(|m| e.memory_available.breached(m, s.memory_total.max(m))),
+        disk_pressure: e.nodefs_available.breached(s.fs_available, s.fs_capacity)
+            || e.nodefs_inodes_free.breached(s.inodes_free, s.inodes),
         pid_pressure: false,
     }
 }
@@ -192,15 +188,17 @@ pub fn capacity(f: &NodeFacts) -> BTreeMap<String, Quantity> {
 /// allocatable: capacity minus kubelet's default hard eviction thresholds
 /// (no kube/system reservations are configured), as kubelet computes it.
 pub fn allocatable(f: &NodeFacts) -> BTreeMap<String, Quantity> {
+    let e = &f.eviction;
     let mut a = capacity(f);
+    let mem = f.memory_bytes;
     a.insert(
         "memory".into(),
-        bytes_quantity(f.memory_bytes.saturating_sub(EVICTION_MEMORY_AVAILABLE)),
+        bytes_quantity(mem - e.memory_available.amount(mem)),
     );
     let fs = f.ephemeral_storage_bytes;
     a.insert(
         "ephemeral-storage".into(),
-        bytes_quantity(fs - fs * EVICTION_NODEFS_AVAILABLE_PERCENT / 100),
+        bytes_quantity(fs - e.nodefs_available.amount(fs)),
     );
     a
 }
@@ -530,10 +528,15 @@ pub async fn run(
     }
 }
 
-fn current_health(settings: &NodeSettings, runtime_ready: &watch::Receiver<bool>) -> Health {
+fn current_health(
+    facts: &NodeFacts,
+    settings: &NodeSettings,
+    runtime_ready: &watch::Receiver<bool>,
+) -> Health {
     health(
         *runtime_ready.borrow(),
         &super::machine::sample(&settings.state_dir),
+        &facts.eviction,
     )
 }
 
@@ -560,7 +563,7 @@ async fn register(
     loop {
         let attempt = async {
             api.refresh().await?;
-            let h = current_health(settings, runtime_ready);
+            let h = current_health(facts, settings, runtime_ready);
             match nodes
                 .create(
                     &PostParams::default(),
@@ -707,7 +710,7 @@ async fn status_loop(
                 }
             }
         }
-        let h = current_health(settings, runtime_ready);
+        let h = current_health(facts, settings, runtime_ready);
         let new = status(facts, &h, &server, now_seconds());
         let ours = new.conditions.as_deref().unwrap_or_default();
         let is_changed = last_sent.as_ref().is_none_or(|old| changed(old, &new))
@@ -752,6 +755,7 @@ mod tests {
     fn facts() -> NodeFacts {
         NodeFacts {
             node_name: "n1".into(),
+            eviction: EvictionHard::default(),
             cpus: 2,
             memory_bytes: 4030680 * 1024,
             ephemeral_storage_bytes: 30308240 * 1024,
@@ -851,6 +855,7 @@ mod tests {
     fn pressure_follows_kubelets_default_hard_thresholds() {
         let ok = Sample {
             memory_available: Some(1 << 30),
+            memory_total: 4 << 30,
             fs_capacity: 100,
             fs_available: 50,
             inodes: 100,
@@ -918,7 +923,7 @@ mod tests {
             ),
         ];
         for (name, s, mem, disk) in cases {
-            let h = health(true, &s);
+            let h = health(true, &s, &EvictionHard::default());
             assert_eq!((h.memory_pressure, h.disk_pressure), (mem, disk), "{name}");
             assert!(!h.pid_pressure);
         }
