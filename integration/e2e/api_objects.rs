@@ -7,142 +7,13 @@
 //! with env from a ConfigMap in the manifest dir. What a container saw is
 //! read from its log (`env` at start).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use crate::cluster::ControlPlane;
+use crate::cluster::{ApiNode, client, control_plane, wait_until};
 use crate::harness::*;
 use crate::{BUSYBOX, on_stack, running_container};
 use minilet::objects::{LookupError, ObjectLookup};
 
-/// An admin-made Node (with allocatable, as api_pods does until node
-/// registration is on main), its kubeconfig, and an agent running as it.
-struct ApiNode {
-    cp: ControlPlane,
-    node: String,
-    kubeconfig: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl ApiNode {
-    async fn start(node: &str) -> (Agent, ApiNode) {
-        let n = ApiNode::identity(node).await;
-        let agent = Agent::start_with(
-            node,
-            Options {
-                args: vec!["--kubeconfig".into(), n.kubeconfig.display().to_string()],
-                ..Default::default()
-            },
-        );
-        (agent, n)
-    }
-
-    /// The Node object and its kubeconfig, no agent.
-    async fn identity(node: &str) -> ApiNode {
-        let cp = ControlPlane::load();
-        cp.forget_node(node);
-        wait_until("old node forgotten", Duration::from_secs(30), || {
-            cp.kubectl(&["get", "node", node]).0 != 0
-        });
-        cp.apply(&format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels:\n    kubernetes.io/hostname: {node}\n"
-        ));
-        let patch = serde_json::json!({"status": {
-            "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
-            "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
-        }});
-        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
-            kube::Api::all(client(cp.get("MINILET_CP_ADMIN_KUBECONFIG")).await);
-        nodes
-            .patch_status(
-                node,
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(&patch),
-            )
-            .await
-            .expect("patch node status as the admin");
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("node.kubeconfig");
-        cp.node_kubeconfig(node, &kubeconfig);
-        ApiNode {
-            cp,
-            node: node.to_string(),
-            kubeconfig,
-            _dir: dir,
-        }
-    }
-
-    fn pod(&self, name: &str) -> Option<Value> {
-        let (code, out, _) = self.cp.kubectl(&["get", "pod", name, "-o", "json"]);
-        (code == 0).then(|| serde_json::from_str(&out).unwrap())
-    }
-
-    /// The first container's waiting state (reason, message), once it has one.
-    async fn waiting(&self, name: &str, reason: &str) -> String {
-        eventually(
-            &format!("{name} waiting with {reason}"),
-            Duration::from_secs(60),
-            || async {
-                let p = self.pod(name)?;
-                let w = &p["status"]["containerStatuses"][0]["state"]["waiting"];
-                (w["reason"] == reason).then(|| w["message"].as_str().unwrap_or("").to_string())
-            },
-        )
-        .await
-    }
-}
-
-impl Drop for ApiNode {
-    fn drop(&mut self) {
-        let sel = format!("spec.nodeName={}", self.node);
-        self.cp.kubectl(&[
-            "delete",
-            "pods",
-            "--all-namespaces",
-            "--field-selector",
-            &sel,
-            "--wait=false",
-        ]);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            let (_, out, _) = self.cp.kubectl(&[
-                "get",
-                "pods",
-                "--all-namespaces",
-                "--field-selector",
-                &sel,
-                "-o",
-                "name",
-            ]);
-            if out.trim().is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        self.cp.forget_node(&self.node);
-    }
-}
-
-async fn client(kubeconfig: &str) -> kube::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    kube::Client::try_from(cfg).unwrap()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A pod bound to `node` whose container prints its env and sleeps.
 fn env_pod(name: &str, node: &str, image: &str, extra_spec: &str, container_extra: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}-{node}\n  namespace: default\nspec:\n  nodeName: {node}\n  automountServiceAccountToken: false\n  terminationGracePeriodSeconds: 1\n{extra_spec}  containers:\n  - name: app\n    image: {image}\n    command: [sh, -c, 'env; sleep 3600']\n{container_extra}"
@@ -185,7 +56,7 @@ fn has(env: &[String], line: &str) -> bool {
 #[test]
 fn api_pod_env_from_config_map_and_secret() {
     on_stack(async {
-        let (agent, n) = ApiNode::start("e2e-objenv").await;
+        let (agent, n) = ApiNode::start("e2e-objenv");
         let cri = agent.stack.cri().await;
         n.cp.kubectl(&["delete", "configmap", "e2e-cfg", "--ignore-not-found"]);
         n.cp.kubectl(&["delete", "secret", "e2e-creds", "--ignore-not-found"]);
@@ -258,7 +129,7 @@ fn api_pod_env_from_config_map_and_secret() {
 #[test]
 fn api_pod_pulls_a_private_image_with_image_pull_secrets() {
     on_stack(async {
-        let (agent, n) = ApiNode::start("e2e-objpull").await;
+        let (agent, n) = ApiNode::start("e2e-objpull");
         let cri = agent.stack.cri().await;
         let image = n.cp_env("MINILET_AUTH_IMAGE");
         let registry = n.cp_env("MINILET_AUTH_REGISTRY");
@@ -302,7 +173,7 @@ fn api_pod_pulls_a_private_image_with_image_pull_secrets() {
 #[test]
 fn node_lookup_sees_only_what_its_pods_reference() {
     on_stack(async {
-        let n = ApiNode::identity("e2e-objauthz").await;
+        let n = ApiNode::identity("e2e-objauthz");
         n.cp.kubectl(&[
             "delete",
             "secret",
@@ -478,15 +349,6 @@ impl Drop for ApiServerAway {
     fn drop(&mut self) {
         control_plane(&["start", "kube-apiserver"]);
     }
-}
-
-fn control_plane(args: &[&str]) {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let st = std::process::Command::new(repo.join("integration/control-plane.sh"))
-        .args(args)
-        .status()
-        .expect("run control-plane.sh");
-    assert!(st.success(), "control-plane.sh {args:?} failed");
 }
 
 impl ApiNode {

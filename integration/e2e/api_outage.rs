@@ -10,24 +10,15 @@ use std::time::Duration;
 
 use minilet::cri::Runtime;
 
-use crate::cluster::ControlPlane;
+use crate::cluster::{ControlPlane, control_plane};
 use crate::harness::*;
 use crate::{BUSYBOX, on_stack};
-
-fn control_plane(what: &str, name: &str) {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let st = std::process::Command::new(repo.join("integration/control-plane.sh"))
-        .args([what, name])
-        .status()
-        .expect("run control-plane.sh");
-    assert!(st.success(), "control-plane.sh {what} {name} failed");
-}
 
 /// Starts the API server again even when the test fails half-way.
 struct ServerBack;
 impl Drop for ServerBack {
     fn drop(&mut self) {
-        control_plane("start", "kube-apiserver");
+        control_plane(&["start", "kube-apiserver"]);
     }
 }
 
@@ -103,7 +94,7 @@ fn pods_keep_running_and_static_pods_keep_restarting_while_the_api_server_is_awa
         let sandboxes_before = live_sandboxes(&cri, &agent, &api_labels).await;
 
         // The server goes away for 60 s.
-        control_plane("stop", "kube-apiserver");
+        control_plane(&["stop", "kube-apiserver"]);
         let back = ServerBack;
         let crash_before = containers_max_restarts(&cri, &agent).await;
         tokio::time::sleep(Duration::from_secs(25)).await;

@@ -9,110 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cluster::ControlPlane;
+use crate::cluster::{ApiNode, ControlPlane};
 use crate::harness::*;
 use crate::{BUSYBOX, containers, on_stack, running_container, sandboxes};
 use minilet::cri::Runtime;
-
-/// The node's identity, an agent with it, and cleanup of what the test
-/// made in the API (dropped before the agent, so it tears the pods down).
-struct ApiNode {
-    cp: ControlPlane,
-    node: String,
-    _kubeconfig: tempfile::TempDir,
-}
-
-impl ApiNode {
-    /// An agent running as `system:node:<node>`, its Node registered by
-    /// itself and Ready (the scheduler binds only to such a node).
-    async fn start(node: &str) -> (Agent, ApiNode) {
-        let cp = ControlPlane::load();
-        cp.forget_node(node);
-        wait_until("old node forgotten", Duration::from_secs(30), || {
-            let (code, _, _) = cp.kubectl(&["get", "node", node]);
-            code != 0
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("node.kubeconfig");
-        cp.node_kubeconfig(node, &kubeconfig);
-        let agent = Agent::start_with(
-            node,
-            Options {
-                args: vec!["--kubeconfig".into(), kubeconfig.display().to_string()],
-                ..Default::default()
-            },
-        );
-        wait_until("the agent's Node is Ready", Duration::from_secs(60), || {
-            let (code, out, _) = cp.kubectl(&["get", "node", node, "-o", "json"]);
-            code == 0
-                && serde_json::from_str::<Value>(&out).is_ok_and(|n| {
-                    n["status"]["conditions"].as_array().is_some_and(|cs| {
-                        cs.iter()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    })
-                })
-        });
-        let n = ApiNode {
-            cp,
-            node: node.to_string(),
-            _kubeconfig: dir,
-        };
-        (agent, n)
-    }
-
-    fn pod(&self, name: &str) -> Option<Value> {
-        let (code, out, _) = self.cp.kubectl(&["get", "pod", name, "-o", "json"]);
-        (code == 0).then(|| serde_json::from_str(&out).unwrap())
-    }
-}
-
-impl Drop for ApiNode {
-    fn drop(&mut self) {
-        // Let the agent stop every API pod, then the Node goes (and with it,
-        // through the garbage collector, its mirror pods).
-        let sel = format!("spec.nodeName={}", self.node);
-        self.cp.kubectl(&[
-            "delete",
-            "pods",
-            "--all-namespaces",
-            "--field-selector",
-            &sel,
-            "--wait=false",
-        ]);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            let (_, out, _) = self.cp.kubectl(&[
-                "get",
-                "pods",
-                "--all-namespaces",
-                "--field-selector",
-                &sel,
-                "-o",
-                "name",
-            ]);
-            // Mirror pods stay until the agent removes the manifests.
-            let left: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
-            if left.iter().all(|l| {
-                let n = l.trim_start_matches("pod/");
-                self.pod(n).is_some_and(|p| {
-                    p["metadata"]["annotations"]["kubernetes.io/config.mirror"].is_string()
-                })
-            }) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        self.cp.forget_node(&self.node);
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// A pod bound to `node` directly (no scheduler), named `<name>-<node>` so
 /// `Agent::pod_selector(name)` finds it in the runtime.
@@ -139,7 +39,7 @@ fn condition<'a>(p: &'a Value, kind: &str) -> &'a Value {
 #[test]
 fn api_pod_runs_reports_status_and_is_deleted_gracefully() {
     on_stack(async {
-        let (agent, n) = ApiNode::start("e2e-apipod").await;
+        let (agent, n) = ApiNode::start("e2e-apipod");
         let cri = agent.stack.cri().await;
         let name = format!("web-{}", agent.node);
         n.cp.apply(&bound_pod("web", &agent.node, 5, ""));
@@ -227,7 +127,7 @@ fn api_pod_runs_reports_status_and_is_deleted_gracefully() {
 #[test]
 fn static_pods_have_mirror_pods() {
     on_stack(async {
-        let (agent, n) = ApiNode::start("e2e-mirror").await;
+        let (agent, n) = ApiNode::start("e2e-mirror");
         let cri = agent.stack.cri().await;
         agent.write_manifest(
             "static.yaml",
@@ -281,7 +181,7 @@ fn static_pods_have_mirror_pods() {
 #[test]
 fn bad_api_pods_get_a_reason_and_leave_the_node_alone() {
     on_stack(async {
-        let (mut agent, n) = ApiNode::start("e2e-apibad").await;
+        let (mut agent, n) = ApiNode::start("e2e-apibad");
         let cri = agent.stack.cri().await;
         let node = agent.node.clone();
         n.cp.apply(&bound_pod("good", &node, 1, ""));
@@ -342,7 +242,7 @@ fn bad_api_pods_get_a_reason_and_leave_the_node_alone() {
 #[test]
 fn a_deployment_is_scheduled_and_runs() {
     on_stack(async {
-        let (agent, n) = ApiNode::start("e2e-deploy").await;
+        let (agent, n) = ApiNode::start("e2e-deploy");
         let cri = agent.stack.cri().await;
         let node = agent.node.clone();
         let deploy = format!(
@@ -445,11 +345,11 @@ fn api_server_away_stops_no_pod_and_statuses_converge_after() {
         let node = "e2e-apiaway";
         let relay = Relay::start("127.0.0.1:6443");
         // Node, kubeconfig through the relay, agent.
-        let (agent0, n0) = ApiNode::start(node).await;
+        let (agent0, n0) = ApiNode::start(node);
         drop(agent0); // only wanted the Node; restart through the relay below
-        let kc = n0._kubeconfig.path().join("node.kubeconfig");
+        let kc = n0.dir.path().join("node.kubeconfig");
         let text = std::fs::read_to_string(&kc).unwrap();
-        let relayed = n0._kubeconfig.path().join("relayed.kubeconfig");
+        let relayed = n0.dir.path().join("relayed.kubeconfig");
         std::fs::write(
             &relayed,
             text.replace(

@@ -6,15 +6,18 @@
 //! test starts minilet with exactly a kubelet's identity. A missing control
 //! plane is a test FAILURE, never a skip.
 
-#![allow(dead_code)] // used by the API-mode tests as they land
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{Agent, Options, eventually};
 
 /// The control plane's env file, parsed.
 pub struct ControlPlane {
     pub env: HashMap<String, String>,
-    pub dir: PathBuf,
 }
 
 fn parse_env(text: &str) -> HashMap<String, String> {
@@ -42,7 +45,6 @@ impl ControlPlane {
         });
         ControlPlane {
             env: parse_env(&text),
-            dir,
         }
     }
 
@@ -127,6 +129,137 @@ impl ControlPlane {
             node,
             "--ignore-not-found",
         ]);
+    }
+}
+
+/// Run `integration/control-plane.sh ARGS` (stop/start a component, …).
+pub fn control_plane(args: &[&str]) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let st = Command::new(repo.join("integration/control-plane.sh"))
+        .args(args)
+        .status()
+        .expect("run control-plane.sh");
+    assert!(st.success(), "control-plane.sh {args:?} failed");
+}
+
+/// A kube-rs client from a kubeconfig file (the admin's, a node's).
+pub async fn client(kubeconfig: &str) -> kube::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(cfg).unwrap()
+}
+
+/// Poll `f` every 200 ms until it holds; fail after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A node of the control plane: its kubelet identity (kubeconfig) and the
+/// cleanup of what a test made in the API. Dropped before the agent, so
+/// the agent tears the node's pods down; then the Node goes (and with it,
+/// through the garbage collector, its Lease and mirror pods).
+pub struct ApiNode {
+    pub cp: ControlPlane,
+    pub node: String,
+    pub kubeconfig: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl ApiNode {
+    /// An agent running as `system:node:<node>`, its Node registered by
+    /// itself and Ready (the scheduler binds only to such a node).
+    pub fn start(node: &str) -> (Agent, ApiNode) {
+        let n = ApiNode::identity(node);
+        let agent = Agent::start_with(
+            node,
+            Options {
+                args: vec!["--kubeconfig".into(), n.kubeconfig.display().to_string()],
+                ..Default::default()
+            },
+        );
+        wait_until("the agent's Node is Ready", Duration::from_secs(60), || {
+            n.ready()
+        });
+        (agent, n)
+    }
+
+    /// The identity alone: no Node object, no agent.
+    pub fn identity(node: &str) -> ApiNode {
+        let cp = ControlPlane::load();
+        cp.forget_node(node);
+        wait_until("old node forgotten", Duration::from_secs(30), || {
+            cp.kubectl(&["get", "node", node]).0 != 0
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("node.kubeconfig");
+        cp.node_kubeconfig(node, &kubeconfig);
+        ApiNode {
+            cp,
+            node: node.to_string(),
+            kubeconfig,
+            dir,
+        }
+    }
+
+    /// Whether the Node reports Ready=True.
+    pub fn ready(&self) -> bool {
+        let (code, out, _) = self.cp.kubectl(&["get", "node", &self.node, "-o", "json"]);
+        code == 0
+            && serde_json::from_str::<Value>(&out).is_ok_and(|n| {
+                n["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+    }
+
+    /// A pod in the default namespace, if it exists.
+    pub fn pod(&self, name: &str) -> Option<Value> {
+        let (code, out, _) = self.cp.kubectl(&["get", "pod", name, "-o", "json"]);
+        (code == 0).then(|| serde_json::from_str(&out).unwrap())
+    }
+
+    /// The first container's waiting message, once its reason is `reason`.
+    pub async fn waiting(&self, name: &str, reason: &str) -> String {
+        eventually(
+            &format!("{name} waiting with {reason}"),
+            Duration::from_secs(60),
+            || async {
+                let p = self.pod(name)?;
+                let w = &p["status"]["containerStatuses"][0]["state"]["waiting"];
+                (w["reason"] == reason).then(|| w["message"].as_str().unwrap_or("").to_string())
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for ApiNode {
+    fn drop(&mut self) {
+        let sel = format!("spec.nodeName={}", self.node);
+        let list = ["pods", "--all-namespaces", "--field-selector", &sel];
+        let mut delete = vec!["delete"];
+        delete.extend_from_slice(&list);
+        delete.push("--wait=false");
+        self.cp.kubectl(&delete);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            let mut get = vec!["get"];
+            get.extend_from_slice(&list);
+            get.extend_from_slice(&["-o", "name"]);
+            if self.cp.kubectl(&get).1.trim().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.cp.forget_node(&self.node);
     }
 }
 
