@@ -631,6 +631,15 @@ async fn lease_loop(
     );
     let mut cached: Option<Lease> = None;
     loop {
+        // A server without coordination.k8s.io/v1 (before 1.14) has no node
+        // leases: one line says so (server_lacks) and this loop only looks
+        // again now and then. Such a server wants a status heartbeat every
+        // update period instead, which minilet does not do: it is older
+        // than anything minilet supports.
+        if api.server_lacks("coordination.k8s.io/v1") {
+            tokio::time::sleep(settings.report_frequency).await;
+            continue;
+        }
         let attempt = async {
             let base = match cached.take() {
                 Some(l) => Some(l),
