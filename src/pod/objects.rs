@@ -144,6 +144,58 @@ pub async fn resolve(
     Ok(out)
 }
 
+/// Fetch the ConfigMaps and Secrets the pod's volumes (configMap, secret,
+/// projected) reference. A missing object is recorded as `None`: whether
+/// that fails the volume (not `optional`) is `volume::payload`'s call. An
+/// object that cannot be had now (a refusal, an unreachable source) fails
+/// with kubelet's FailedMount wording for the volume that names it.
+pub async fn resolve_volumes(
+    pod: &Pod,
+    lookup: &dyn ObjectLookup,
+) -> Result<Resolved, crate::volume::VolumeError> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let mut out = Resolved::default();
+    let volumes = pod.spec.iter().flat_map(|s| s.volumes.iter().flatten());
+    for v in volumes {
+        let mut cms: Vec<&str> = Vec::new();
+        let mut secrets: Vec<&str> = Vec::new();
+        if let Some(c) = &v.config_map {
+            cms.push(&c.name);
+        }
+        if let Some(name) = v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) {
+            secrets.push(name);
+        }
+        for p in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &p.config_map {
+                cms.push(&c.name);
+            }
+            if let Some(s) = &p.secret {
+                secrets.push(&s.name);
+            }
+        }
+        let failed = |e: LookupError| crate::volume::VolumeError::SetUp {
+            volume: v.name.clone(),
+            reason: e.to_string(),
+        };
+        for name in cms {
+            if out.config_maps.contains_key(name) {
+                continue;
+            }
+            let got =
+                optional_ok(lookup.config_map(namespace, name).await, true).map_err(failed)?;
+            out.config_maps.insert(name.to_string(), got);
+        }
+        for name in secrets {
+            if out.secrets.contains_key(name) {
+                continue;
+            }
+            let got = optional_ok(lookup.secret(namespace, name).await, true).map_err(failed)?;
+            out.secrets.insert(name.to_string(), got);
+        }
+    }
+    Ok(out)
+}
+
 fn optional_ok<T>(
     got: Result<Arc<T>, LookupError>,
     optional: bool,

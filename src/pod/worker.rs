@@ -600,7 +600,7 @@ impl<R: Runtime> Worker<R> {
 
     async fn create_sandbox(&mut self, pod: &Pod, attempt: u32) {
         let result = async {
-            volume::prepare(&self.shared.pods_dir.join(&self.uid), pod)?;
+            self.setup_volumes(pod).await?;
             let config = spec::sandbox_config(pod, &self.shared.host, attempt);
             std::fs::create_dir_all(&config.log_directory).map_err(|source| StepError::Io {
                 what: "create log directory",
@@ -634,12 +634,19 @@ impl<R: Runtime> Worker<R> {
                     lifecycle::SANDBOX_BACKOFF,
                     self.now(),
                 );
-                warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
-                self.event(
-                    EventType::Warning,
-                    "FailedCreatePodSandBox",
-                    format!("Failed to create pod sandbox: {msg}"),
-                );
+                if let StepError::Volume(e) = &e {
+                    // kubelet waits for volumes before any sandbox: the
+                    // pod stays ContainerCreating, FailedMount says why.
+                    warn!(error = %msg, retry_in = ?b.delay, "volume setup failed");
+                    self.event(EventType::Warning, "FailedMount", crate::error_chain(e));
+                } else {
+                    warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
+                    self.event(
+                        EventType::Warning,
+                        "FailedCreatePodSandBox",
+                        format!("Failed to create pod sandbox: {msg}"),
+                    );
+                }
                 self.mem.sandbox_error = Some(msg);
                 self.mem.sandbox_backoff = Some(b);
             }
@@ -785,20 +792,25 @@ impl<R: Runtime> Worker<R> {
                 message,
             );
         }
-        let built = volume::prepare(&self.shared.pods_dir.join(&self.uid), pod)
-            .map_err(StepError::from)
-            .and_then(|paths| {
-                Ok(spec::container_config(
-                    pod,
-                    c,
-                    init,
-                    restart_count,
-                    &self.shared.host,
-                    &downward,
-                    &paths,
-                    &objects,
-                )?)
-            });
+        let paths = match self.setup_volumes(pod).await {
+            Ok(paths) => paths,
+            Err(e) => {
+                self.mount_failed(name, e);
+                return Ok(());
+            }
+        };
+        let built = Ok::<_, StepError>(paths).and_then(|paths| {
+            Ok(spec::container_config(
+                pod,
+                c,
+                init,
+                restart_count,
+                &self.shared.host,
+                &downward,
+                &paths,
+                &objects,
+            )?)
+        });
         let config = match built {
             Ok(config) => config,
             // kubelet's words for a missing key, unprefixed.
@@ -877,6 +889,49 @@ impl<R: Runtime> Worker<R> {
             name.to_string(),
             Waiting {
                 reason: reason.to_string(),
+                message,
+            },
+        );
+    }
+
+    /// Fetch what the pod's volumes reference and set every volume up
+    /// (again: an unchanged volume is left as is, a changed object is
+    /// written anew, atomically).
+    async fn setup_volumes(
+        &self,
+        pod: &Pod,
+    ) -> Result<std::collections::HashMap<String, std::path::PathBuf>, volume::VolumeError> {
+        let objects = super::objects::resolve_volumes(pod, self.shared.objects.as_ref()).await?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as i64);
+        let inputs = volume::Inputs {
+            objects: &objects,
+            node: volume::Allocatable {
+                cpu_millis: cpus * 1000,
+                memory_bytes: self.shared.host.memory_capacity,
+                ephemeral_storage_bytes: 0,
+            },
+            now: jiff::Timestamp::from_nanosecond(i128::from(self.now()))
+                .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+        };
+        volume::prepare(&self.shared.pods_dir.join(&self.uid), pod, &inputs)
+    }
+
+    /// Volumes failed before a container start: kubelet's FailedMount
+    /// event, the container stays ContainerCreating, retried with backoff.
+    fn mount_failed(&mut self, name: &str, e: volume::VolumeError) {
+        let b = Backoff::after(
+            self.mem.start_backoff.get(name).copied(),
+            lifecycle::START_BACKOFF,
+            self.now(),
+        );
+        let message = crate::error_chain(&e);
+        warn!(container = name, error = %message, retry_in = ?b.delay, "volume setup failed");
+        self.event(EventType::Warning, "FailedMount", message.clone());
+        self.mem.start_backoff.insert(name.to_string(), b);
+        self.mem.waiting.insert(
+            name.to_string(),
+            Waiting {
+                reason: "ContainerCreating".into(),
                 message,
             },
         );
