@@ -16,16 +16,17 @@ use minilet::cri::Runtime;
 
 /// The node's identity, an agent with it, and cleanup of what the test
 /// made in the API (dropped before the agent, so it tears the pods down).
-struct ApiNode {
-    cp: ControlPlane,
-    node: String,
+/// Shared with the other API mode tests (api_volumes).
+pub(crate) struct ApiNode {
+    pub(crate) cp: ControlPlane,
+    pub(crate) node: String,
     _kubeconfig: tempfile::TempDir,
 }
 
 impl ApiNode {
     /// An agent running as `system:node:<node>`, its Node registered by
     /// itself and Ready (the scheduler binds only to such a node).
-    async fn start(node: &str) -> (Agent, ApiNode) {
+    pub(crate) async fn start(node: &str) -> (Agent, ApiNode) {
         let cp = ControlPlane::load();
         cp.forget_node(node);
         wait_until("old node forgotten", Duration::from_secs(30), || {
@@ -60,7 +61,7 @@ impl ApiNode {
         (agent, n)
     }
 
-    fn pod(&self, name: &str) -> Option<Value> {
+    pub(crate) fn pod(&self, name: &str) -> Option<Value> {
         let (code, out, _) = self.cp.kubectl(&["get", "pod", name, "-o", "json"]);
         (code == 0).then(|| serde_json::from_str(&out).unwrap())
     }
@@ -106,7 +107,7 @@ impl Drop for ApiNode {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
