@@ -27,6 +27,11 @@ impl ApiNode {
     /// An agent running as `system:node:<node>`, its Node registered by
     /// itself and Ready (the scheduler binds only to such a node).
     pub(crate) async fn start(node: &str) -> (Agent, ApiNode) {
+        Self::start_with(node, Options::default()).await
+    }
+
+    /// `start` with more agent options (the kubeconfig flag is added).
+    pub(crate) async fn start_with(node: &str, mut options: Options) -> (Agent, ApiNode) {
         let cp = ControlPlane::load();
         cp.forget_node(node);
         wait_until("old node forgotten", Duration::from_secs(30), || {
@@ -36,13 +41,10 @@ impl ApiNode {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("node.kubeconfig");
         cp.node_kubeconfig(node, &kubeconfig);
-        let agent = Agent::start_with(
-            node,
-            Options {
-                args: vec!["--kubeconfig".into(), kubeconfig.display().to_string()],
-                ..Default::default()
-            },
-        );
+        options
+            .args
+            .extend(["--kubeconfig".into(), kubeconfig.display().to_string()]);
+        let agent = Agent::start_with(node, options);
         wait_until("the agent's Node is Ready", Duration::from_secs(60), || {
             let (code, out, _) = cp.kubectl(&["get", "node", node, "-o", "json"]);
             code == 0

@@ -98,7 +98,15 @@ fn api_pod_reads_its_service_account_token() {
 #[test]
 fn api_pod_sees_config_map_and_secret_volume_files() {
     on_stack(async {
-        let (agent, n) = ApiNode::start("e2e-volfiles").await;
+        // A short periodic sync: the update below shows within seconds.
+        let (agent, n) = ApiNode::start_with(
+            "e2e-volfiles",
+            Options {
+                kubelet_config: vec!["syncFrequency: 2s".into()],
+                ..Default::default()
+            },
+        )
+        .await;
         let cri = agent.stack.cri().await;
         let (cm, sec) = (
             format!("vol-cfg-{}", agent.node),
@@ -129,6 +137,43 @@ fn api_pod_sees_config_map_and_secret_volume_files() {
                 .any(|l| l.starts_with("-r--------") && l.ends_with("x.txt")),
             "mode 0400: {out:?}"
         );
+
+        // The ConfigMap changes: the running pod's file follows, swapped
+        // in whole (the host side of the mount, as the container sees it).
+        let uid = n.pod(&name).unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let vol = agent
+            .dir
+            .path()
+            .join("state/pods")
+            .join(&uid)
+            .join("volumes/kubernetes.io~configmap/cfg");
+        assert_eq!(
+            std::fs::read_to_string(vol.join("sub/x.txt")).unwrap(),
+            "hello-cfg"
+        );
+        n.cp.kubectl_ok(&[
+            "patch",
+            "configmap",
+            &cm,
+            "-n",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"data":{"x":"hello-again"}}"#,
+        ]);
+        eventually("the file updated", Duration::from_secs(30), || async {
+            (std::fs::read_to_string(vol.join("sub/x.txt")).ok()? == "hello-again").then_some(())
+        })
+        .await;
+        let entries: Vec<String> = std::fs::read_dir(&vol)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(entries.len(), 3, "one ..<ts> dir, ..data, sub: {entries:?}");
         drop(n);
     });
 }

@@ -506,7 +506,17 @@ impl<R: Runtime> Worker<R> {
     ) -> Result<(), StepError> {
         let rt = self.shared.runtime.clone();
         match action {
-            Action::Wait { .. } => Ok(()),
+            Action::Wait { .. } => {
+                // kubelet's periodic volume sync: a changed ConfigMap or
+                // Secret reaches a running pod's files (atomically).
+                if let Some(d) = desired
+                    && lifecycle::current_sandbox(&d.pod, obs).is_some()
+                    && let Err(e) = self.setup_volumes(&d.pod).await
+                {
+                    debug!(error = %crate::error_chain(&e), "volume refresh failed; files kept");
+                }
+                Ok(())
+            }
             Action::Finished => {
                 volume::cleanup(&self.shared.pods_dir.join(&self.uid))?;
                 if let Some(pod) = &self.last_pod {
