@@ -4,8 +4,8 @@
 //! and its namespace; configMap (items, path, mode) and secret volumes show
 //! their files; a secret volume naming a missing Secret keeps the pod
 //! ContainerCreating with kubelet's FailedMount event until the Secret is
-//! made; standalone, a static pod mounts a ConfigMap from the manifest
-//! dir. What a container saw is read from its log.
+//! made; a projected volume gets a TokenRequest token; standalone, a
+//! static pod mounts a ConfigMap from the manifest dir. What a container saw is read from its log.
 
 use std::time::Duration;
 
@@ -89,6 +89,39 @@ fn api_pod_reads_its_service_account_token() {
         );
         assert!(has(&out, "NS=default"), "{out:?}");
         assert!(has(&out, "ca.crt"), "{out:?}");
+        drop(n);
+    });
+}
+
+/// The projected service account volume newer servers add: a
+/// TokenRequest token bound to the pod, kube-root-ca.crt's `ca.crt`, and
+/// the namespace from the downward API.
+#[test]
+fn api_pod_reads_a_projected_service_account_token() {
+    on_stack(async {
+        let (agent, n) = ApiNode::start("e2e-volproj").await;
+        let cri = agent.stack.cri().await;
+        let name = format!("proj-{}", agent.node);
+        n.cp.apply(&script_pod(
+            "proj",
+            &agent.node,
+            "  automountServiceAccountToken: false\n  volumes:\n  - name: sa\n    projected:\n      sources:\n      - serviceAccountToken: {path: token, expirationSeconds: 3600}\n      - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}\n      - downwardAPI: {items: [{path: namespace, fieldRef: {fieldPath: metadata.namespace}}]}\n",
+            "    volumeMounts:\n    - {name: sa, mountPath: /sa}\n",
+            "echo TOKEN=$(cat /sa/token); echo NS=$(cat /sa/namespace); head -1 /sa/ca.crt",
+        ));
+        running_container(&cri, &agent, "proj", "app").await;
+        let out = printed(&agent, "default", &name).await;
+        let token = out
+            .iter()
+            .find_map(|l| l.strip_prefix("TOKEN="))
+            .unwrap_or_default();
+        assert_eq!(
+            token.split('.').filter(|p| !p.is_empty()).count(),
+            3,
+            "a JWT: {out:?}"
+        );
+        assert!(has(&out, "NS=default"), "{out:?}");
+        assert!(has(&out, "-----BEGIN CERTIFICATE-----"), "{out:?}");
         drop(n);
     });
 }

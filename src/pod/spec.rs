@@ -1031,6 +1031,7 @@ spec:
                 ("absent".to_string(), None),
             ]),
             secrets: BTreeMap::from([("creds".to_string(), secret(&[("PASS", "hunter2")]))]),
+            ..Default::default()
         };
         let got = env_of(&p, &objects).unwrap();
         let want = [

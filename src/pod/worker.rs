@@ -55,6 +55,8 @@ pub struct Shared<R> {
     pub events: Arc<dyn EventSink>,
     /// ConfigMaps, Secrets, claims and volumes the pods reference.
     pub objects: Arc<dyn ObjectLookup>,
+    /// Service account tokens for projected volumes (API mode only).
+    pub tokens: Option<Arc<dyn crate::objects::TokenSource>>,
 }
 
 /// Retrying a step that failed before plan could decide (observe, status).
@@ -103,6 +105,7 @@ impl Shared<crate::cri::fake::FakeRuntime> {
             status: sinks.clone(),
             events: sinks,
             objects: Arc::new(crate::objects::ObjectStore::default()),
+            tokens: None,
             runtime,
             host: HostContext {
                 node_name: "n1".into(),
@@ -519,6 +522,9 @@ impl<R: Runtime> Worker<R> {
             }
             Action::Finished => {
                 volume::cleanup(&self.shared.pods_dir.join(&self.uid))?;
+                if let Some(t) = &self.shared.tokens {
+                    t.forget_pod(&self.uid);
+                }
                 if let Some(pod) = &self.last_pod {
                     let (name, ns) = (
                         pod.metadata.name.as_deref(),
@@ -911,7 +917,12 @@ impl<R: Runtime> Worker<R> {
         &self,
         pod: &Pod,
     ) -> Result<std::collections::HashMap<String, std::path::PathBuf>, volume::VolumeError> {
-        let objects = super::objects::resolve_volumes(pod, self.shared.objects.as_ref()).await?;
+        let objects = super::objects::resolve_volumes(
+            pod,
+            self.shared.objects.as_ref(),
+            self.shared.tokens.as_deref(),
+        )
+        .await?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as i64);
         let inputs = volume::Inputs {
             objects: &objects,

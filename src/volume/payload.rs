@@ -35,7 +35,7 @@ pub enum PayloadError {
     Resource { resource: String },
     #[error("container {name:?} not found in the pod")]
     NoContainer { name: String },
-    #[error("serviceAccountToken projection is not supported by minilet yet")]
+    #[error("serviceAccountToken projection needs an API server (standalone mode has none)")]
     NoTokens,
 }
 
@@ -304,7 +304,7 @@ fn secret<'a>(
 
 /// The files of `v` when it is an API data volume (`None` otherwise).
 /// `objects` holds what the pod's volumes reference (missing ones absent
-/// or `None`). serviceAccountToken projections are not served yet.
+/// or `None`), and the tokens serviceAccountToken projections asked for.
 pub fn payload(
     pod: &Pod,
     v: &Volume,
@@ -383,8 +383,18 @@ pub fn payload(
                     &mut out,
                 )?;
             }
-            if src.service_account_token.is_some() {
-                return Err(PayloadError::NoTokens);
+            if let Some(t) = &src.service_account_token {
+                let token = objects
+                    .tokens
+                    .get(&(v.name.clone(), t.path.clone()))
+                    .ok_or(PayloadError::NoTokens)?;
+                out.insert(
+                    t.path.clone(),
+                    File {
+                        data: token.clone().into_bytes(),
+                        mode: mode_bits(None, mode),
+                    },
+                );
             }
         }
     } else {
@@ -533,6 +543,13 @@ spec:
             ["namespace=ns:440", "token=secret:440", "x=hello:440"]
         );
         assert_eq!(volume_files(&p, 1).unwrap_err(), PayloadError::NoTokens);
+        let mut with_token = objects();
+        with_token
+            .tokens
+            .insert(("sa".into(), "token".into()), "a.b.c".into());
+        let v = &p.spec.as_ref().unwrap().volumes.as_ref().unwrap()[1];
+        let got = payload(&p, v, &with_token, &Allocatable::default()).unwrap();
+        assert_eq!(files(&got.unwrap()), ["token=a.b.c:644"]);
         let v = &p.spec.as_ref().unwrap().volumes.as_ref().unwrap()[2];
         let none = payload(&p, v, &objects(), &Allocatable::default());
         assert_eq!(none, Ok(None));
