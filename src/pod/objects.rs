@@ -565,7 +565,7 @@ spec:
             r.tokens[&("b".to_string(), "token".to_string())],
             "tok-robot"
         );
-        let asked = tokens.asked.lock().unwrap();
+        let asked = tokens.asked.lock().unwrap().clone();
         assert_eq!(asked.len(), 1);
         assert_eq!(asked[0].audiences, ["vault"]);
         assert_eq!(asked[0].expiration_seconds, 600);
