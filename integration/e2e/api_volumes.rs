@@ -157,7 +157,7 @@ fn api_pod_sees_config_map_and_secret_volume_files() {
                 "  automountServiceAccountToken: false\n  volumes:\n  - name: cfg\n    configMap: {{name: {cm}, items: [{{key: x, path: sub/x.txt, mode: 256}}]}}\n  - name: pw\n    secret: {{secretName: {sec}}}\n"
             ),
             "    volumeMounts:\n    - {name: cfg, mountPath: /cfg}\n    - {name: pw, mountPath: /pw}\n",
-            "echo X=$(cat /cfg/sub/x.txt); echo P=$(cat /pw/pass); ls -lL /cfg/sub; ls -a /cfg; test -e /cfg/y || echo NO-Y",
+            "echo X=$(cat /cfg/sub/x.txt); echo P=$(cat /pw/pass); ls -lL /cfg/sub; ls -a /cfg; test -e /cfg/y || echo NO-Y; touch /pw/new 2>/dev/null || echo READ-ONLY",
         ));
         running_container(&cri, &agent, "files", "app").await;
         let out = printed(&agent, "default", &name).await;
@@ -165,6 +165,10 @@ fn api_pod_sees_config_map_and_secret_volume_files() {
         assert!(has(&out, "P=s3cret"), "{out:?}");
         assert!(has(&out, "NO-Y"), "only the listed item: {out:?}");
         assert!(has(&out, "..data"), "kubelet's layout: {out:?}");
+        assert!(
+            has(&out, "READ-ONLY"),
+            "API data volumes are read-only: {out:?}"
+        );
         assert!(
             out.iter()
                 .any(|l| l.starts_with("-r--------") && l.ends_with("x.txt")),
