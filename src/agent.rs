@@ -458,6 +458,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         status: sinks.clone(),
         events: sinks,
         objects,
+        tokens: api.as_ref().map(|api| {
+            Arc::new(crate::api::tokens::Tokens::new(api.client.clone()))
+                as Arc<dyn crate::objects::TokenSource>
+        }),
     });
     check_adopted(&*shared.runtime, &runner, &board, &cfg.node_name).await;
     {

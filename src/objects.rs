@@ -108,6 +108,18 @@ pub trait ObjectLookup: Send + Sync {
     ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, LookupError>>;
 }
 
+/// Service account tokens for projected `serviceAccountToken` volume
+/// sources (API mode: the TokenRequest API, `api::tokens::Tokens`).
+/// Standalone there is none.
+pub trait TokenSource: Send + Sync {
+    fn token<'a>(
+        &'a self,
+        key: &'a crate::api::tokens::TokenKey,
+    ) -> BoxFuture<'a, Result<String, crate::api::tokens::TokenError>>;
+    /// Drop what is cached for a pod that is gone.
+    fn forget_pod(&self, _pod_uid: &str) {}
+}
+
 /// Objects held in memory, keyed by reference.
 #[derive(Clone, Default)]
 pub struct ObjectStore {

@@ -238,7 +238,8 @@ fn bad_api_pods_get_a_reason_and_leave_the_node_alone() {
 }
 
 /// A Deployment of 3 replicas: the scheduler binds them to the node, all
-/// run with pod IPs and ready containers.
+/// run with pod IPs and ready containers, with the service account token
+/// volume the ServiceAccount admission adds (no opt-out).
 #[test]
 fn a_deployment_is_scheduled_and_runs() {
     on_stack(async {
@@ -246,7 +247,7 @@ fn a_deployment_is_scheduled_and_runs() {
         let cri = agent.stack.cri().await;
         let node = agent.node.clone();
         let deploy = format!(
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: sleepers-{node}\n  namespace: default\nspec:\n  replicas: 3\n  selector:\n    matchLabels:\n      app: sleepers-{node}\n  template:\n    metadata:\n      labels:\n        app: sleepers-{node}\n    spec:\n      automountServiceAccountToken: false\n      terminationGracePeriodSeconds: 2\n      nodeSelector:\n        kubernetes.io/hostname: {node}\n      containers:\n      - name: app\n        image: {BUSYBOX}\n        command: [sleep, '3600']\n"
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: sleepers-{node}\n  namespace: default\nspec:\n  replicas: 3\n  selector:\n    matchLabels:\n      app: sleepers-{node}\n  template:\n    metadata:\n      labels:\n        app: sleepers-{node}\n    spec:\n      terminationGracePeriodSeconds: 2\n      nodeSelector:\n        kubernetes.io/hostname: {node}\n      containers:\n      - name: app\n        image: {BUSYBOX}\n        command: [sleep, '3600']\n"
         );
         n.cp.apply(&deploy);
         let sel = format!("app=sleepers-{node}");

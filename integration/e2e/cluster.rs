@@ -176,14 +176,16 @@ impl ApiNode {
     /// An agent running as `system:node:<node>`, its Node registered by
     /// itself and Ready (the scheduler binds only to such a node).
     pub fn start(node: &str) -> (Agent, ApiNode) {
+        ApiNode::start_with(node, Options::default())
+    }
+
+    /// `start` with more agent options (the kubeconfig flag is added).
+    pub fn start_with(node: &str, mut options: Options) -> (Agent, ApiNode) {
         let n = ApiNode::identity(node);
-        let agent = Agent::start_with(
-            node,
-            Options {
-                args: vec!["--kubeconfig".into(), n.kubeconfig.display().to_string()],
-                ..Default::default()
-            },
-        );
+        options
+            .args
+            .extend(["--kubeconfig".into(), n.kubeconfig.display().to_string()]);
+        let agent = Agent::start_with(node, options);
         wait_until("the agent's Node is Ready", Duration::from_secs(60), || {
             n.ready()
         });
@@ -254,7 +256,14 @@ impl Drop for ApiNode {
             let mut get = vec!["get"];
             get.extend_from_slice(&list);
             get.extend_from_slice(&["-o", "name"]);
-            if self.cp.kubectl(&get).1.trim().is_empty() {
+            // Mirror pods stay until the agent removes the manifests.
+            let out = self.cp.kubectl(&get).1;
+            let only_mirrors = out.lines().filter(|l| !l.is_empty()).all(|l| {
+                self.pod(l.trim_start_matches("pod/")).is_some_and(|p| {
+                    p["metadata"]["annotations"]["kubernetes.io/config.mirror"].is_string()
+                })
+            });
+            if only_mirrors {
                 break;
             }
             std::thread::sleep(Duration::from_millis(500));

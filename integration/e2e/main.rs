@@ -8,6 +8,7 @@ mod api_node;
 mod api_objects;
 mod api_outage;
 mod api_pods;
+mod api_volumes;
 mod cluster;
 mod cni;
 mod docker;

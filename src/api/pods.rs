@@ -50,16 +50,9 @@ pub const SOURCE: &str = "api";
 /// no more specific one names.
 pub const REJECT_REASON: &str = "UnexpectedAdmissionError";
 
-/// Volume kinds API pods may use that the volume code supplies (now or in
-/// the volumes work): a pod with one is not rejected here.
-pub const API_VOLUME_KINDS: &[&str] = &[
-    "emptyDir",
-    "hostPath",
-    "configMap",
-    "secret",
-    "downwardAPI",
-    "projected",
-];
+/// Volume kinds API pods may use: those the volume code supplies (the same
+/// list the static source accepts); a pod with one is not rejected here.
+pub const API_VOLUME_KINDS: &[&str] = crate::volume::SUPPORTED_KINDS;
 
 /// What the node does with one pod from the API.
 #[derive(Debug, PartialEq)]

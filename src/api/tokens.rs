@@ -168,6 +168,18 @@ impl Tokens {
     }
 }
 
+impl crate::objects::TokenSource for Tokens {
+    fn token<'a>(
+        &'a self,
+        key: &'a TokenKey,
+    ) -> futures::future::BoxFuture<'a, Result<String, TokenError>> {
+        Box::pin(async move { self.get(key).await.map(|t| t.token) })
+    }
+    fn forget_pod(&self, pod_uid: &str) {
+        Tokens::forget_pod(self, pod_uid)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,6 +95,8 @@ pub fn references(pod: &Pod) -> BTreeSet<ObjectRef> {
 pub struct Resolved {
     pub config_maps: BTreeMap<String, Option<Arc<ConfigMap>>>,
     pub secrets: BTreeMap<String, Option<Arc<Secret>>>,
+    /// Service account tokens of projected volumes, by (volume, path).
+    pub tokens: BTreeMap<(String, String), String>,
 }
 
 /// Fetch what `c`'s env and envFrom reference. A missing object that is
@@ -140,6 +142,92 @@ pub async fn resolve(
     for (name, optional) in secrets {
         let got = optional_ok(lookup.secret(namespace, name).await, optional)?;
         out.secrets.insert(name.to_string(), got);
+    }
+    Ok(out)
+}
+
+/// Fetch the ConfigMaps and Secrets the pod's volumes (configMap, secret,
+/// projected) reference. A missing object is recorded as `None`: whether
+/// that fails the volume (not `optional`) is `volume::payload`'s call. An
+/// object that cannot be had now (a refusal, an unreachable source) fails
+/// with kubelet's FailedMount wording for the volume that names it.
+pub async fn resolve_volumes(
+    pod: &Pod,
+    lookup: &dyn ObjectLookup,
+    tokens: Option<&dyn crate::objects::TokenSource>,
+) -> Result<Resolved, crate::volume::VolumeError> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    let mut out = Resolved::default();
+    let volumes = pod.spec.iter().flat_map(|s| s.volumes.iter().flatten());
+    for v in volumes {
+        let mut cms: Vec<&str> = Vec::new();
+        let mut secrets: Vec<&str> = Vec::new();
+        if let Some(c) = &v.config_map {
+            cms.push(&c.name);
+        }
+        if let Some(name) = v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) {
+            secrets.push(name);
+        }
+        for p in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &p.config_map {
+                cms.push(&c.name);
+            }
+            if let Some(s) = &p.secret {
+                secrets.push(&s.name);
+            }
+            // No source: `volume::payload` says the projection cannot be served.
+            let (Some(t), Some(tokens)) = (&p.service_account_token, tokens) else {
+                continue;
+            };
+            // kubelet's request: the pod's service account, bound to the pod.
+            let key = crate::api::tokens::TokenKey {
+                namespace: namespace.to_string(),
+                service_account: service_account.to_string(),
+                audiences: t
+                    .audience
+                    .iter()
+                    .filter(|a| !a.is_empty())
+                    .cloned()
+                    .collect(),
+                expiration_seconds: t.expiration_seconds.unwrap_or(3600),
+                pod_name: pod.metadata.name.clone().unwrap_or_default(),
+                pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
+            };
+            let token =
+                tokens
+                    .token(&key)
+                    .await
+                    .map_err(|e| crate::volume::VolumeError::SetUp {
+                        volume: v.name.clone(),
+                        reason: format!("failed to fetch token: {e}"),
+                    })?;
+            out.tokens.insert((v.name.clone(), t.path.clone()), token);
+        }
+        let failed = |e: LookupError| crate::volume::VolumeError::SetUp {
+            volume: v.name.clone(),
+            reason: e.to_string(),
+        };
+        for name in cms {
+            if out.config_maps.contains_key(name) {
+                continue;
+            }
+            let got =
+                optional_ok(lookup.config_map(namespace, name).await, true).map_err(failed)?;
+            out.config_maps.insert(name.to_string(), got);
+        }
+        for name in secrets {
+            if out.secrets.contains_key(name) {
+                continue;
+            }
+            let got = optional_ok(lookup.secret(namespace, name).await, true).map_err(failed)?;
+            out.secrets.insert(name.to_string(), got);
+        }
     }
     Ok(out)
 }
@@ -428,5 +516,65 @@ spec:
     async fn unreadable_pull_secrets_are_left_out() {
         let p = all_kinds();
         assert!(pull_secrets(&p, &ObjectStore::default()).await.is_empty());
+    }
+
+    /// Records what it was asked for; answers "tok-<sa>".
+    #[derive(Default)]
+    struct FakeTokens {
+        asked: std::sync::Mutex<Vec<crate::api::tokens::TokenKey>>,
+    }
+
+    impl crate::objects::TokenSource for FakeTokens {
+        fn token<'a>(
+            &'a self,
+            key: &'a crate::api::tokens::TokenKey,
+        ) -> futures::future::BoxFuture<'a, Result<String, crate::api::tokens::TokenError>>
+        {
+            self.asked.lock().unwrap().push(key.clone());
+            let t = format!("tok-{}", key.service_account);
+            Box::pin(async move { Ok(t) })
+        }
+    }
+
+    #[tokio::test]
+    async fn volume_objects_and_tokens_are_fetched_missing_ones_left_to_payload() {
+        let p = pod(r#"
+metadata: {name: p, namespace: ns, uid: u-9}
+spec:
+  serviceAccountName: robot
+  containers: []
+  volumes:
+  - {name: a, secret: {secretName: gone}}
+  - name: b
+    projected:
+      sources:
+      - configMap: {name: cfg}
+      - serviceAccountToken: {path: token, audience: vault, expirationSeconds: 600}
+"#);
+        let store = ObjectStore::default();
+        let mut objects = Objects::default();
+        objects
+            .config_maps
+            .insert(("ns".into(), "cfg".into()), Arc::new(ConfigMap::default()));
+        store.replace(objects);
+        let tokens = FakeTokens::default();
+        let r = resolve_volumes(&p, &store, Some(&tokens)).await.unwrap();
+        assert_eq!(r.secrets.get("gone"), Some(&None));
+        assert!(matches!(r.config_maps.get("cfg"), Some(Some(_))));
+        assert_eq!(
+            r.tokens[&("b".to_string(), "token".to_string())],
+            "tok-robot"
+        );
+        let asked = tokens.asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 1);
+        assert_eq!(asked[0].audiences, ["vault"]);
+        assert_eq!(asked[0].expiration_seconds, 600);
+        assert_eq!(
+            (asked[0].pod_name.as_str(), asked[0].pod_uid.as_str()),
+            ("p", "u-9")
+        );
+        // Standalone: no token source, nothing asked (payload says why).
+        let r = resolve_volumes(&p, &store, None).await.unwrap();
+        assert!(r.tokens.is_empty());
     }
 }

@@ -669,9 +669,26 @@ fn env(
         .collect())
 }
 
+/// Volumes kubelet always mounts read-only (secret, configMap,
+/// downwardAPI, projected: their files are the API's, not the pod's).
+fn read_only_volumes(pod: &Pod) -> std::collections::HashSet<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter(|v| {
+            v.secret.is_some()
+                || v.config_map.is_some()
+                || v.downward_api.is_some()
+                || v.projected.is_some()
+        })
+        .map(|v| v.name.clone())
+        .collect()
+}
+
 fn mounts(
     c: &Container,
     volume_paths: &HashMap<String, PathBuf>,
+    read_only: &std::collections::HashSet<String>,
 ) -> Result<Vec<api::Mount>, SpecError> {
     let mut out = Vec::new();
     for m in c.volume_mounts.iter().flatten() {
@@ -695,7 +712,7 @@ fn mounts(
         out.push(api::Mount {
             container_path: m.mount_path.clone(),
             host_path: host_path.to_string_lossy().into_owned(),
-            readonly: m.read_only.unwrap_or(false),
+            readonly: m.read_only.unwrap_or(false) || read_only.contains(&m.name),
             propagation: match m.mount_propagation.as_deref() {
                 Some("HostToContainer") => api::MountPropagation::PropagationHostToContainer as i32,
                 Some("Bidirectional") => api::MountPropagation::PropagationBidirectional as i32,
@@ -803,7 +820,7 @@ pub fn container_config(
         args: c.args.iter().flatten().map(|a| expand(a, &vars)).collect(),
         working_dir: c.working_dir.clone().unwrap_or_default(),
         envs,
-        mounts: mounts(c, volume_paths)?,
+        mounts: mounts(c, volume_paths, &read_only_volumes(pod))?,
         labels: container_labels,
         annotations,
         log_path: log_path(&c.name, restart_count),
@@ -1031,6 +1048,7 @@ spec:
                 ("absent".to_string(), None),
             ]),
             secrets: BTreeMap::from([("creds".to_string(), secret(&[("PASS", "hunter2")]))]),
+            ..Default::default()
         };
         let got = env_of(&p, &objects).unwrap();
         let want = [
@@ -1091,17 +1109,30 @@ spec:
             ..Default::default()
         };
         assert!(matches!(
-            mounts(&c, &HashMap::new()),
+            mounts(&c, &HashMap::new(), &Default::default()),
             Err(SpecError::MissingVolume { .. })
         ));
         let vols = HashMap::from([("data".to_string(), PathBuf::from("/v/data"))]);
         c.volume_mounts.as_mut().unwrap()[0].sub_path = Some("../x".into());
         assert!(matches!(
-            mounts(&c, &vols),
+            mounts(&c, &vols, &Default::default()),
             Err(SpecError::BadSubPath { .. })
         ));
         c.volume_mounts.as_mut().unwrap()[0].sub_path = Some("sub".into());
-        assert_eq!(mounts(&c, &vols).unwrap()[0].host_path, "/v/data/sub");
+        assert_eq!(
+            mounts(&c, &vols, &Default::default()).unwrap()[0].host_path,
+            "/v/data/sub"
+        );
+        assert!(!mounts(&c, &vols, &Default::default()).unwrap()[0].readonly);
+        let p: Pod = crate::yaml::from_str(
+            "spec:\n  containers: []\n  volumes: [{name: data, secret: {secretName: s}}]\n",
+        )
+        .unwrap();
+        let ro = read_only_volumes(&p);
+        assert!(
+            mounts(&c, &vols, &ro).unwrap()[0].readonly,
+            "API data volumes are read-only"
+        );
     }
 
     #[test]

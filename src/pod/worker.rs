@@ -55,6 +55,8 @@ pub struct Shared<R> {
     pub events: Arc<dyn EventSink>,
     /// ConfigMaps, Secrets, claims and volumes the pods reference.
     pub objects: Arc<dyn ObjectLookup>,
+    /// Service account tokens for projected volumes (API mode only).
+    pub tokens: Option<Arc<dyn crate::objects::TokenSource>>,
 }
 
 /// Retrying a step that failed before plan could decide (observe, status).
@@ -103,6 +105,7 @@ impl Shared<crate::cri::fake::FakeRuntime> {
             status: sinks.clone(),
             events: sinks,
             objects: Arc::new(crate::objects::ObjectStore::default()),
+            tokens: None,
             runtime,
             host: HostContext {
                 node_name: "n1".into(),
@@ -506,9 +509,22 @@ impl<R: Runtime> Worker<R> {
     ) -> Result<(), StepError> {
         let rt = self.shared.runtime.clone();
         match action {
-            Action::Wait { .. } => Ok(()),
+            Action::Wait { .. } => {
+                // kubelet's periodic volume sync: a changed ConfigMap or
+                // Secret reaches a running pod's files (atomically).
+                if let Some(d) = desired
+                    && lifecycle::current_sandbox(&d.pod, obs).is_some()
+                    && let Err(e) = self.setup_volumes(&d.pod).await
+                {
+                    debug!(error = %crate::error_chain(&e), "volume refresh failed; files kept");
+                }
+                Ok(())
+            }
             Action::Finished => {
                 volume::cleanup(&self.shared.pods_dir.join(&self.uid))?;
+                if let Some(t) = &self.shared.tokens {
+                    t.forget_pod(&self.uid);
+                }
                 if let Some(pod) = &self.last_pod {
                     let (name, ns) = (
                         pod.metadata.name.as_deref(),
@@ -600,7 +616,7 @@ impl<R: Runtime> Worker<R> {
 
     async fn create_sandbox(&mut self, pod: &Pod, attempt: u32) {
         let result = async {
-            volume::prepare(&self.shared.pods_dir.join(&self.uid), pod)?;
+            self.setup_volumes(pod).await?;
             let config = spec::sandbox_config(pod, &self.shared.host, attempt);
             std::fs::create_dir_all(&config.log_directory).map_err(|source| StepError::Io {
                 what: "create log directory",
@@ -634,12 +650,19 @@ impl<R: Runtime> Worker<R> {
                     lifecycle::SANDBOX_BACKOFF,
                     self.now(),
                 );
-                warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
-                self.event(
-                    EventType::Warning,
-                    "FailedCreatePodSandBox",
-                    format!("Failed to create pod sandbox: {msg}"),
-                );
+                if let StepError::Volume(e) = &e {
+                    // kubelet waits for volumes before any sandbox: the
+                    // pod stays ContainerCreating, FailedMount says why.
+                    warn!(error = %msg, retry_in = ?b.delay, "volume setup failed");
+                    self.event(EventType::Warning, "FailedMount", crate::error_chain(e));
+                } else {
+                    warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
+                    self.event(
+                        EventType::Warning,
+                        "FailedCreatePodSandBox",
+                        format!("Failed to create pod sandbox: {msg}"),
+                    );
+                }
                 self.mem.sandbox_error = Some(msg);
                 self.mem.sandbox_backoff = Some(b);
             }
@@ -785,20 +808,25 @@ impl<R: Runtime> Worker<R> {
                 message,
             );
         }
-        let built = volume::prepare(&self.shared.pods_dir.join(&self.uid), pod)
-            .map_err(StepError::from)
-            .and_then(|paths| {
-                Ok(spec::container_config(
-                    pod,
-                    c,
-                    init,
-                    restart_count,
-                    &self.shared.host,
-                    &downward,
-                    &paths,
-                    &objects,
-                )?)
-            });
+        let paths = match self.setup_volumes(pod).await {
+            Ok(paths) => paths,
+            Err(e) => {
+                self.mount_failed(name, e);
+                return Ok(());
+            }
+        };
+        let built = Ok::<_, StepError>(paths).and_then(|paths| {
+            Ok(spec::container_config(
+                pod,
+                c,
+                init,
+                restart_count,
+                &self.shared.host,
+                &downward,
+                &paths,
+                &objects,
+            )?)
+        });
         let config = match built {
             Ok(config) => config,
             // kubelet's words for a missing key, unprefixed.
@@ -877,6 +905,54 @@ impl<R: Runtime> Worker<R> {
             name.to_string(),
             Waiting {
                 reason: reason.to_string(),
+                message,
+            },
+        );
+    }
+
+    /// Fetch what the pod's volumes reference and set every volume up
+    /// (again: an unchanged volume is left as is, a changed object is
+    /// written anew, atomically).
+    async fn setup_volumes(
+        &self,
+        pod: &Pod,
+    ) -> Result<std::collections::HashMap<String, std::path::PathBuf>, volume::VolumeError> {
+        let objects = super::objects::resolve_volumes(
+            pod,
+            self.shared.objects.as_ref(),
+            self.shared.tokens.as_deref(),
+        )
+        .await?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as i64);
+        let inputs = volume::Inputs {
+            objects: &objects,
+            node: volume::Allocatable {
+                cpu_millis: cpus * 1000,
+                memory_bytes: self.shared.host.memory_capacity,
+                ephemeral_storage_bytes: 0,
+            },
+            now: jiff::Timestamp::from_nanosecond(i128::from(self.now()))
+                .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+        };
+        volume::prepare(&self.shared.pods_dir.join(&self.uid), pod, &inputs)
+    }
+
+    /// Volumes failed before a container start: kubelet's FailedMount
+    /// event, the container stays ContainerCreating, retried with backoff.
+    fn mount_failed(&mut self, name: &str, e: volume::VolumeError) {
+        let b = Backoff::after(
+            self.mem.start_backoff.get(name).copied(),
+            lifecycle::START_BACKOFF,
+            self.now(),
+        );
+        let message = crate::error_chain(&e);
+        warn!(container = name, error = %message, retry_in = ?b.delay, "volume setup failed");
+        self.event(EventType::Warning, "FailedMount", message.clone());
+        self.mem.start_backoff.insert(name.to_string(), b);
+        self.mem.waiting.insert(
+            name.to_string(),
+            Waiting {
+                reason: "ContainerCreating".into(),
                 message,
             },
         );

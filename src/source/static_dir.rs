@@ -1563,7 +1563,7 @@ mod tests {
         let bad = write(
             dir.path(),
             "bad.yaml",
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\nspec:\n  terminationGracePeriodSeconds: -5\n  containers:\n  - name: main\n    volumeMounts: [{name: data, mountPath: /d}]\n  volumes: [{name: cfg, configMap: {name: c}}]\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\nspec:\n  terminationGracePeriodSeconds: -5\n  containers:\n  - name: main\n    volumeMounts: [{name: data, mountPath: /d}]\n  volumes: [{name: cfg, nfs: {server: s, path: /x}}]\n",
         );
         write(dir.path(), "good.yaml", &pod_yaml("good", "busybox"));
         let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
@@ -1572,7 +1572,7 @@ mod tests {
             s.errors,
             [SourceError {
                 file: bad.display().to_string(),
-                message: "document 1: pod default/bad-node1 is invalid: spec.volumes[0].configMap: Unsupported value: \"configMap\": supported values: \"emptyDir\", \"hostPath\"; spec.containers[0].image: Required value; spec.containers[0].volumeMounts[0].name: Not found: \"data\"; spec.terminationGracePeriodSeconds: Invalid value: -5: must be greater than or equal to 0".into(),
+                message: "document 1: pod default/bad-node1 is invalid: spec.volumes[0].nfs: Unsupported value: \"nfs\": supported values: \"emptyDir\", \"hostPath\", \"secret\", \"configMap\", \"downwardAPI\", \"projected\"; spec.containers[0].image: Required value; spec.containers[0].volumeMounts[0].name: Not found: \"data\"; spec.terminationGracePeriodSeconds: Invalid value: -5: must be greater than or equal to 0".into(),
             }]
         );
     }

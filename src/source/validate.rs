@@ -856,10 +856,10 @@ mod tests {
             ),
             (
                 "volume kinds minilet does not support",
-                format!("{C}  volumes: [{{name: a, nfs: {{server: s, path: /x}}}}, {{name: b, configMap: {{name: c}}}}]\n"),
+                format!("{C}  volumes: [{{name: a, nfs: {{server: s, path: /x}}}}, {{name: b, iscsi: {{targetPortal: t, iqn: q, lun: 0}}}}]\n"),
                 &[
-                    "spec.volumes[0].nfs: Unsupported value: \"nfs\": supported values: \"emptyDir\", \"hostPath\"",
-                    "spec.volumes[1].configMap: Unsupported value: \"configMap\": supported values: \"emptyDir\", \"hostPath\"",
+                    "spec.volumes[0].nfs: Unsupported value: \"nfs\": supported values: \"emptyDir\", \"hostPath\", \"secret\", \"configMap\", \"downwardAPI\", \"projected\"",
+                    "spec.volumes[1].iscsi: Unsupported value: \"iscsi\": supported values: \"emptyDir\", \"hostPath\", \"secret\", \"configMap\", \"downwardAPI\", \"projected\"",
                 ],
             ),
             (
