@@ -6,7 +6,9 @@
 //! config hash).
 //!
 //! Only real changes are written, and a burst of them once: the first
-//! change since the last write waits 250 ms for the rest. What the writer compares against is what
+//! change since the last write waits 250 ms for the rest (a minor one, an IP
+//! or a message, 1 s, unless the phase or a container moves meanwhile).
+//! What the writer compares against is what
 //! the server has: read once (GET) when unknown, then what it last wrote.
 //! The workers recompute the status on every observation, so before the
 //! compare the new status takes the previous `lastTransitionTime` of every
@@ -61,6 +63,11 @@ const KUBELET_CONDITIONS: &[&str] = &[
 /// A pod's first change since its last write waits this long for more
 /// (a start that takes less is one write, not three).
 const QUIET: Duration = Duration::from_millis(250);
+/// A change that moves neither the phase nor a container's state (an IP,
+/// a condition's reason, a waiting message) waits this many QUIETs: the
+/// pod's next real step is usually that close, and then one write carries
+/// both (kubelet's own client limit merges them the same way).
+const MINOR_QUIETS: u32 = 4;
 /// How long a mirror pod that is not there yet waits before the next try.
 const RETRY: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -557,9 +564,19 @@ impl StatusSink for StatusWriter {
             e.view = Some(pod.clone());
             e.gone = false;
             // The first change since the last sync waits a moment, so the
-            // steps of a quick start (sandbox, IP, container) are one write.
-            if !e.dirty() && e.not_before.is_none() {
-                e.not_before = Some(Instant::now() + self.quiet);
+            // steps of a quick start (sandbox, IP, container) are one write;
+            // a minor one waits longer, unless a real step comes meanwhile.
+            let major = is_major(e.server.as_ref().map(|k| &k.status), pod.status.as_ref());
+            let at = Instant::now()
+                + if major {
+                    self.quiet
+                } else {
+                    self.quiet * MINOR_QUIETS
+                };
+            match e.not_before {
+                None if !e.dirty() => e.not_before = Some(at),
+                Some(nb) if major && at < nb => e.not_before = Some(at),
+                _ => {}
             }
             e.generation += 1;
         });
@@ -580,6 +597,30 @@ impl StatusSink for StatusWriter {
             self.wake.notify_one();
         }
     }
+}
+
+/// Whether `new` moves the pod on from `old` (what the server has): its
+/// phase, or any container's state kind or readiness. Unknown is a move.
+fn is_major(old: Option<&PodStatus>, new: Option<&PodStatus>) -> bool {
+    let (Some(old), Some(new)) = (old, new) else {
+        return true;
+    };
+    fn kinds(s: &PodStatus) -> Vec<(String, u8, bool)> {
+        s.init_container_statuses
+            .iter()
+            .flatten()
+            .chain(s.container_statuses.iter().flatten())
+            .map(|c| {
+                let kind = match &c.state {
+                    Some(st) if st.running.is_some() => 1,
+                    Some(st) if st.terminated.is_some() => 2,
+                    _ => 0,
+                };
+                (c.name.clone(), kind, c.ready)
+            })
+            .collect()
+    }
+    old.phase != new.phase || kinds(old) != kinds(new)
 }
 
 #[cfg(test)]
@@ -762,6 +803,49 @@ mod tests {
         }
         assert_eq!(api.count("patch"), 1, "{:?}", api.calls());
         assert_eq!(api.count("get"), 1, "no reads while the server is known");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_minor_change_waits_for_the_next_real_step() {
+        let api = FakePods::default();
+        api.insert(api_pod("u1", "p"));
+        let w = Arc::new(StatusWriter {
+            entries: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            host_ip: "10.0.0.5".into(),
+            quiet: QUIET,
+        });
+        let pending = || with_status(api_pod("u1", "p"), status("Pending", vec![]));
+        w.publish("u1", &pending());
+        tokio::time::advance(QUIET).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 1, "the first status goes out soon");
+        // The sandbox's IP: minor, it waits.
+        let mut with_ip = pending();
+        with_ip.status.as_mut().unwrap().pod_ip = Some("10.1.0.7".into());
+        w.publish("u1", &with_ip);
+        tokio::time::advance(QUIET * 2).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 1, "a minor change waits");
+        // Running arrives: one write carries both.
+        let mut running = with_ip.clone();
+        running.status.as_mut().unwrap().phase = Some("Running".into());
+        w.publish("u1", &running);
+        tokio::time::advance(QUIET).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 2);
+        let s = api.pod("default", "p").unwrap().status.unwrap();
+        assert_eq!(
+            (s.phase.as_deref(), s.pod_ip.as_deref()),
+            (Some("Running"), Some("10.1.0.7"))
+        );
+        // A minor change alone still goes out, later.
+        let mut msg = running.clone();
+        msg.status.as_mut().unwrap().message = Some("x".into());
+        w.publish("u1", &msg);
+        tokio::time::advance(QUIET * MINOR_QUIETS).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 3);
     }
 
     #[tokio::test(start_paused = true)]
