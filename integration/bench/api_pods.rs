@@ -685,6 +685,9 @@ struct Seen {
     synced: bool,
     /// Present pods, and when each was first seen Running with all ready.
     pods: HashMap<String, Option<Instant>>,
+    /// Names listed since the watch (re)started: a relist drops the others
+    /// (their deletion fell between two watches).
+    listing: Option<HashSet<String>>,
     error: Option<String>,
 }
 
@@ -711,6 +714,9 @@ fn watch_pods(api: Api<Pod>, kind: Kind, seen: Arc<Mutex<Seen>>) -> tokio::task:
             match ev {
                 Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
                     let name = p.metadata.name.clone().unwrap_or_default();
+                    if let Some(l) = s.listing.as_mut() {
+                        l.insert(name.clone());
+                    }
                     let ready = running_and_ready(&p);
                     let e = s.pods.entry(name).or_insert(None);
                     if ready && e.is_none() {
@@ -720,8 +726,13 @@ fn watch_pods(api: Api<Pod>, kind: Kind, seen: Arc<Mutex<Seen>>) -> tokio::task:
                 Ok(watcher::Event::Delete(p)) => {
                     s.pods.remove(&p.metadata.name.unwrap_or_default());
                 }
-                Ok(watcher::Event::Init) => {}
-                Ok(watcher::Event::InitDone) => s.synced = true,
+                Ok(watcher::Event::Init) => s.listing = Some(HashSet::new()),
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(listed) = s.listing.take() {
+                        s.pods.retain(|n, _| listed.contains(n));
+                    }
+                    s.synced = true;
+                }
                 Err(e) => s.error = Some(e.to_string()),
             }
         }
