@@ -968,6 +968,35 @@ async fn foreign_ready_sandboxes(rt: &RemoteRuntime) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Per pod of `kind`: its create sent -> its container's started_at as the
+/// runtime reports it (s), sorted.
+async fn runtime_started(
+    rt: &RemoteRuntime,
+    kind: Kind,
+    sent_at: &HashMap<String, Instant>,
+    t0: Instant,
+    t0_wall: jiff::Timestamp,
+) -> Vec<f64> {
+    let prefix = format!("{POD_PREFIX}{}-", kind.name());
+    let mut out = vec![];
+    for c in rt.list_containers(Labels::new()).await.unwrap_or_default() {
+        let Some(name) = c
+            .labels
+            .get(labels::POD_NAME)
+            .filter(|n| n.starts_with(&prefix))
+        else {
+            continue;
+        };
+        let (Some(sent), Ok(st)) = (sent_at.get(name), rt.container_status(&c.id).await) else {
+            continue;
+        };
+        let sent_wall = t0_wall.as_nanosecond() + sent.duration_since(t0).as_nanos() as i128;
+        out.push((i128::from(st.started_at) - sent_wall) as f64 / 1e9);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
 // ---------------------------------------------------------------- one agent
 
 /// What one agent's phase measured.
@@ -980,6 +1009,9 @@ struct Phase {
     running: usize,
     /// First create sent -> last pod Running (s).
     total_s: Option<f64>,
+    /// Per pod create sent -> the runtime's started_at of its container,
+    /// sorted (s): where the time went, runtime or agent/API.
+    per_pod_runtime: Vec<f64>,
     status_writes: usize,
     status_writes_max_pod: usize,
     /// Status writes in the 10 s after all ran (not part of the target).
@@ -1228,6 +1260,7 @@ async fn measure(
             .fold(0.0, f64::max)
     });
     phase.rss_mib = mib(proc_status_kib(pid, "VmRSS:").unwrap_or(0));
+    phase.per_pod_runtime = runtime_started(ctx.rt, kind, &sent_at, t0, t0_wall).await;
     phase.hwm_mib = mib(proc_status_kib(pid, "VmHWM:").unwrap_or(0));
     phase.max_rss_start_mib = mib(max_rss);
 
@@ -1333,6 +1366,11 @@ fn phase_json(p: &Phase) -> serde_json::Value {
             "min_s": r3(p.per_pod.first().copied()),
             "total_s": r3(p.total_s),
             "all_s": p.per_pod.iter().map(|v| common::round3(*v)).collect::<Vec<_>>(),
+        },
+        "runtime_started": {
+            "p50_s": r3(common::pct(&p.per_pod_runtime, 50.0)),
+            "p99_s": r3(common::pct(&p.per_pod_runtime, 99.0)),
+            "max_s": r3(p.per_pod_runtime.last().copied()),
         },
         "status_writes": p.status_writes,
         "status_writes_per_pod": r3(p.writes_per_pod()),
@@ -1501,6 +1539,20 @@ async fn run() -> Result<bool> {
         col(kl, &|p| secs(p.total_s)),
         col(ml, &|p| secs(p.total_s)),
         ratio(ml.and_then(|m| m.total_s), kl.and_then(|k| k.total_s)),
+        String::new(),
+    );
+    row(
+        "container started (runtime) p50",
+        col(kl, &|p| secs(common::pct(&p.per_pod_runtime, 50.0))),
+        col(ml, &|p| secs(common::pct(&p.per_pod_runtime, 50.0))),
+        None,
+        String::new(),
+    );
+    row(
+        "container started (runtime) p99",
+        col(kl, &|p| secs(common::pct(&p.per_pod_runtime, 99.0))),
+        col(ml, &|p| secs(common::pct(&p.per_pod_runtime, 99.0))),
+        None,
         String::new(),
     );
     row(
