@@ -264,6 +264,11 @@ fn pod(kind: Kind, i: usize, image: &str) -> Result<Pod> {
             // No service-account token volume: the same pod for both agents
             // whatever volume kinds minilet supports yet.
             "automountServiceAccountToken": false,
+            // The host's resolv.conf: with the default ClusterFirst and no
+            // cluster DNS configured, kubelet posts a MissingClusterDNS
+            // event on every sync of every pod (~1/min each), which would
+            // be counted as idle traffic of a config this bench leaves out.
+            "dnsPolicy": "Default",
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "sleep",
