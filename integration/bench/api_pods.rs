@@ -538,12 +538,22 @@ impl Agent {
 
 fn kubelet_config(work: &Path) -> Result<PathBuf> {
     let path = work.join("kubelet.yaml");
+    // kubelet's API client limit (kubeAPIQPS 5, burst 10 by default) paces
+    // its status writes; BENCH_KUBELET_QPS raises it for a sensitivity run.
+    let qps = match std::env::var_os("BENCH_KUBELET_QPS") {
+        Some(_) => {
+            let q = common::env_positive("BENCH_KUBELET_QPS", 5)?;
+            format!("kubeAPIQPS: {q}\nkubeAPIBurst: {}\n", 2 * q)
+        }
+        None => String::new(),
+    };
     // cgroupfs: containerd's config has SystemdCgroup = false. No QoS cgroups
     // or node allocatable enforcement on these VMs; no iptables util chains
     // (kube-proxy's business); image GC off (the stack's images are shared).
     fs::write(
         &path,
-        "apiVersion: kubelet.config.k8s.io/v1beta1
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 cgroupDriver: cgroupfs
 cgroupsPerQOS: false
@@ -566,7 +576,8 @@ port: 10250
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
 healthzPort: 10248
-",
+{qps}"
+        ),
     )?;
     Ok(path)
 }
@@ -1637,6 +1648,7 @@ async fn run() -> Result<bool> {
         "runtime": format!("{rt_name} {rt_version}"),
         "apiserver": server_version,
         "load_average": load,
+        "kubelet_api_qps": std::env::var("BENCH_KUBELET_QPS").unwrap_or_else(|_| "default (5, burst 10)".into()),
         "kubelet": agent_json(Kind::Kubelet),
         "minilet": agent_json(Kind::Minilet),
         "ratios": {
