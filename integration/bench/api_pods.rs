@@ -1068,6 +1068,45 @@ struct Ctx<'a> {
     audit: PathBuf,
 }
 
+/// The e2e lock, once the stack suits `kind`: the API server answers, and
+/// for kubelet no pod that is not the benchmark's runs in the runtime
+/// (kubelet would stop it). While it does not, the lock is let go so its
+/// owner can clean up, and taken again 20 s later, for up to
+/// BENCH_WAIT_SECS (600).
+async fn lock_for(ctx: &Ctx<'_>, kind: Kind) -> Result<Option<nix::fcntl::Flock<fs::File>>> {
+    let patience = Duration::from_secs(common::env_positive("BENCH_WAIT_SECS", 600)? as u64);
+    let start = Instant::now();
+    loop {
+        let lock = take_lock()?;
+        let why = match ctx.client.apiserver_version().await {
+            Err(e) => Some(format!("the API server does not answer ({e})")),
+            Ok(_) if kind == Kind::Kubelet => {
+                let foreign = foreign_ready_sandboxes(ctx.rt).await?;
+                (!foreign.is_empty()).then(|| {
+                    format!(
+                        "the runtime runs {} pods that are not the benchmark's ({}): kubelet would stop them",
+                        foreign.len(),
+                        foreign.join(", ")
+                    )
+                })
+            }
+            Ok(_) => None,
+        };
+        let Some(why) = why else {
+            return Ok(lock);
+        };
+        if start.elapsed() > patience {
+            bail!(
+                "{why}; waited {} s: run when the stack is idle",
+                patience.as_secs()
+            );
+        }
+        eprintln!("api_pods: {}: {why}; waiting", kind.name());
+        drop(lock);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    }
+}
+
 /// One agent from a clean node to a clean node, under the e2e lock. Host
 /// changes undone are pushed to `changes`, broken-run findings to `problems`.
 async fn run_agent(
@@ -1076,7 +1115,7 @@ async fn run_agent(
     changes: &mut Vec<String>,
     problems: &mut Vec<String>,
 ) -> Result<Phase> {
-    let _lock = take_lock()?;
+    let _lock = lock_for(ctx, kind).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), NAMESPACE);
     let left = delete_leftover_pods(&pods).await?;
     if left > 0 {
@@ -1093,16 +1132,6 @@ async fn run_agent(
     }
     forget_node(&ctx.client, kind.node()).await?;
     delete_bridge();
-    if kind == Kind::Kubelet {
-        let foreign = foreign_ready_sandboxes(ctx.rt).await?;
-        if !foreign.is_empty() {
-            bail!(
-                "the runtime runs {} pods that are not the benchmark's ({}): kubelet would stop them; run when the stack is idle",
-                foreign.len(),
-                foreign.join(", ")
-            );
-        }
-    }
     let work = tempfile::Builder::new()
         .prefix(&format!("minilet-bench-api-{}-", kind.name()))
         .tempdir()
@@ -1443,10 +1472,9 @@ async fn run() -> Result<bool> {
         bail!("image {image} is not present in the runtime; run `integration/stack.sh up`");
     }
     let client = admin_client(&env).await?;
-    let server_version = client
-        .apiserver_version()
-        .await
-        .map_or_else(|e| format!("unknown ({e})"), |v| v.git_version);
+    let server_version = env
+        .get("MINILET_CP_VERSION")
+        .map_or_else(|_| "unknown".to_string(), |v| format!("v{v}"));
     // Build minilet before any lock is taken.
     let minilet_bin = if kinds.contains(&Kind::Minilet) {
         Some(common::minilet_binary("api_pods")?)
