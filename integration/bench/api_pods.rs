@@ -1075,9 +1075,11 @@ struct Ctx<'a> {
 /// BENCH_WAIT_SECS (600).
 async fn lock_for(ctx: &Ctx<'_>, kind: Kind) -> Result<Option<nix::fcntl::Flock<fs::File>>> {
     let patience = Duration::from_secs(common::env_positive("BENCH_WAIT_SECS", 600)? as u64);
-    let start = Instant::now();
+    let mut start = None;
     loop {
         let lock = take_lock()?;
+        // Patience counts from the first time the lock is held.
+        let start = *start.get_or_insert_with(Instant::now);
         let why = match ctx.client.apiserver_version().await {
             Err(e) => Some(format!("the API server does not answer ({e})")),
             Ok(_) if kind == Kind::Kubelet => {
