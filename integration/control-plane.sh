@@ -12,7 +12,7 @@
 #           overrides the parent). The cache is written atomically (built in
 #           a temp dir, then renamed), so a killed build leaves none.
 #   up      build if needed, make a CA and certs, start etcd on
-#           127.0.0.1:12379, kube-apiserver on 127.0.0.1:16443, the
+#           127.0.0.1:12379, kube-apiserver on 127.0.0.1:6443, the
 #           controller manager and the scheduler, wait until all answer,
 #           write RUN/cp/env. Idempotent.
 #   down    stop every component (TERM, then KILL) and remove the run dir:
@@ -24,6 +24,9 @@
 #           write a kubeconfig (0600, self-contained) for the identity of the
 #           kubelet of node NODE: a client cert CN=system:node:NODE,
 #           O=system:nodes signed by the CA.
+#   stop NAME / start NAME
+#           one component alone (etcd, kube-apiserver, ...), for the tests
+#           of an API server that goes away and comes back.
 #
 # Any failure prints ONE line "control-plane: FAILED (<step>): ..." and exits
 # non-zero, with the tail of the failing component's log before it.
@@ -600,15 +603,35 @@ cmd_node_kubeconfig() {
   kubeconfig "$out" "system:node:$node" "$tmp/crt" "$tmp/key"
 }
 
+# stop NAME / start NAME: one component, for the outage tests (the API
+# server away for a minute); `start` reuses the certs and configs of `up`.
+cmd_stop_one() {
+  step "stop ${1:-}"
+  local name=${1:-} pids
+  [[ " ${SERVICES[*]} " == *" $name "* ]] || die "usage: $0 stop ${SERVICES[*]// /|}"
+  mapfile -t pids < <(service_pids "$name")
+  stop_pids 15 "${pids[@]}"
+  say "$name: stopped"
+}
+
+cmd_start_one() {
+  local name=${1:-}
+  [[ " ${SERVICES[*]} " == *" $name "* ]] || die "usage: $0 start ${SERVICES[*]// /|}"
+  [[ -s $CA_CRT ]] || die "no CA in $PKI: run integration/control-plane.sh up first"
+  start_service "$name" 90
+}
+
 case ${1:-} in
 build) cmd_build ;;
+stop) cmd_stop_one "${2:-}" ;;
+start) cmd_start_one "${2:-}" ;;
 up) cmd_up ;;
 down) cmd_down ;;
 status) cmd_status || exit $? ;;
 env) cmd_env ;;
 node-kubeconfig) cmd_node_kubeconfig "${@:2}" ;;
 *)
-  echo "usage: $0 build|up|down|status|env|node-kubeconfig NODE OUT   (run dir: $RUN)" >&2
+  echo "usage: $0 build|up|down|status|env|node-kubeconfig NODE OUT|stop NAME|start NAME   (run dir: $RUN)" >&2
   exit 2
   ;;
 esac

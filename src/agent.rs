@@ -57,6 +57,9 @@ pub enum AgentError {
     /// A node-wide task ended before the agent was told to stop.
     #[error("{cause}")]
     TaskDied { cause: String },
+    /// The API server credentials are unusable (API server mode).
+    #[error(transparent)]
+    Api(#[from] crate::api::client::ClientError),
 }
 
 /// Answers the CNI server's questions (host ports, network annotations)
@@ -201,8 +204,40 @@ async fn check_adopted(rt: &impl Runtime, runner: &Runner, board: &Board, node: 
     }
 }
 
+/// The local address the node reaches `server` from (its hostIP when
+/// `--node-ip` is not given); empty if it cannot be found.
+fn local_address_towards(server: &str) -> String {
+    let host = server
+        .split("://")
+        .nth(1)
+        .unwrap_or(server)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let target = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:443")
+    };
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect(&target)?;
+            s.local_addr()
+        })
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
 /// Run the agent until `cancel` fires. Pods keep running afterwards.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentError> {
+    // API server mode: credentials checked before anything starts; the
+    // server itself may still be away (the node task retries).
+    let api = crate::api::client::connect(&cfg).await?;
+    let pod_cidr = Arc::new(if api.is_some() {
+        cni::pod_cidr::PodCidr::waiting()
+    } else {
+        cni::pod_cidr::PodCidr::standalone()
+    });
     for dir in [&cfg.state_dir, &cfg.state_dir.join("pods")] {
         std::fs::create_dir_all(dir).map_err(|source| AgentError::StateDir {
             path: dir.clone(),
@@ -239,6 +274,25 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
                 _ = static_dir::watch(dir, node, every, file_tx) => {}
             }
         });
+    }
+    // API server mode, pods (issue 7): the pods bound to this node are a
+    // source; their status is written back by the status writer (a sink,
+    // below), static pods get mirror pods. The source and the mirror task
+    // start once the sinks exist.
+    let mut api_pods = None;
+    if let Some(api) = &api {
+        let (tx, src) = merge::channel(crate::api::pods::SOURCE);
+        sources.push(src);
+        let host_ip = cfg
+            .node_ip
+            .map_or_else(|| local_address_towards(&api.server), |ip| ip.to_string());
+        let (writer, task) = crate::api::status_writer::StatusWriter::new(
+            api.client.clone(),
+            host_ip,
+            cancel.clone(),
+        );
+        tasks.spawn(task);
+        api_pods = Some((api.client.clone(), tx, writer));
     }
     let (snap_tx, snap_rx) = watch::channel(merge::first(&mut sources));
     {
@@ -277,12 +331,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         });
     }
     let board = Board::default();
-    let runner = Arc::new(cni::chain::CniRunner::new(
-        cni::exec::ProcessExec::from_config(&cfg),
-        store,
-        cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
-        board.cni.metrics.clone(),
-    ));
+    let runner = Arc::new(
+        cni::chain::CniRunner::new(
+            cni::exec::ProcessExec::from_config(&cfg),
+            store,
+            cni::cache::ResultCache::new(cfg.cni_cache_dir.clone()),
+            board.cni.metrics.clone(),
+        )
+        .with_pod_cidr(pod_cidr.clone()),
+    );
     let cni_socket = cfg.cni_socket();
     let listener = cni::server::bind(&cni_socket).map_err(|source| AgentError::Bind {
         path: cni_socket.clone(),
@@ -318,9 +375,63 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     board.readiness.runtime_connected();
 
     // Where pod views and events go: the board, and in API mode the server.
-    let sinks = Arc::new(crate::sink::Sinks::board(&board));
-    let objects: Arc<dyn crate::objects::ObjectLookup> =
-        Arc::new(crate::objects::ObjectStore::default());
+    let mut sinks = crate::sink::Sinks::board(&board);
+    if let Some((client, _, writer)) = &api_pods {
+        sinks.status.push(writer.clone());
+        // kubelet's events, aggregated and rate-limited (api::events).
+        let (recorder, task) =
+            crate::api::events::recorder(client.clone(), cfg.node_name.clone(), cancel.clone());
+        sinks.events.push(recorder);
+        tasks.spawn(task);
+    }
+    let sinks = Arc::new(sinks);
+    if let Some((client, tx, writer)) = api_pods {
+        tasks.spawn(crate::api::pods::run(
+            client.clone(),
+            cfg.node_name.clone(),
+            tx,
+            sinks.clone(),
+            sinks.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(crate::api::mirror::run(
+            client,
+            cfg.node_name.clone(),
+            snap_rx.clone(),
+            Some(writer),
+            cancel.clone(),
+        ));
+    }
+    // The objects pods use (issue 7): the manifest dir's, from the merged
+    // snapshot; in API mode then the server's, watched one by one.
+    let local = crate::objects::ObjectStore::default();
+    local.replace(snap_rx.borrow().all_objects());
+    {
+        let (store, rx, c) = (local.clone(), snap_rx.clone(), cancel.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = crate::source::feed_objects(store, rx) => {}
+            }
+        });
+    }
+    let objects: Arc<dyn crate::objects::ObjectLookup> = match &api {
+        Some(api) => {
+            let watched = Arc::new(crate::api::objects::WatchedObjects::new(api.client.clone()));
+            let (w, rx, c) = (watched.clone(), snap_rx.clone(), cancel.clone());
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = c.cancelled() => {}
+                    _ = crate::api::objects::prune(w, rx) => {}
+                }
+            });
+            Arc::new(crate::objects::Layered {
+                local,
+                remote: watched,
+            })
+        }
+        None => Arc::new(local),
+    };
 
     // One node-wide bound on the calls that make the runtime work, shared by
     // every worker, the GC and adoption (cri::bounded).
@@ -362,6 +473,38 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
                 _ = gc_loop(&*rt, &runner, &board) => {}
             }
         });
+    }
+    // API server mode: the Node, its Lease and status, its podCIDR. Ready
+    // follows the runtime answering CRI Version (probed every update period).
+    if let Some(api) = api {
+        let facts = crate::api::machine::gather(&cfg, (&shared.runtime_name, &runtime_version));
+        let settings = crate::api::node::NodeSettings::from_config(&cfg);
+        let (ready_tx, ready_rx) = watch::channel(true);
+        let (rt, every, c) = (
+            shared.runtime.clone(),
+            cfg.node_status_update_frequency,
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = async {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let up = rt.version().await.is_ok();
+                        ready_tx.send_if_modified(|r| std::mem::replace(r, up) != up);
+                    }
+                } => {}
+            }
+        });
+        tasks.spawn(crate::api::node::run(
+            api,
+            facts,
+            settings,
+            ready_rx,
+            pod_cidr.clone(),
+            cancel.clone(),
+        ));
     }
     info!(
         node = %cfg.node_name,

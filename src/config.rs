@@ -15,6 +15,7 @@
 //!
 //! Side effects: reads the config file, the host name. Nothing else.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
@@ -55,6 +56,9 @@ const KUBELET_SUPPORTED: &[&str] = &[
     "resolvConf",
     "clusterDNS",
     "clusterDomain",
+    "nodeStatusUpdateFrequency",
+    "nodeStatusReportFrequency",
+    "nodeLeaseDurationSeconds",
 ];
 
 /// MiniletConfiguration fields.
@@ -148,7 +152,6 @@ const KUBELET_FIELDS: &[&str] = &[
     "kubeAPIBurst",
     "serializeImagePulls",
     "maxParallelImagePulls",
-    "evictionHard",
     "evictionSoft",
     "evictionSoftGracePeriod",
     "evictionPressureTransitionPeriod",
@@ -211,6 +214,10 @@ pub struct Flags {
     pub container_runtime_endpoint: Option<String>,
     pub root_dir: Option<PathBuf>,
     pub hostname_override: Option<String>,
+    /// kubelet's --kubeconfig: credentials for the API server.
+    pub kubeconfig: Option<PathBuf>,
+    /// kubelet's --node-ip: the node's InternalIP address.
+    pub node_ip: Option<String>,
 }
 
 /// The validated configuration the agent runs with.
@@ -263,6 +270,26 @@ pub struct Config {
     /// the runtime work (create, start, stop, remove) in flight at once,
     /// node-wide (`cri::bounded`). At least 2.
     pub max_parallel_runtime_requests: usize,
+    /// kubelet's --kubeconfig (a flag only, as kubelet has it). `None`: the
+    /// in-cluster service account when its environment is there, else
+    /// static pods only (`api::client::connect` decides).
+    pub kubeconfig: Option<PathBuf>,
+    /// kubelet's --node-ip: the Node's InternalIP. `None`: the source
+    /// address of the default route.
+    pub node_ip: Option<IpAddr>,
+    /// kubelet `nodeStatusUpdateFrequency`, default 10s: how often the node
+    /// status is computed and, when it changed, patched.
+    pub node_status_update_frequency: Duration,
+    /// kubelet `nodeStatusReportFrequency`, default 5m (or the update
+    /// frequency, when only that is set): the status is patched at least
+    /// this often even when nothing changed.
+    pub node_status_report_frequency: Duration,
+    /// kubelet `nodeLeaseDurationSeconds`, default 40; the Lease is renewed
+    /// every quarter of it.
+    pub node_lease_duration_seconds: u32,
+    /// kubelet `evictionHard`: the thresholds of the pressure conditions
+    /// and allocatable (`eviction`), kubelet's defaults when unset.
+    pub eviction_hard: crate::eviction::EvictionHard,
     /// Warnings found while loading (e.g. kubelet fields minilet ignores),
     /// logged by `main` once tracing is up.
     pub warnings: Vec<String>,
@@ -310,6 +337,12 @@ impl Config {
             cni_plugin_timeout: Duration::from_secs(30),
             max_parallel_sandbox_creations: crate::pod::worker::PARALLEL_SANDBOXES,
             max_parallel_runtime_requests: DEFAULT_PARALLEL_RUNTIME_REQUESTS,
+            kubeconfig: None,
+            node_ip: None,
+            node_status_update_frequency: Duration::from_secs(10),
+            node_status_report_frequency: Duration::from_secs(300),
+            node_lease_duration_seconds: 40,
+            eviction_hard: Default::default(),
             warnings: Vec::new(),
         }
     }
@@ -493,6 +526,11 @@ struct FileSettings {
     resolv_conf: Option<Setting<String>>,
     cluster_dns: Option<Setting<Vec<String>>>,
     cluster_domain: Option<Setting<String>>,
+    node_status_update_frequency: Option<Duration>,
+    node_status_report_frequency: Option<Duration>,
+    node_lease_duration_seconds: Option<u32>,
+    eviction_hard: Option<crate::eviction::EvictionHard>,
+    eviction_warnings: Vec<String>,
     state_dir: Option<Setting<String>>,
     cni_conf_dir: Option<Setting<String>>,
     cni_bin_dirs: Option<Setting<Vec<String>>>,
@@ -582,6 +620,33 @@ fn resolve(
     }
     if let Some(v) = fs.sync_frequency {
         cfg.sync_frequency = v;
+    }
+    // kubelet: with only nodeStatusUpdateFrequency set, the report
+    // frequency defaults to it (the behaviour before the lease existed).
+    if let Some(v) = fs.node_status_update_frequency {
+        cfg.node_status_update_frequency = v;
+        cfg.node_status_report_frequency = v;
+    }
+    if let Some(v) = fs.node_status_report_frequency {
+        cfg.node_status_report_frequency = v;
+    }
+    if let Some(v) = fs.node_lease_duration_seconds {
+        cfg.node_lease_duration_seconds = v;
+    }
+    if let Some(v) = fs.eviction_hard {
+        cfg.eviction_hard = v;
+    }
+    cfg.warnings.extend(fs.eviction_warnings.iter().cloned());
+    cfg.kubeconfig.clone_from(&flags.kubeconfig);
+    if let Some(ip) = &flags.node_ip {
+        cfg.node_ip = Some(ip.trim().parse::<IpAddr>().map_err(|_| {
+            invalid(
+                Origin::Flag("--node-ip"),
+                "nodeIP",
+                format!("{ip:?}"),
+                "must be an IP address",
+            )
+        })?);
     }
     if let Some(s) = fs.cluster_dns {
         for ip in &s.value {
@@ -916,6 +981,26 @@ impl DocCtx<'_> {
         }
     }
 
+    /// A map of strings to strings; `None` for null.
+    fn string_map(
+        &self,
+        field: &'static str,
+        v: &Value,
+    ) -> Result<Option<BTreeMap<String, String>>, ConfigError> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Object(m) => m
+                .iter()
+                .map(|(k, item)| match item {
+                    Value::String(s) => Ok((k.clone(), s.clone())),
+                    _ => Err(self.invalid(field, item, "must map names to strings")),
+                })
+                .collect::<Result<_, _>>()
+                .map(Some),
+            _ => Err(self.invalid(field, v, "must map names to strings")),
+        }
+    }
+
     /// A list of strings; `None` for null.
     fn strings(
         &self,
@@ -1001,6 +1086,25 @@ fn read_kubelet_field(
         "resolvConf" => fs.resolv_conf = ctx.string("resolvConf", v)?,
         "clusterDNS" => fs.cluster_dns = ctx.strings("clusterDNS", v)?,
         "clusterDomain" => fs.cluster_domain = ctx.string("clusterDomain", v)?,
+        "nodeStatusUpdateFrequency" => {
+            fs.node_status_update_frequency = ctx.duration("nodeStatusUpdateFrequency", v)?;
+        }
+        "nodeStatusReportFrequency" => {
+            fs.node_status_report_frequency = ctx.duration("nodeStatusReportFrequency", v)?;
+        }
+        "nodeLeaseDurationSeconds" => {
+            fs.node_lease_duration_seconds = ctx
+                .count("nodeLeaseDurationSeconds", v, 1)?
+                .map(|s| s.value);
+        }
+        "evictionHard" => {
+            if let Some(map) = ctx.string_map("evictionHard", v)? {
+                let (e, warnings) = crate::eviction::parse(&map)
+                    .map_err(|reason| ctx.invalid("evictionHard", v, &reason))?;
+                fs.eviction_hard = Some(e);
+                fs.eviction_warnings = warnings;
+            }
+        }
         _ if KUBELET_FIELDS.contains(&field) => fs.unsupported.push(field.to_string()),
         _ => return Err(ctx.unknown_field(field.to_string())),
     }
@@ -1239,6 +1343,7 @@ mod tests {
             container_runtime_endpoint: Some("unix:///x.sock".into()),
             root_dir: Some("/root-dir".into()),
             hostname_override: Some(" Node.Example ".into()),
+            ..Flags::default()
         };
         type Check = fn(&Config);
         let cases: Vec<(&str, Flags, Check)> = vec![
@@ -1280,6 +1385,52 @@ mod tests {
             let cfg = from_text(&f, &file).unwrap_or_else(|e| panic!("{name}: {e}"));
             check(&cfg);
         }
+    }
+
+    /// The node status settings have kubelet's defaults and its rule that
+    /// the report frequency follows an explicitly set update frequency.
+    #[test]
+    fn node_status_frequencies_follow_kubelet_defaults() {
+        let d = from_text(&flags(), KUBELET).unwrap();
+        assert_eq!(d.node_status_update_frequency, Duration::from_secs(10));
+        assert_eq!(d.node_status_report_frequency, Duration::from_secs(300));
+        assert_eq!(d.node_lease_duration_seconds, 40);
+        assert_eq!((d.kubeconfig, d.node_ip), (None, None));
+        let only_update = from_text(
+            &flags(),
+            &format!("{KUBELET}nodeStatusUpdateFrequency: 20s\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            only_update.node_status_report_frequency,
+            Duration::from_secs(20)
+        );
+        let both = from_text(
+            &flags(),
+            &format!(
+                "{KUBELET}nodeStatusUpdateFrequency: 20s\nnodeStatusReportFrequency: 1m\nnodeLeaseDurationSeconds: 60\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(both.node_status_report_frequency, Duration::from_secs(60));
+        assert_eq!(both.node_lease_duration_seconds, 60);
+        let f = Flags {
+            kubeconfig: Some("/etc/kubernetes/kubelet.conf".into()),
+            node_ip: Some("10.0.0.5".into()),
+            ..flags()
+        };
+        let c = from_text(&f, KUBELET).unwrap();
+        assert_eq!(c.kubeconfig, Some("/etc/kubernetes/kubelet.conf".into()));
+        assert_eq!(c.node_ip, Some("10.0.0.5".parse().unwrap()));
+        let bad = Flags {
+            node_ip: Some("ten".into()),
+            ..flags()
+        };
+        let err = from_text(&bad, KUBELET).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "flag --node-ip: invalid nodeIP \"ten\": must be an IP address"
+        );
     }
 
     #[test]

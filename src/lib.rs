@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod cri;
 pub mod doctor;
+pub mod eviction;
 pub mod locks;
 pub mod objects;
 pub mod pod;

@@ -33,6 +33,15 @@ struct Args {
     /// Node name to use instead of the host name.
     #[arg(long, global = true)]
     hostname_override: Option<String>,
+    /// kubeconfig file with the node's credentials for the API server
+    /// (kubelet's flag). Without it: the in-cluster service account when
+    /// KUBERNETES_SERVICE_HOST is set, else static pods only.
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// IP address of the node (its InternalIP); default: the source address
+    /// of the default route.
+    #[arg(long, global = true)]
+    node_ip: Option<String>,
     /// Log filter (tracing-subscriber EnvFilter syntax); RUST_LOG also works.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
@@ -115,6 +124,8 @@ fn main() -> ExitCode {
         container_runtime_endpoint: args.container_runtime_endpoint.clone(),
         root_dir: args.root_dir.clone(),
         hostname_override: args.hostname_override.clone(),
+        kubeconfig: args.kubeconfig.clone(),
+        node_ip: args.node_ip.clone(),
     };
     let cfg = match config::load(&flags) {
         Ok(cfg) => cfg,

@@ -198,6 +198,55 @@ impl ObjectLookup for ObjectStore {
     }
 }
 
+/// The manifest dir's objects first, then the API server's: standalone
+/// pods find what their dir defines, API pods what the server has.
+pub struct Layered {
+    pub local: ObjectStore,
+    pub remote: Arc<dyn ObjectLookup>,
+}
+
+/// `local`'s answer unless it lacks the object, then `remote`'s.
+macro_rules! layered {
+    ($self:ident, $method:ident, $($arg:expr),*) => {
+        Box::pin(async move {
+            match $self.local.$method($($arg),*).await {
+                Err(LookupError::NotFound(_)) => $self.remote.$method($($arg),*).await,
+                found => found,
+            }
+        })
+    };
+}
+
+impl ObjectLookup for Layered {
+    fn config_map<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<ConfigMap>, LookupError>> {
+        layered!(self, config_map, namespace, name)
+    }
+    fn secret<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<Secret>, LookupError>> {
+        layered!(self, secret, namespace, name)
+    }
+    fn persistent_volume_claim<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<PersistentVolumeClaim>, LookupError>> {
+        layered!(self, persistent_volume_claim, namespace, name)
+    }
+    fn persistent_volume<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, LookupError>> {
+        layered!(self, persistent_volume, name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

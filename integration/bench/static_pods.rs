@@ -324,7 +324,16 @@ async fn direct_pod(rt: &RemoteRuntime, host: &HostContext, pod: &Pod) -> Result
     let downward = Downward {
         pod_ip: String::new(),
     };
-    let config = spec::container_config(pod, c, false, 0, host, &downward, &HashMap::new())?;
+    let config = spec::container_config(
+        pod,
+        c,
+        false,
+        0,
+        host,
+        &downward,
+        &HashMap::new(),
+        &Default::default(),
+    )?;
     fs::create_dir_all(Path::new(&sandbox.log_directory).join(&c.name))?;
     let cid = rt.create_container(&sid, config, sandbox).await?;
     rt.start_container(&cid).await?;

@@ -160,10 +160,14 @@ impl Agent {
         let config = format!(
             "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
              staticPodPath: {m}\ncontainerRuntimeEndpoint: {sock}\npodLogsDir: {logs}\n\
-             fileCheckFrequency: 5s\n{kextra}---\n\
+             fileCheckFrequency: 5s\n{eviction}{kextra}---\n\
              apiVersion: minilet.io/v1alpha1\nkind: MiniletConfiguration\n\
              stateDir: {state}\ncniConfDir: {netd}\ncniBinDirs: [{plugins}]\n\
              runtimeCNIConfDir: {rconf}\nruntimeCNIBinDir: {rbin}\ncniPluginTimeout: {timeout}\n{mextra}",
+            // The test machines' one disk is shared with everything else
+            // on them: kubelet's default nodefs.available<10% would taint
+            // the test nodes with disk-pressure whenever it runs low.
+            eviction = "evictionHard: {memory.available: 100Mi, nodefs.available: \"1%\", nodefs.inodesFree: \"1%\"}\n",
             kextra = lines(&options.kubelet_config),
             mextra = lines(&options.minilet_config),
             m = root.join("manifests").display(),
@@ -189,26 +193,39 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
+        self.restart_unready();
+        self.wait_ready();
+    }
+
+    /// Start the agent again after `kill9`/`terminate` without waiting for
+    /// it to be ready (it is not while a source cannot list).
+    pub fn restart_unready(&mut self) {
+        assert!(self.child.is_none(), "agent still running");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_minilet"))
-            .args([
-                "--config",
-                self.config().to_str().unwrap(),
-                "--hostname-override",
-                &self.node,
-            ])
-            .args(["--log-level", "info,minilet=debug"])
-            .args(&self.options.args)
-            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn minilet");
-        self.child = Some(child);
+        self.child = Some(self.command().stderr(log).spawn().expect("spawn minilet"));
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_minilet"));
+        cmd.args([
+            "--config",
+            self.config().to_str().unwrap(),
+            "--hostname-override",
+            &self.node,
+        ])
+        .args(["--log-level", "info,minilet=debug"])
+        .args(&self.options.args)
+        .envs(self.options.env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null());
+        cmd
+    }
+
+    /// Wait (up to a minute) until the agent says it is ready.
+    pub fn wait_ready(&self) {
         // Ready once the agent says so: runtime connected, sources synced,
         // its first relist done and every pod found then reconciled once.
         // (The control socket answers long before that.)

@@ -3,6 +3,10 @@
 //! Every check reads the runtime (CRI), the files on disk or the network.
 //! They need root and the stack, and FAIL (never skip) without them.
 
+mod api_node;
+mod api_objects;
+mod api_outage;
+mod api_pods;
 mod cluster;
 mod cni;
 mod docker;

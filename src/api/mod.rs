@@ -7,3 +7,14 @@
 //!
 //! Everything here talks to the server through kube-rs; the pod path sees
 //! only the seams (`source::merge`, `sink`, `objects::ObjectLookup`).
+
+pub mod client;
+pub mod events;
+pub mod machine;
+pub mod mirror;
+pub mod node;
+pub mod objects;
+pub mod pod_api;
+pub mod pods;
+pub mod status_writer;
+pub mod tokens;

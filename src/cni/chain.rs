@@ -41,6 +41,7 @@ use super::cache::{CACHE_KIND, CacheError, CachedAttachment, ContainerLock, Resu
 use super::config::{NetworkConfigList, NetworkStore, PluginConfig, is_identifier};
 use super::exec::{Command, ExecError, PluginEnv, PluginError, PluginExec, codes, parse_result};
 use super::observe::{CniMetrics, short_duration};
+use super::pod_cidr::PodCidr;
 use super::version::{self, ConvertError, PluginInfo};
 use crate::locks::lock;
 
@@ -172,6 +173,10 @@ pub enum CniError {
     /// A network list with no plugins (config validation refuses these).
     #[error("network {network} has no plugins")]
     EmptyNetwork { network: String },
+    /// The network's IPAM asks for the node's pod CIDR and it is not (yet)
+    /// there (`pod_cidr`).
+    #[error(transparent)]
+    PodCidr(#[from] super::pod_cidr::PodCidrError),
     /// The result cache could not be written or read.
     #[error("{network}")]
     Cache {
@@ -203,6 +208,8 @@ impl CniError {
             CniError::NotAdded { .. } => codes::INVALID_CONFIG,
             CniError::Convert { .. } => codes::DECODE_FAILURE,
             CniError::Cache { .. } => codes::IO_FAILURE,
+            CniError::PodCidr(e) if e.is_retryable() => codes::TRY_AGAIN_LATER,
+            CniError::PodCidr(_) => codes::INVALID_CONFIG,
         };
         PluginError {
             cni_version: String::new(),
@@ -328,6 +335,8 @@ pub struct CniRunner<E: PluginExec> {
     /// Plugin type → (binary identity, its VERSION answer).
     versions: Mutex<HashMap<String, (String, PluginInfo)>>,
     gc_grace: Duration,
+    /// The node's pod CIDR, for networks whose IPAM says `usePodCidr`.
+    pod_cidr: Arc<PodCidr>,
     #[cfg(feature = "fault-injection")]
     abort_after_add: bool,
 }
@@ -347,6 +356,7 @@ impl<E: PluginExec> CniRunner<E> {
             locks: ContainerLocks::default(),
             versions: Mutex::default(),
             gc_grace: DEFAULT_GC_GRACE,
+            pod_cidr: Arc::new(PodCidr::standalone()),
             #[cfg(feature = "fault-injection")]
             abort_after_add: std::env::var("MINILET_FAULT")
                 .is_ok_and(|v| v == FAULT_ABORT_AFTER_ADD),
@@ -356,6 +366,13 @@ impl<E: PluginExec> CniRunner<E> {
     /// How old a stale cache entry must be before GC removes it.
     pub fn with_gc_grace(mut self, grace: Duration) -> Self {
         self.gc_grace = grace;
+        self
+    }
+
+    /// Where the node's pod CIDR comes from (API server mode: the node
+    /// task fills it); without, `usePodCidr` networks fail as standalone.
+    pub fn with_pod_cidr(mut self, pod_cidr: Arc<PodCidr>) -> Self {
+        self.pod_cidr = pod_cidr;
         self
     }
 
@@ -379,7 +396,7 @@ impl<E: PluginExec> CniRunner<E> {
         &self.metrics
     }
 
-    /// The current network `name` (`""`: the default).
+    /// The current network `name` (`""`: the default), as written.
     pub fn network(&self, name: &str) -> Result<NetworkConfigList, CniError> {
         let set = self.store.current();
         set.get(name).cloned().ok_or_else(|| {
@@ -389,6 +406,13 @@ impl<E: PluginExec> CniRunner<E> {
                 CniError::UnknownNetwork { name: name.into() }
             }
         })
+    }
+
+    /// The current network `name` as it runs: with the node's pod CIDR in
+    /// place of a `usePodCidr` placeholder (`pod_cidr`).
+    pub fn network_to_run(&self, name: &str) -> Result<NetworkConfigList, CniError> {
+        let net = self.network(name)?;
+        Ok(super::pod_cidr::apply(&net, &self.pod_cidr.get())?.unwrap_or(net))
     }
 
     /// The cached attachments of a container, sorted by network then ifname.
@@ -437,7 +461,7 @@ impl<E: PluginExec> CniRunner<E> {
         report: &mut OpReport,
     ) -> Result<Value, CniError> {
         att.validate().map_err(CniError::InvalidAttachment)?;
-        let net = self.network(network)?;
+        let net = self.network_to_run(network)?;
         report.network.clone_from(&net.name);
         let _guard = self.lock(&net.name, &att.container_id).await?;
         self.check_versions(&net, &net.plugins).await?;
@@ -603,7 +627,7 @@ impl<E: PluginExec> CniRunner<E> {
         {
             return Ok(net);
         }
-        self.network(network)
+        self.network_to_run(network)
     }
 
     async fn del_locked(
@@ -734,7 +758,7 @@ impl<E: PluginExec> CniRunner<E> {
     /// sent the STATUS verb (its error, e.g. code 50 "not available",
     /// comes back as is).
     pub async fn status(&self, network: &str) -> Result<(), CniError> {
-        let net = self.network(network)?;
+        let net = self.network_to_run(network)?;
         self.check_versions(&net, &net.plugins).await?;
         if !version::at_least(&net.cni_version, "1.1.0") {
             return Ok(());
@@ -1234,6 +1258,46 @@ mod tests {
             Arc::new(CniMetrics::new()),
         );
         (runner, dir, log)
+    }
+
+    /// A `usePodCidr` network: ADD before the node has its pod CIDR fails
+    /// with "try again later" and runs nothing; once the node task has
+    /// published it, the plugin gets the real range, and the cache keeps
+    /// that config for DEL.
+    #[tokio::test]
+    async fn use_pod_cidr_waits_for_the_node_then_runs_with_its_range() {
+        let (runner, dir, log) = script_runner(
+            &["one"],
+            vec![network(
+                r#"[{"type":"one","ipam":{"type":"host-local","ranges":[[{"subnet":"usePodCidr"}]]}}]"#,
+            )],
+        );
+        let cidr = Arc::new(PodCidr::waiting());
+        let runner = runner.with_pod_cidr(cidr.clone());
+        let err = runner.add("", &att("c1")).await.unwrap_err();
+        assert!(matches!(err, CniError::PodCidr(_)), "{err:?}");
+        assert_eq!(err.to_plugin_error().code, codes::TRY_AGAIN_LATER);
+        assert!(read_log(&log).is_empty(), "no plugin ran");
+
+        cidr.set(vec!["10.244.7.0/24".into()]);
+        runner.add("", &att("c1")).await.unwrap();
+        let calls = read_log(&log);
+        assert_eq!(
+            calls[0].2["ipam"]["ranges"][0][0]["subnet"],
+            "10.244.7.0/24"
+        );
+        let cached = runner
+            .cache()
+            .load("testnet", "c1", "eth0")
+            .await
+            .unwrap()
+            .unwrap();
+        let config: Value = serde_json::from_slice(&cached.config).unwrap();
+        assert_eq!(
+            config["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+            "10.244.7.0/24"
+        );
+        drop(dir);
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ pub mod fake;
 pub mod install;
 pub mod local;
 pub mod observe;
+pub mod pod_cidr;
 pub mod podnet;
 pub mod server;
 pub mod tool;

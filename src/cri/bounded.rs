@@ -134,9 +134,10 @@ impl<R: Runtime> Runtime for Bounded<R> {
     async fn pull_image(
         &self,
         image: &str,
+        auth: Option<api::AuthConfig>,
         sandbox_config: api::PodSandboxConfig,
     ) -> Result<String> {
-        self.inner.pull_image(image, sandbox_config).await
+        self.inner.pull_image(image, auth, sandbox_config).await
     }
 }
 
@@ -232,9 +233,10 @@ mod tests {
         async fn pull_image(
             &self,
             image: &str,
+            auth: Option<api::AuthConfig>,
             sandbox_config: api::PodSandboxConfig,
         ) -> Result<String> {
-            self.call(READ, self.fake.pull_image(image, sandbox_config))
+            self.call(READ, self.fake.pull_image(image, auth, sandbox_config))
                 .await
         }
     }
@@ -332,7 +334,7 @@ mod tests {
                 rt.list_containers(Labels::new()),
                 rt.pod_sandbox_status(&sandbox),
                 rt.image_status("busybox"),
-                rt.pull_image("busybox", api::PodSandboxConfig::default()),
+                rt.pull_image("busybox", None, api::PodSandboxConfig::default()),
             );
             assert!(l.is_ok() && s.is_ok() && i.is_ok() && p.is_ok());
             t.elapsed()

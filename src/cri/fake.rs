@@ -70,6 +70,10 @@ struct State {
     latency: Duration,
     in_flight: usize,
     peak_in_flight: usize,
+    /// Images that pull only with these (username, password).
+    private: HashMap<String, (String, String)>,
+    /// Every PullImage: image and the (username, password) it carried.
+    pull_auths: Vec<(String, Option<(String, String)>)>,
 }
 
 impl State {
@@ -164,6 +168,17 @@ impl FakeRuntime {
     }
     pub fn clear_calls(&self) {
         self.state.lock().unwrap().calls.clear();
+    }
+    /// `image` pulls only with these credentials (a registry behind auth).
+    pub fn private_image(&self, image: &str, username: &str, password: &str) {
+        self.state.lock().unwrap().private.insert(
+            image.to_string(),
+            (username.to_string(), password.to_string()),
+        );
+    }
+    /// Every PullImage so far: the image and the (username, password) sent.
+    pub fn pull_auths(&self) -> Vec<(String, Option<(String, String)>)> {
+        self.state.lock().unwrap().pull_auths.clone()
     }
     /// The next call of `method` fails with a permanent error.
     pub fn fail_next(&self, method: &str, message: &str) {
@@ -500,10 +515,25 @@ impl Runtime for FakeRuntime {
     async fn pull_image(
         &self,
         image: &str,
+        auth: Option<api::AuthConfig>,
         _sandbox_config: api::PodSandboxConfig,
     ) -> Result<String> {
         let _in_flight = self.enter().await;
         let mut s = self.begin("PullImage", image)?;
+        let user = auth
+            .as_ref()
+            .map(|a| (a.username.clone(), a.password.clone()));
+        s.pull_auths.push((image.to_string(), user.clone()));
+        if let Some(want) = s.private.get(image)
+            && user.as_ref() != Some(want)
+        {
+            // What a registry behind auth answers, through containerd.
+            return Err(CriError::Rejected {
+                op: "fake",
+                message: "401 Unauthorized".into(),
+                source: tonic::Status::unknown("401 Unauthorized"),
+            });
+        }
         if image.is_empty() {
             // What containerd answers for an empty reference.
             return Err(CriError::Rejected {

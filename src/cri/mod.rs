@@ -9,6 +9,7 @@
 pub mod bounded;
 #[cfg(test)]
 pub mod fake;
+pub mod keyring;
 pub mod remote;
 
 use std::collections::HashMap;
@@ -120,10 +121,13 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<api::ContainerStatus>> + Send;
     /// `Ok(None)` when the image is not present.
     fn image_status(&self, image: &str) -> impl Future<Output = Result<Option<api::Image>>> + Send;
-    /// Returns the image reference the runtime resolved.
+    /// Returns the image reference the runtime resolved. `auth`: registry
+    /// credentials (from the pod's imagePullSecrets, see `keyring`), or
+    /// `None` for an anonymous pull.
     fn pull_image(
         &self,
         image: &str,
+        auth: Option<api::AuthConfig>,
         sandbox_config: api::PodSandboxConfig,
     ) -> impl Future<Output = Result<String>> + Send;
 }

@@ -351,6 +351,7 @@ impl Runtime for RemoteRuntime {
     async fn pull_image(
         &self,
         image: &str,
+        auth: Option<api::AuthConfig>,
         sandbox_config: api::PodSandboxConfig,
     ) -> Result<String> {
         let req = api::PullImageRequest {
@@ -358,7 +359,7 @@ impl Runtime for RemoteRuntime {
                 image: image.to_string(),
                 ..Default::default()
             }),
-            auth: None,
+            auth,
             sandbox_config: Some(sandbox_config),
         };
         // Long-running, as in kubelet: no runtimeRequestTimeout on pulls.

@@ -1,6 +1,7 @@
 //! Pure translation of a v1 Pod into CRI sandbox and container configs,
 //! with kubelet's labels, annotations, defaults and resource arithmetic.
-//! No I/O: host facts (resolv.conf text, memory capacity, volume paths) are
+//! No I/O: host facts (resolv.conf text, memory capacity, volume paths) and
+//! the ConfigMaps and Secrets env uses (`pod::objects::Resolved`) are
 //! passed in.
 
 use std::collections::{BTreeMap, HashMap};
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
+use super::objects::Resolved;
 use crate::cri::api;
 use crate::labels;
 
@@ -32,6 +34,22 @@ pub enum SpecError {
         container: String,
         var: String,
         what: String,
+    },
+    /// A ConfigMap or Secret the env references was not fetched (a bug:
+    /// `pod::objects::resolve` fetches every one).
+    #[error("container {container}: {kind} {name:?} was not looked up")]
+    Unresolved {
+        container: String,
+        kind: &'static str,
+        name: String,
+    },
+    /// A key the env references is not in the object (kubelet's words).
+    #[error("couldn't find key {key} in {kind} {namespace}/{name}")]
+    MissingKey {
+        key: String,
+        kind: &'static str,
+        namespace: String,
+        name: String,
     },
     /// A subPath that would escape the volume.
     #[error(
@@ -445,55 +463,210 @@ const READONLY_PATHS: [&str; 6] = [
     "/proc/sysrq-trigger",
 ];
 
+/// kubelet's `IsEnvVarName`: `[-._a-zA-Z][-._a-zA-Z0-9]*`.
+pub fn is_env_var_name(name: &str) -> bool {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_');
+    name.chars()
+        .next()
+        .is_some_and(|c| ok(c) && !c.is_ascii_digit())
+        && name.chars().all(ok)
+}
+
+/// One envFrom source's variables (prefix applied), and the keys it had
+/// that are no valid variable names (kubelet skips and reports them).
+struct FromSource {
+    vars: Vec<(String, String)>,
+    invalid: Vec<String>,
+    what: &'static str,
+    name: String,
+}
+
+fn unresolved(c: &Container, kind: &'static str, name: &str) -> SpecError {
+    SpecError::Unresolved {
+        container: c.name.clone(),
+        kind,
+        name: name.to_string(),
+    }
+}
+
+/// envFrom in order; an optional object that does not exist gives nothing.
+fn env_from(c: &Container, objects: &Resolved) -> Result<Vec<FromSource>, SpecError> {
+    let mut out = Vec::new();
+    for e in c.env_from.iter().flatten() {
+        let prefix = e.prefix.as_deref().unwrap_or_default();
+        let (what, name, data): (_, _, Vec<(String, String)>) = if let Some(r) = &e.config_map_ref {
+            let Some(got) = objects.config_maps.get(&r.name) else {
+                return Err(unresolved(c, "configmap", &r.name));
+            };
+            let Some(cm) = got else { continue };
+            let data = cm.data.iter().flatten();
+            (
+                "configMap",
+                &r.name,
+                data.map(|(k, v)| (k.clone(), v.clone())).collect(),
+            )
+        } else if let Some(r) = &e.secret_ref {
+            let Some(got) = objects.secrets.get(&r.name) else {
+                return Err(unresolved(c, "secret", &r.name));
+            };
+            let Some(secret) = got else { continue };
+            let data = secret.data.iter().flatten();
+            let data = data.map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()));
+            ("secret", &r.name, data.collect())
+        } else {
+            continue;
+        };
+        let mut source = FromSource {
+            vars: vec![],
+            invalid: vec![],
+            what,
+            name: name.clone(),
+        };
+        for (k, v) in data {
+            let k = format!("{prefix}{k}");
+            if is_env_var_name(&k) {
+                source.vars.push((k, v));
+            } else {
+                source.invalid.push(k);
+            }
+        }
+        source.invalid.sort();
+        out.push(source);
+    }
+    Ok(out)
+}
+
+/// kubelet's `InvalidEnvironmentVariableNames` warnings for a container's
+/// envFrom (one per source that had such keys), worded as kubelet's event.
+pub fn invalid_env_names(pod: &Pod, c: &Container, objects: &Resolved) -> Vec<String> {
+    let (_, namespace, _) = meta(pod);
+    env_from(c, objects)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| !s.invalid.is_empty())
+        .map(|s| {
+            format!(
+                "Keys [{}] from the EnvFrom {} {namespace}/{} were skipped since they are considered invalid environment variable names.",
+                s.invalid.join(", "),
+                s.what,
+                s.name
+            )
+        })
+        .collect()
+}
+
+/// The container's environment as kubelet makes it: envFrom first (later
+/// sources override earlier), then env in order (overriding envFrom), each
+/// `value` expanded against what is defined so far.
 fn env(
     pod: &Pod,
     c: &Container,
     host: &HostContext,
     downward: &Downward,
+    objects: &Resolved,
 ) -> Result<Vec<api::KeyValue>, SpecError> {
     let (name, namespace, uid) = meta(pod);
     let s = spec(pod);
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
-    let mut out = Vec::new();
+    // First-definition order, later definitions replace the value.
+    let mut order: Vec<String> = Vec::new();
+    let mut set = |vars: &mut BTreeMap<String, String>, k: String, v: String| {
+        if vars.insert(k.clone(), v).is_none() {
+            order.push(k);
+        }
+    };
+    for source in env_from(c, objects)? {
+        for (k, v) in source.vars {
+            set(&mut vars, k, v);
+        }
+    }
     for e in c.env.iter().flatten() {
         let value = match (&e.value, &e.value_from) {
             (_, Some(from)) => {
-                let Some(field) = &from.field_ref else {
+                if let Some(r) = &from.config_map_key_ref {
+                    let Some(got) = objects.config_maps.get(&r.name) else {
+                        return Err(unresolved(c, "configmap", &r.name));
+                    };
+                    let optional = r.optional.unwrap_or(false);
+                    let value = got
+                        .as_ref()
+                        .and_then(|cm| cm.data.as_ref()?.get(&r.key).cloned());
+                    match (value, optional) {
+                        (Some(v), _) => v,
+                        (None, true) => continue,
+                        (None, false) => {
+                            return Err(SpecError::MissingKey {
+                                key: r.key.clone(),
+                                kind: "ConfigMap",
+                                namespace: namespace.to_string(),
+                                name: r.name.clone(),
+                            });
+                        }
+                    }
+                } else if let Some(r) = &from.secret_key_ref {
+                    let Some(got) = objects.secrets.get(&r.name) else {
+                        return Err(unresolved(c, "secret", &r.name));
+                    };
+                    let optional = r.optional.unwrap_or(false);
+                    let value = got.as_ref().and_then(|s| {
+                        let v = s.data.as_ref()?.get(&r.key)?;
+                        Some(String::from_utf8_lossy(&v.0).into_owned())
+                    });
+                    match (value, optional) {
+                        (Some(v), _) => v,
+                        (None, true) => continue,
+                        (None, false) => {
+                            return Err(SpecError::MissingKey {
+                                key: r.key.clone(),
+                                kind: "Secret",
+                                namespace: namespace.to_string(),
+                                name: r.name.clone(),
+                            });
+                        }
+                    }
+                } else if let Some(field) = &from.field_ref {
+                    match field.field_path.as_str() {
+                        "metadata.name" => name.to_string(),
+                        "metadata.namespace" => namespace.to_string(),
+                        "metadata.uid" => uid.to_string(),
+                        "spec.nodeName" => s
+                            .node_name
+                            .clone()
+                            .unwrap_or_else(|| host.node_name.clone()),
+                        "spec.serviceAccountName" => {
+                            s.service_account_name.clone().unwrap_or_default()
+                        }
+                        "status.podIP" => downward.pod_ip.clone(),
+                        other => {
+                            return Err(SpecError::UnsupportedEnv {
+                                container: c.name.clone(),
+                                var: e.name.clone(),
+                                what: format!("fieldRef {other}"),
+                            });
+                        }
+                    }
+                } else {
                     return Err(SpecError::UnsupportedEnv {
                         container: c.name.clone(),
                         var: e.name.clone(),
-                        what: "valueFrom (only fieldRef is supported)".into(),
+                        what:
+                            "valueFrom (fieldRef, configMapKeyRef and secretKeyRef are supported)"
+                                .into(),
                     });
-                };
-                match field.field_path.as_str() {
-                    "metadata.name" => name.to_string(),
-                    "metadata.namespace" => namespace.to_string(),
-                    "metadata.uid" => uid.to_string(),
-                    "spec.nodeName" => s
-                        .node_name
-                        .clone()
-                        .unwrap_or_else(|| host.node_name.clone()),
-                    "spec.serviceAccountName" => s.service_account_name.clone().unwrap_or_default(),
-                    "status.podIP" => downward.pod_ip.clone(),
-                    other => {
-                        return Err(SpecError::UnsupportedEnv {
-                            container: c.name.clone(),
-                            var: e.name.clone(),
-                            what: format!("fieldRef {other}"),
-                        });
-                    }
                 }
             }
             (Some(v), None) => expand(v, &vars),
             (None, None) => String::new(),
         };
-        vars.insert(e.name.clone(), value.clone());
-        out.push(api::KeyValue {
-            key: e.name.clone(),
-            value,
-        });
+        set(&mut vars, e.name.clone(), value);
     }
-    Ok(out)
+    Ok(order
+        .into_iter()
+        .map(|key| {
+            let value = vars.get(&key).cloned().unwrap_or_default();
+            api::KeyValue { key, value }
+        })
+        .collect())
 }
 
 fn mounts(
@@ -534,7 +707,9 @@ fn mounts(
     Ok(out)
 }
 
-/// The ContainerConfig kubelet would send for this container instance.
+/// The ContainerConfig kubelet would send for this container instance;
+/// `objects` holds what `pod::objects::resolve` fetched for it.
+#[allow(clippy::too_many_arguments)]
 pub fn container_config(
     pod: &Pod,
     c: &Container,
@@ -543,9 +718,10 @@ pub fn container_config(
     host: &HostContext,
     downward: &Downward,
     volume_paths: &HashMap<String, PathBuf>,
+    objects: &Resolved,
 ) -> Result<api::ContainerConfig, SpecError> {
     let s = spec(pod);
-    let envs = env(pod, c, host, downward)?;
+    let envs = env(pod, c, host, downward, objects)?;
     let vars: BTreeMap<String, String> = envs
         .iter()
         .map(|kv| (kv.key.clone(), kv.value.clone()))
@@ -764,7 +940,17 @@ spec:
         let down = Downward {
             pod_ip: "10.1.2.3".into(),
         };
-        let cfg = container_config(&p, c, false, 3, &host, &down, &HashMap::new()).unwrap();
+        let cfg = container_config(
+            &p,
+            c,
+            false,
+            3,
+            &host,
+            &down,
+            &HashMap::new(),
+            &Resolved::default(),
+        )
+        .unwrap();
         assert_eq!(cfg.log_path, "c/3.log");
         assert_eq!(cfg.labels[labels::POD_UID], "u1");
         assert_eq!(cfg.labels[labels::CONTAINER_NAME], "c");
@@ -777,6 +963,120 @@ spec:
             .collect();
         assert_eq!(env["POD"], "web-node1");
         assert_eq!(env["IP"], "10.1.2.3");
+    }
+
+    fn cm(data: &[(&str, &str)]) -> Option<std::sync::Arc<k8s_openapi::api::core::v1::ConfigMap>> {
+        Some(std::sync::Arc::new(k8s_openapi::api::core::v1::ConfigMap {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }))
+    }
+
+    fn secret(data: &[(&str, &str)]) -> Option<std::sync::Arc<k8s_openapi::api::core::v1::Secret>> {
+        Some(std::sync::Arc::new(k8s_openapi::api::core::v1::Secret {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                        )
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }))
+    }
+
+    fn env_of(p: &Pod, objects: &Resolved) -> Result<Vec<(String, String)>, SpecError> {
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        let host = HostContext::default();
+        Ok(env(p, c, &host, &Downward::default(), objects)?
+            .into_iter()
+            .map(|kv| (kv.key, kv.value))
+            .collect())
+    }
+
+    #[test]
+    fn env_from_objects_follows_kubelet_precedence_and_expansion() {
+        let p = pod(r#"
+metadata: {name: p, namespace: ns}
+spec:
+  containers:
+  - name: c
+    envFrom:
+    - configMapRef: {name: base}
+    - secretRef: {name: creds}
+      prefix: S_
+    - configMapRef: {name: absent, optional: true}
+    env:
+    - {name: MODE, value: "env-$(MODE)-$(S_PASS)"}
+    - name: ONE
+      valueFrom: {configMapKeyRef: {name: base, key: one}}
+    - name: NOPE
+      valueFrom: {configMapKeyRef: {name: base, key: nope, optional: true}}
+    - name: PW
+      valueFrom: {secretKeyRef: {name: creds, key: PASS}}
+"#);
+        let objects = Resolved {
+            config_maps: BTreeMap::from([
+                (
+                    "base".to_string(),
+                    cm(&[("MODE", "cm"), ("one", "1"), ("bad key", "x"), ("1st", "y")]),
+                ),
+                ("absent".to_string(), None),
+            ]),
+            secrets: BTreeMap::from([("creds".to_string(), secret(&[("PASS", "hunter2")]))]),
+        };
+        let got = env_of(&p, &objects).unwrap();
+        let want = [
+            ("MODE", "env-cm-hunter2"),
+            ("one", "1"),
+            ("S_PASS", "hunter2"),
+            ("ONE", "1"),
+            ("PW", "hunter2"),
+        ];
+        assert_eq!(
+            got,
+            want.map(|(k, v)| (k.to_string(), v.to_string())).to_vec()
+        );
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        assert_eq!(
+            invalid_env_names(&p, c, &objects),
+            [
+                "Keys [1st, bad key] from the EnvFrom configMap ns/base were skipped since they are considered invalid environment variable names."
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_key_or_an_unfetched_object_is_an_error_in_kubelet_words() {
+        let p = pod(r#"
+metadata: {name: p, namespace: ns}
+spec:
+  containers:
+  - name: c
+    env:
+    - name: K
+      valueFrom: {secretKeyRef: {name: creds, key: k}}
+"#);
+        let empty = Resolved {
+            secrets: BTreeMap::from([("creds".to_string(), secret(&[]))]),
+            ..Default::default()
+        };
+        assert_eq!(
+            env_of(&p, &empty).unwrap_err().to_string(),
+            "couldn't find key k in Secret ns/creds"
+        );
+        assert!(matches!(
+            env_of(&p, &Resolved::default()),
+            Err(SpecError::Unresolved { .. })
+        ));
+        assert!(is_env_var_name("_a.b-c1") && !is_env_var_name("1a") && !is_env_var_name("a b"));
     }
 
     #[test]

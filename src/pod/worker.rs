@@ -649,6 +649,7 @@ impl<R: Runtime> Worker<R> {
     /// Pull the image as the policy says. `Err` holds the waiting reason.
     async fn ensure_image(
         &mut self,
+        pod: &Pod,
         c: &Container,
         sandbox: &api::PodSandboxConfig,
     ) -> Result<(), Waiting> {
@@ -696,11 +697,14 @@ impl<R: Runtime> Worker<R> {
             format!("Pulling image {image:?}"),
         );
         let began = std::time::Instant::now();
-        match self
-            .shared
-            .runtime
-            .pull_image(&image, sandbox.clone())
-            .await
+        match super::objects::pull_image(
+            rt.as_ref(),
+            self.shared.objects.as_ref(),
+            pod,
+            &image,
+            sandbox,
+        )
+        .await
         {
             Ok(_) => {
                 self.mem.pull_backoff.remove(&image);
@@ -744,7 +748,7 @@ impl<R: Runtime> Worker<R> {
         let sandbox_obs = obs.sandboxes.iter().find(|s| s.id == sandbox_id);
         let attempt = sandbox_obs.map_or(0, |s| s.attempt);
         let sandbox_config = spec::sandbox_config(pod, &self.shared.host, attempt);
-        if let Err(w) = self.ensure_image(c, &sandbox_config).await {
+        if let Err(w) = self.ensure_image(pod, c, &sandbox_config).await {
             let key = lifecycle::pull_key(c).to_string();
             let b = Backoff::after(
                 self.mem.pull_backoff.get(&key).copied(),
@@ -765,6 +769,22 @@ impl<R: Runtime> Worker<R> {
         let downward = Downward {
             pod_ip: sandbox_obs.map(|s| s.ip.clone()).unwrap_or_default(),
         };
+        // The ConfigMaps and Secrets env uses; kubelet's message as is
+        // (`configmap "x" not found`).
+        let objects = match super::objects::resolve(pod, c, self.shared.objects.as_ref()).await {
+            Ok(objects) => objects,
+            Err(e) => {
+                self.start_failed(name, "CreateContainerConfigError", e.to_string());
+                return Ok(());
+            }
+        };
+        for message in spec::invalid_env_names(pod, c, &objects) {
+            self.event(
+                EventType::Warning,
+                "InvalidEnvironmentVariableNames",
+                message,
+            );
+        }
         let built = volume::prepare(&self.shared.pods_dir.join(&self.uid), pod)
             .map_err(StepError::from)
             .and_then(|paths| {
@@ -776,10 +796,16 @@ impl<R: Runtime> Worker<R> {
                     &self.shared.host,
                     &downward,
                     &paths,
+                    &objects,
                 )?)
             });
         let config = match built {
             Ok(config) => config,
+            // kubelet's words for a missing key, unprefixed.
+            Err(StepError::Spec(e @ spec::SpecError::MissingKey { .. })) => {
+                self.start_failed(name, "CreateContainerConfigError", e.to_string());
+                return Ok(());
+            }
             Err(e) => {
                 self.start_failed(name, "CreateContainerConfigError", crate::error_chain(&e));
                 return Ok(());

@@ -78,6 +78,11 @@ pub fn merged(states: &[(&str, Option<&Snapshot>)]) -> Snapshot {
             continue;
         };
         out.errors.extend(snap.errors.iter().cloned());
+        for (file, objects) in &snap.objects {
+            out.objects
+                .entry(file.clone())
+                .or_insert_with(|| objects.clone());
+        }
         for (uid, pod) in &snap.pods {
             match out.pods.get(uid) {
                 Some(first) => out.errors.push(SourceError {

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 
+use crate::objects::Objects;
+
 /// A pod the node should run, fully defaulted: name, namespace and uid set,
 /// kubelet's config annotations present.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,12 +55,57 @@ pub struct Snapshot {
     /// is pending, the node must not tear down a pod it finds running that
     /// no source wants: the pending source may want it.
     pub pending_sources: Vec<String>,
+    /// ConfigMaps, Secrets, claims and volumes the source defines, by the
+    /// file that defines them (the manifest dir's; API objects are watched,
+    /// not listed, see `api::objects`).
+    pub objects: BTreeMap<String, Objects>,
 }
 
 impl Snapshot {
+    /// Every object of every file; a name two files define goes to the
+    /// first file in path order (the later one is reported by the source).
+    pub fn all_objects(&self) -> Objects {
+        let mut out = Objects::default();
+        for o in self.objects.values() {
+            for (k, v) in &o.config_maps {
+                out.config_maps
+                    .entry(k.clone())
+                    .or_insert_with(|| v.clone());
+            }
+            for (k, v) in &o.secrets {
+                out.secrets.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            for (k, v) in &o.claims {
+                out.claims.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            for (k, v) in &o.volumes {
+                out.volumes.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        out
+    }
+
     /// Every source has listed at least once.
     pub fn synced(&self) -> bool {
         self.pending_sources.is_empty()
+    }
+}
+
+/// Keep `store` holding the objects of the latest snapshot (the manifest
+/// dir's ConfigMaps, Secrets, claims, volumes). Returns when the sender is
+/// gone.
+pub async fn feed_objects(
+    store: crate::objects::ObjectStore,
+    mut snapshots: tokio::sync::watch::Receiver<Snapshot>,
+) {
+    loop {
+        let objects = snapshots.borrow_and_update().all_objects();
+        if store.snapshot() != objects {
+            store.replace(objects);
+        }
+        if snapshots.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -6,7 +6,12 @@
 //!
 //! What is read, like kubelet: every `*.yaml`, `*.yml` and `*.json` file
 //! directly in the directory (not recursive; dotfiles, other extensions and
-//! sub-directories are ignored), each YAML document (`---`) one `v1` `Pod`.
+//! sub-directories are ignored), each YAML document (`---`) one `v1` `Pod`,
+//! or one `v1` `ConfigMap`, `Secret`, `PersistentVolumeClaim` or
+//! `PersistentVolume` for the pods to use (validated like pods: name a DNS
+//! subdomain, data keys valid config keys; a Secret's `stringData` folded
+//! into `data` as the API server does). The objects travel in the
+//! snapshot (`Snapshot::objects`, by file), good or bad with their file.
 //!
 //! Identity, like kubelet (pkg/kubelet/config/common.go): the pod is named
 //! `<name>-<node>`, its namespace defaults to `default`, `spec.nodeName` is the
@@ -61,7 +66,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Toleration};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Toleration,
+};
 use md5::{Digest, Md5};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch as tokio_watch};
@@ -69,6 +77,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::validate::{self, FieldErrors};
 use super::{DesiredPod, Snapshot, SourceError};
+use crate::objects::Objects;
 use crate::yaml::{self, Document, Limits, Text};
 
 /// kubelet's annotation naming the source of a pod (`file` here).
@@ -154,8 +163,8 @@ pub enum ManifestError {
     /// A document that is not a mapping.
     #[error("document {doc}: not a mapping")]
     NotAMapping { doc: usize },
-    /// A document that is not a `v1` `Pod`.
-    #[error("document {doc}: apiVersion {} kind {} is not a v1 Pod", show(.api_version), show(.kind))]
+    /// A document that is not a `v1` `Pod` (or an object pods use).
+    #[error("document {doc}: apiVersion {} kind {} is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume)", show(.api_version), show(.kind))]
     NotAPod {
         doc: usize,
         api_version: Option<String>,
@@ -167,6 +176,30 @@ pub enum ManifestError {
         doc: usize,
         #[source]
         source: yaml::Error,
+    },
+    /// A ConfigMap, Secret, claim or volume whose fields have the wrong types.
+    #[error("document {doc}: invalid {kind}")]
+    InvalidObject {
+        doc: usize,
+        kind: &'static str,
+        #[source]
+        source: yaml::Error,
+    },
+    /// A ConfigMap, Secret, claim or volume the API server would refuse.
+    #[error("document {doc}: {kind} {name} is invalid: {errors}")]
+    BadObject {
+        doc: usize,
+        kind: &'static str,
+        name: String,
+        errors: FieldErrors,
+    },
+    /// The same object in an earlier file (path order), which keeps it.
+    #[error("document {doc}: {kind} {name} is already defined by {other}")]
+    DuplicateObject {
+        doc: usize,
+        kind: &'static str,
+        name: String,
+        other: String,
     },
     /// `metadata.name` absent or empty.
     #[error("document {doc}: metadata.name is missing")]
@@ -272,13 +305,23 @@ fn scan_at(dir: &Path, node_name: &str, previous: &Snapshot, now: jiff::Timestam
     let mut out = Snapshot::default();
     // namespace/name -> file that has it; the first file in path order wins.
     let mut claimed: HashMap<String, String> = HashMap::new();
+    // kind/namespace/name of objects -> file, likewise.
+    let mut claimed_objects: HashMap<String, String> = HashMap::new();
 
     for path in files {
         let source = path.display().to_string();
         let result = read_manifest(&path).and_then(|read| {
             let Some(docs) = read else { return Ok(None) };
             let n = docs.len();
-            let pods = docs
+            let mut raw_pods = Vec::new();
+            let mut objects = Vec::new();
+            for (doc, d) in docs {
+                match d {
+                    Doc::Pod(p) => raw_pods.push((doc, p)),
+                    Doc::Object(o) => objects.push((doc, *o)),
+                }
+            }
+            let pods = raw_pods
                 .into_iter()
                 .map(|(doc, raw)| {
                     static_pod(raw, doc, &source, node_name, &seen, previous).map(|p| (doc, p))
@@ -286,25 +329,33 @@ fn scan_at(dir: &Path, node_name: &str, previous: &Snapshot, now: jiff::Timestam
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| (e, n))?;
             check_duplicates(&pods, &claimed).map_err(|e| (e, n))?;
-            Ok(Some(pods))
+            let objects = file_objects(objects, &claimed_objects).map_err(|e| (e, n))?;
+            Ok(Some((pods, objects)))
         });
         match result {
             // Not a manifest after all (a directory named foo.yaml, or
             // removed since the listing).
             Ok(None) => {}
-            Ok(Some(pods)) => {
+            Ok(Some((pods, objects))) => {
                 for (_, pod) in pods {
                     claimed.insert(pod_key(&pod.pod), source.clone());
                     out.pods.insert(pod.uid().to_string(), pod);
                 }
+                if objects != Objects::default() {
+                    for key in object_keys(&objects) {
+                        claimed_objects.insert(key, source.clone());
+                    }
+                    out.objects.insert(source.clone(), objects);
+                }
             }
             Err((err, docs)) => {
                 let last_good = by_source.get(source.as_str());
+                let had_objects = previous.objects.contains_key(&source);
                 let mut message = one_line(&err);
                 if docs > 1 {
                     message.push_str(&format!("; the whole file ({docs} documents) is rejected"));
                 }
-                if last_good.is_some() {
+                if last_good.is_some() || had_objects {
                     message.push_str("; keeping its last good version");
                 }
                 out.errors.push(SourceError {
@@ -316,6 +367,15 @@ fn scan_at(dir: &Path, node_name: &str, previous: &Snapshot, now: jiff::Timestam
                     if let Entry::Vacant(slot) = claimed.entry(key) {
                         slot.insert(source.clone());
                         out.pods.insert(pod.uid().to_string(), Arc::clone(pod));
+                    }
+                }
+                if let Some(objects) = previous.objects.get(&source) {
+                    let keys = object_keys(objects);
+                    if keys.iter().all(|k| !claimed_objects.contains_key(k)) {
+                        for key in keys {
+                            claimed_objects.insert(key, source.clone());
+                        }
+                        out.objects.insert(source.clone(), objects.clone());
                     }
                 }
             }
@@ -358,7 +418,7 @@ type FileError = (ManifestError, usize);
 
 /// Reads and parses one file into (document index, raw pod) pairs; `None`
 /// when the path is not a file to read (a directory, or gone).
-fn read_manifest(path: &Path) -> Result<Option<Vec<(usize, Pod)>>, FileError> {
+fn read_manifest(path: &Path) -> Result<Option<Vec<(usize, Doc)>>, FileError> {
     let text = match read_text(path) {
         Ok(Some(text)) => text,
         Ok(None) => return Ok(None),
@@ -430,7 +490,7 @@ fn read_error(e: io::Error) -> ManifestError {
     }
 }
 
-fn parse_json(text: &str) -> Result<Vec<(usize, Pod)>, FileError> {
+fn parse_json(text: &str) -> Result<Vec<(usize, Doc)>, FileError> {
     // Syntax first, with serde_json's messages and in constant memory; then
     // the pod is decoded as YAML (JSON is YAML), under the same bounds.
     serde_json::from_str::<serde::de::IgnoredAny>(text)
@@ -438,7 +498,7 @@ fn parse_json(text: &str) -> Result<Vec<(usize, Pod)>, FileError> {
     parse_yaml(text)
 }
 
-fn parse_yaml(text: &str) -> Result<Vec<(usize, Pod)>, FileError> {
+fn parse_yaml(text: &str) -> Result<Vec<(usize, Doc)>, FileError> {
     // Two passes, each linear: the first reads only each document's top
     // level (syntax, bounds, apiVersion and kind), so the document count is
     // known for the message even when an early document is bad, and a
@@ -452,6 +512,7 @@ fn parse_yaml(text: &str) -> Result<Vec<(usize, Pod)>, FileError> {
     }
     let n = heads.len();
     let mut checked = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
     for (i, head) in heads.into_iter().enumerate() {
         match head {
             Ok(head) => checked.push(head),
@@ -469,32 +530,233 @@ fn parse_yaml(text: &str) -> Result<Vec<(usize, Pod)>, FileError> {
             return Err((ManifestError::NotAMapping { doc }, n));
         }
         let field = |k: &str| head.field(k).map(str::to_string);
-        check_pod_type(doc, field("apiVersion"), field("kind")).map_err(|e| (e, n))?;
+        kinds.push(check_kind(doc, field("apiVersion"), field("kind")).map_err(|e| (e, n))?);
         let items = head.longest_list();
         if items > MAX_LIST_ITEMS {
             let limit = MAX_LIST_ITEMS;
             return Err((ManifestError::ListTooLong { doc, items, limit }, n));
         }
     }
-    let mut out = Vec::with_capacity(n);
-    for (i, pod) in yaml::documents::<Pod>(text, Limits::OBJECT, n)
+    let mut out: Vec<Option<Doc>> = (0..n).map(|_| None).collect();
+    // One pass per kind present, each decoding only its own documents'
+    // errors (a ConfigMap does not decode as a Pod): at most five linear
+    // passes, one for a file of pods only.
+    decode(text, &kinds, DocKind::Pod, &mut out, Doc::Pod)?;
+    decode(text, &kinds, DocKind::ConfigMap, &mut out, |o| {
+        Doc::Object(Box::new(ObjectDoc::ConfigMap(o)))
+    })?;
+    decode(text, &kinds, DocKind::Secret, &mut out, |o| {
+        Doc::Object(Box::new(ObjectDoc::Secret(o)))
+    })?;
+    decode(text, &kinds, DocKind::Claim, &mut out, |o| {
+        Doc::Object(Box::new(ObjectDoc::Claim(o)))
+    })?;
+    decode(text, &kinds, DocKind::Volume, &mut out, |o| {
+        Doc::Object(Box::new(ObjectDoc::Volume(Box::new(o))))
+    })?;
+    let out: Vec<(usize, Doc)> = out
         .into_iter()
         .enumerate()
-    {
-        let doc = i + 1;
-        match pod {
-            Ok(pod) => out.push((doc, pod)),
-            Err(source) if source.is_over_limit() => {
-                return Err((ManifestError::OverLimits { doc, source }, n));
-            }
-            Err(source) => return Err((ManifestError::InvalidPod { doc, source }, n)),
-        }
-    }
-    // The second pass reads the same text under the same bounds.
+        .filter_map(|(i, d)| d.map(|d| (i + 1, d)))
+        .collect();
+    // Every pass reads the same text under the same bounds.
     if out.len() != n {
         return Err((ManifestError::DocumentsChanged, n));
     }
     Ok(out)
+}
+
+/// Decode the documents of one kind into their slots.
+fn decode<T: serde::de::DeserializeOwned>(
+    text: &str,
+    kinds: &[DocKind],
+    kind: DocKind,
+    out: &mut [Option<Doc>],
+    wrap: impl Fn(T) -> Doc,
+) -> Result<(), FileError> {
+    let n = kinds.len();
+    if !kinds.contains(&kind) {
+        return Ok(());
+    }
+    for (i, got) in yaml::documents::<T>(text, Limits::OBJECT, n)
+        .into_iter()
+        .enumerate()
+    {
+        if kinds.get(i) != Some(&kind) {
+            continue;
+        }
+        let doc = i + 1;
+        match got {
+            Ok(o) => out[i] = Some(wrap(o)),
+            Err(source) if source.is_over_limit() => {
+                return Err((ManifestError::OverLimits { doc, source }, n));
+            }
+            Err(source) if kind == DocKind::Pod => {
+                return Err((ManifestError::InvalidPod { doc, source }, n));
+            }
+            Err(source) => {
+                let kind = kind.name();
+                return Err((ManifestError::InvalidObject { doc, kind, source }, n));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The kinds a manifest document may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DocKind {
+    Pod,
+    ConfigMap,
+    Secret,
+    Claim,
+    Volume,
+}
+
+impl DocKind {
+    fn name(self) -> &'static str {
+        match self {
+            DocKind::Pod => "Pod",
+            DocKind::ConfigMap => "ConfigMap",
+            DocKind::Secret => "Secret",
+            DocKind::Claim => "PersistentVolumeClaim",
+            DocKind::Volume => "PersistentVolume",
+        }
+    }
+}
+
+/// One decoded document (held only while its file is checked, so the
+/// variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
+enum Doc {
+    Pod(Pod),
+    Object(Box<ObjectDoc>),
+}
+
+#[allow(clippy::large_enum_variant)]
+enum ObjectDoc {
+    ConfigMap(ConfigMap),
+    Secret(Secret),
+    Claim(PersistentVolumeClaim),
+    Volume(Box<PersistentVolume>),
+}
+
+fn keys<'a, V>(
+    field: &'static str,
+    m: &'a Option<BTreeMap<String, V>>,
+) -> (&'static str, Vec<&'a str>) {
+    (field, m.iter().flatten().map(|(k, _)| k.as_str()).collect())
+}
+
+/// Validate a file's objects, default their namespace, fold a Secret's
+/// stringData into data, and refuse names an earlier file defines.
+fn file_objects(
+    docs: Vec<(usize, ObjectDoc)>,
+    claimed: &HashMap<String, String>,
+) -> Result<Objects, ManifestError> {
+    let mut out = Objects::default();
+    for (doc, o) in docs {
+        let (kind, meta, errors) = match &o {
+            ObjectDoc::ConfigMap(c) => (
+                "ConfigMap",
+                &c.metadata,
+                validate::validate_object(
+                    &c.metadata,
+                    &[keys("data", &c.data), keys("binaryData", &c.binary_data)],
+                ),
+            ),
+            ObjectDoc::Secret(s) => (
+                "Secret",
+                &s.metadata,
+                validate::validate_object(
+                    &s.metadata,
+                    &[keys("data", &s.data), keys("stringData", &s.string_data)],
+                ),
+            ),
+            ObjectDoc::Claim(c) => (
+                "PersistentVolumeClaim",
+                &c.metadata,
+                validate::validate_object(&c.metadata, &[]),
+            ),
+            ObjectDoc::Volume(v) => (
+                "PersistentVolume",
+                &v.metadata,
+                validate::validate_object(&v.metadata, &[]),
+            ),
+        };
+        let name = meta.name.clone().unwrap_or_default();
+        if !errors.is_empty() {
+            return Err(ManifestError::BadObject {
+                doc,
+                kind,
+                name,
+                errors: FieldErrors(errors),
+            });
+        }
+        let namespace = match &o {
+            ObjectDoc::Volume(_) => String::new(),
+            _ => meta
+                .namespace
+                .clone()
+                .filter(|ns| !ns.is_empty())
+                .unwrap_or_else(|| "default".into()),
+        };
+        let key = (namespace.clone(), name.clone());
+        let claim = format!("{kind}/{namespace}/{name}");
+        if let Some(other) = claimed.get(&claim) {
+            return Err(ManifestError::DuplicateObject {
+                doc,
+                kind,
+                name,
+                other: other.clone(),
+            });
+        }
+        let ns = (!namespace.is_empty()).then_some(namespace);
+        match o {
+            ObjectDoc::ConfigMap(mut c) => {
+                c.metadata.namespace = ns;
+                out.config_maps.insert(key, Arc::new(c));
+            }
+            ObjectDoc::Secret(mut s) => {
+                s.metadata.namespace = ns;
+                // The API server folds stringData into data (it wins).
+                if let Some(strings) = s.string_data.take() {
+                    let data = s.data.get_or_insert_with(BTreeMap::new);
+                    for (k, v) in strings {
+                        data.insert(k, ByteString(v.into_bytes()));
+                    }
+                }
+                if s.type_.is_none() {
+                    s.type_ = Some("Opaque".into());
+                }
+                out.secrets.insert(key, Arc::new(s));
+            }
+            ObjectDoc::Claim(mut c) => {
+                c.metadata.namespace = ns;
+                out.claims.insert(key, Arc::new(c));
+            }
+            ObjectDoc::Volume(v) => {
+                out.volumes.insert(key, Arc::new(*v));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The claim keys (`Kind/namespace/name`) of a file's objects.
+fn object_keys(o: &Objects) -> Vec<String> {
+    let each = |kind: &str, m: Vec<&(String, String)>| -> Vec<String> {
+        m.into_iter()
+            .map(|(ns, name)| format!("{kind}/{ns}/{name}"))
+            .collect()
+    };
+    [
+        each("ConfigMap", o.config_maps.keys().collect()),
+        each("Secret", o.secrets.keys().collect()),
+        each("PersistentVolumeClaim", o.claims.keys().collect()),
+        each("PersistentVolume", o.volumes.keys().collect()),
+    ]
+    .concat()
 }
 
 fn yaml_error(doc: usize, source: yaml::Error) -> ManifestError {
@@ -505,19 +767,26 @@ fn yaml_error(doc: usize, source: yaml::Error) -> ManifestError {
     }
 }
 
-fn check_pod_type(
+fn check_kind(
     doc: usize,
     api_version: Option<String>,
     kind: Option<String>,
-) -> Result<(), ManifestError> {
-    if api_version.as_deref() == Some("v1") && kind.as_deref() == Some("Pod") {
-        Ok(())
-    } else {
-        Err(ManifestError::NotAPod {
+) -> Result<DocKind, ManifestError> {
+    let known = match kind.as_deref() {
+        Some("Pod") => Some(DocKind::Pod),
+        Some("ConfigMap") => Some(DocKind::ConfigMap),
+        Some("Secret") => Some(DocKind::Secret),
+        Some("PersistentVolumeClaim") => Some(DocKind::Claim),
+        Some("PersistentVolume") => Some(DocKind::Volume),
+        _ => None,
+    };
+    match known {
+        Some(k) if api_version.as_deref() == Some("v1") => Ok(k),
+        _ => Err(ManifestError::NotAPod {
             doc,
             api_version,
             kind,
-        })
+        }),
     }
 }
 
@@ -1000,6 +1269,71 @@ mod tests {
     }
 
     #[test]
+    fn config_maps_and_secrets_beside_pods_are_objects_of_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.yaml",
+            &format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cfg}}\ndata: {{GREETING: hi}}\n---\n{}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: pw, namespace: kube-system}}\nstringData: {{PASS: s3cret}}\n",
+                pod_yaml("one", "x"),
+            ),
+        );
+        write(
+            dir.path(),
+            "b.json",
+            r#"{"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"pv1"},"spec":{}}"#,
+        );
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert_eq!(names(&s), ["default/one-node1"]);
+        let all = s.all_objects();
+        let cm = &all.config_maps[&("default".to_string(), "cfg".to_string())];
+        assert_eq!(cm.data.as_ref().unwrap()["GREETING"], "hi");
+        let pw = &all.secrets[&("kube-system".to_string(), "pw".to_string())];
+        assert_eq!(pw.data.as_ref().unwrap()["PASS"].0, b"s3cret");
+        assert_eq!(pw.type_.as_deref(), Some("Opaque"));
+        assert!(
+            all.volumes
+                .contains_key(&(String::new(), "pv1".to_string()))
+        );
+
+        // A bad key rejects the whole file, which keeps its last good
+        // version (objects included); the same name in a later file is
+        // an error there.
+        write(
+            dir.path(),
+            "a.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {\"bad key\": x}\n",
+        );
+        write(
+            dir.path(),
+            "c.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {A: b}\n",
+        );
+        let s2 = scan_at(dir.path(), NODE, &s, t(1));
+        let messages: Vec<_> = s2.errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(
+            messages[0].starts_with("document 1: ConfigMap cfg is invalid: data[bad key]: Invalid value: \"bad key\": a valid config key"),
+            "{messages:?}"
+        );
+        assert!(messages[0].ends_with("; keeping its last good version"));
+        assert_eq!(
+            messages[1],
+            format!(
+                "document 1: ConfigMap cfg is already defined by {}",
+                dir.path().join("a.yaml").display()
+            )
+        );
+        assert_eq!(s2.all_objects(), all);
+        fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        let s3 = scan_at(dir.path(), NODE, &s2, t(2));
+        let cm = &s3.all_objects().config_maps[&("default".to_string(), "cfg".to_string())];
+        assert_eq!(cm.data.as_ref().unwrap()["A"], "b");
+    }
+
+    #[test]
     fn ignores_dotfiles_other_extensions_and_directories() {
         let dir = tempfile::tempdir().unwrap();
         let good = pod_yaml("web", "x");
@@ -1049,19 +1383,19 @@ mod tests {
                 "unknown kind",
                 yaml("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n"),
                 "bad.yaml",
-                "document 1: apiVersion \"apps/v1\" kind \"Deployment\" is not a v1 Pod",
+                "document 1: apiVersion \"apps/v1\" kind \"Deployment\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume)",
             ),
             (
                 "wrong apiVersion",
                 yaml("apiVersion: v2\nkind: Pod\nmetadata:\n  name: web\n"),
                 "bad.yaml",
-                "document 1: apiVersion \"v2\" kind \"Pod\" is not a v1 Pod",
+                "document 1: apiVersion \"v2\" kind \"Pod\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume)",
             ),
             (
                 "no kind at all",
                 yaml("metadata:\n  name: web\n"),
                 "bad.yaml",
-                "document 1: apiVersion (missing) kind (missing) is not a v1 Pod",
+                "document 1: apiVersion (missing) kind (missing) is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume)",
             ),
             (
                 "empty file",
@@ -1145,7 +1479,7 @@ mod tests {
                     fs::write(d.join("bad.yaml"), text).unwrap();
                 }),
                 "bad.yaml",
-                "document 2: apiVersion \"v1\" kind \"Service\" is not a v1 Pod; the whole file (2 documents) is rejected",
+                "document 2: apiVersion \"v1\" kind \"Service\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume); the whole file (2 documents) is rejected",
             ),
             (
                 "the same pod twice in a file",

@@ -185,11 +185,46 @@ fn quote(s: &str) -> String {
     format!("{s:?}")
 }
 
-/// Validates a pod as the API server would on create, and what minilet
-/// cannot run (volume kinds). Empty when the pod is valid.
-pub fn validate(pod: &Pod) -> Vec<FieldError> {
+const CONFIG_KEY_RULE: &str = "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')";
+
+/// kube's `IsConfigMapKey` (Secret keys follow the same rule).
+fn is_config_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        && key != "."
+        && key != ".."
+        && !key.starts_with("..")
+}
+
+/// Validates a ConfigMap, Secret, PersistentVolumeClaim or PersistentVolume
+/// from the manifest dir as the API server would its metadata (name a DNS
+/// subdomain, namespace a DNS label) and its data keys; `keys` are the
+/// field names (`data`, `binaryData`, `stringData`) with their keys. Empty
+/// when valid.
+pub fn validate_object(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    keys: &[(&str, Vec<&str>)],
+) -> Vec<FieldError> {
     let mut c = Check { errors: Vec::new() };
-    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    metadata(&mut c, meta);
+    let mut seen = std::collections::BTreeSet::new();
+    for (field, names) in keys {
+        for k in names {
+            if !is_config_key(k) {
+                c.invalid(format!("{field}[{k}]"), quote(k), CONFIG_KEY_RULE);
+            } else if *field != "stringData" && !seen.insert(*k) {
+                c.push(format!("{field}[{k}]"), Reason::Duplicate(quote(k)));
+            }
+        }
+    }
+    c.errors
+}
+
+fn metadata(c: &mut Check, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    let name = meta.name.as_deref().unwrap_or_default();
     if name.is_empty() {
         c.push(
             "metadata.name",
@@ -204,9 +239,16 @@ pub fn validate(pod: &Pod) -> Vec<FieldError> {
     } else if !is_dns1123_subdomain(name) {
         c.invalid("metadata.name", quote(name), SUBDOMAIN_RULE);
     }
-    if let Some(ns) = pod.metadata.namespace.as_deref() {
+    if let Some(ns) = meta.namespace.as_deref() {
         c.label("metadata.namespace".into(), ns);
     }
+}
+
+/// Validates a pod as the API server would on create, and what minilet
+/// cannot run (volume kinds). Empty when the pod is valid.
+pub fn validate(pod: &Pod) -> Vec<FieldError> {
+    let mut c = Check { errors: Vec::new() };
+    metadata(&mut c, &pod.metadata);
     match &pod.spec {
         None => c.push("spec.containers", Reason::Required(None)),
         Some(spec) => validate_spec(&mut c, spec),

@@ -1,0 +1,402 @@
+//! The API server client and the node's identity, as kubelet has them:
+//! credentials from `--kubeconfig` (kubelet's flag); without it, the
+//! in-cluster service account when its environment is there
+//! (KUBERNETES_SERVICE_HOST and the token file: kubelet has no in-cluster
+//! mode, but minilet run as a pod of a kind-style cluster needs one, and
+//! that environment is never there by accident); without either, static
+//! pods only (`connect` returns `None`).
+//!
+//! Credentials are loaded and checked before anything starts: a kubeconfig
+//! that is missing, unreadable or incomplete is one startup error naming
+//! the file. The server itself may be away at start (kubelet starts anyway
+//! and so do we): `/version` and discovery are asked once at connect and
+//! again by `refresh` when the server answers later.
+//!
+//! Side effects: reads the kubeconfig (and the files it names) or the
+//! service account files; GET /version, /api, /apis.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::locks::lock;
+
+/// Where the in-cluster service account token lives (client-go's path).
+pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// Why the API server client could not be set up. Each is one startup line.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The kubeconfig file could not be read or parsed.
+    #[error("kubeconfig {}: cannot load it", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: KubeconfigError,
+    },
+    /// The kubeconfig was read but holds no usable context, cluster or
+    /// credentials (a missing CA file, a bad server URL...).
+    #[error("kubeconfig {}: invalid", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: KubeconfigError,
+    },
+    /// The in-cluster environment is there but incomplete.
+    #[error("in-cluster config (KUBERNETES_SERVICE_HOST is set)")]
+    InCluster {
+        #[source]
+        source: kube::config::InClusterError,
+    },
+    /// The HTTP client could not be built: the TLS identity (client
+    /// certificate and key) or the CA roots are unreadable or bad.
+    #[error("{credentials}: cannot build a client for {server}")]
+    Build {
+        /// "kubeconfig PATH" or "in-cluster config".
+        credentials: String,
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Where the credentials come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credentials {
+    /// `--kubeconfig PATH`.
+    Kubeconfig(PathBuf),
+    /// The pod's service account (KUBERNETES_SERVICE_HOST + token file).
+    InCluster,
+}
+
+/// The mode the environment selects: a kubeconfig flag wins; the
+/// in-cluster environment next; else `None` (static pods only). Pure, so
+/// the rule is tested without an environment.
+pub fn credentials(
+    kubeconfig: Option<&Path>,
+    service_host: Option<&str>,
+    token_present: bool,
+) -> Option<Credentials> {
+    match (kubeconfig, service_host) {
+        (Some(p), _) => Some(Credentials::Kubeconfig(p.to_path_buf())),
+        (None, Some(h)) if !h.is_empty() && token_present => Some(Credentials::InCluster),
+        _ => None,
+    }
+}
+
+/// Loads a kube-rs client config from `creds`: every file it names read
+/// and checked now.
+pub async fn load(creds: &Credentials) -> Result<kube::Config, ClientError> {
+    match creds {
+        Credentials::Kubeconfig(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|source| ClientError::Kubeconfig {
+                path: path.clone(),
+                source,
+            })?;
+            let invalid = |source| ClientError::Invalid {
+                path: path.clone(),
+                source,
+            };
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(invalid)
+        }
+        Credentials::InCluster => {
+            kube::Config::incluster().map_err(|source| ClientError::InCluster { source })
+        }
+    }
+}
+
+/// What the server said about itself; filled at connect or later.
+#[derive(Debug, Default)]
+struct ServerInfo {
+    /// gitVersion from /version, e.g. "v1.20.2".
+    version: Option<String>,
+    /// Every group/version the server serves ("v1", "events.k8s.io/v1").
+    apis: Option<BTreeSet<String>>,
+    /// APIs already reported missing (one line each, once).
+    reported: BTreeSet<String>,
+}
+
+/// The client, the node's name and what the server serves. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiClient {
+    pub client: kube::Client,
+    /// The Node this agent is (kubelet's node name; the Node authorizer
+    /// lets it touch only objects of this node).
+    pub node_name: String,
+    /// The server URL, for messages.
+    pub server: String,
+    info: Arc<Mutex<ServerInfo>>,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("node_name", &self.node_name)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sets up the API client from `cfg`, or `None` for static pods only.
+/// Fails only on bad credentials; an unreachable server is logged and
+/// left to the tasks that use the client (they retry).
+pub async fn connect(cfg: &Config) -> Result<Option<ApiClient>, ClientError> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    let token = Path::new(SERVICE_ACCOUNT_TOKEN).exists();
+    let Some(creds) = credentials(cfg.kubeconfig.as_deref(), host.as_deref(), token) else {
+        info!("no --kubeconfig and no in-cluster service account: static pods only");
+        return Ok(None);
+    };
+    // kube-rs builds rustls with the process-wide provider: ring is the one
+    // compiled in. Err means one is installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = load(&creds).await?;
+    let server = config.cluster_url.to_string();
+    let source = match &creds {
+        Credentials::Kubeconfig(p) => format!("kubeconfig {}", p.display()),
+        Credentials::InCluster => "in-cluster config".into(),
+    };
+    // Building reads the client certificate and key: a missing key file is
+    // a startup error here, not a TLS failure later.
+    let client = kube::Client::try_from(config).map_err(|e| ClientError::Build {
+        credentials: source.clone(),
+        server: server.clone(),
+        source: e,
+    })?;
+    let api = ApiClient {
+        client,
+        node_name: cfg.node_name.clone(),
+        server,
+        info: Arc::default(),
+    };
+    if let Err(e) = api.refresh().await {
+        warn!(server = %api.server, credentials = %source, error = %describe(&e), "api server not reachable yet; the node and pod tasks retry");
+    }
+    Ok(Some(api))
+}
+
+impl ApiClient {
+    /// A client for tests and tools that build their own kube::Client.
+    pub fn new(client: kube::Client, node_name: impl Into<String>) -> Self {
+        ApiClient {
+            client,
+            node_name: node_name.into(),
+            server: String::new(),
+            info: Arc::default(),
+        }
+    }
+
+    /// GET /version and discovery, unless already known. Logs the server
+    /// version in one line the first time it is learnt.
+    pub async fn refresh(&self) -> Result<(), kube::Error> {
+        if lock(&self.info).apis.is_some() {
+            return Ok(());
+        }
+        let version = self.client.apiserver_version().await?;
+        let mut apis: BTreeSet<String> = self
+            .client
+            .list_core_api_versions()
+            .await?
+            .versions
+            .into_iter()
+            .collect();
+        for group in self.client.list_api_groups().await?.groups {
+            apis.extend(group.versions.into_iter().map(|v| v.group_version));
+        }
+        info!(server = %self.server, version = %version.git_version, platform = %version.platform, apis = apis.len(), "api server connected");
+        let mut info = lock(&self.info);
+        info.version = Some(version.git_version);
+        info.apis = Some(apis);
+        Ok(())
+    }
+
+    /// The server's version ("v1.20.2"), once known.
+    pub fn server_version(&self) -> Option<String> {
+        lock(&self.info).version.clone()
+    }
+
+    /// Whether the server is known to lack `api` (a group/version such as
+    /// "events.k8s.io/v1", or "v1"). Says so in one line the first time;
+    /// the caller says what it does instead. Unknown discovery (the server
+    /// was never reached) counts as present: the call itself will tell.
+    pub fn server_lacks(&self, api: &str) -> bool {
+        let mut info = lock(&self.info);
+        let lacks = info.apis.as_ref().is_some_and(|apis| !apis.contains(api));
+        if lacks && info.reported.insert(api.to_string()) {
+            let version = info.version.clone().unwrap_or_default();
+            warn!(server_version = %version, api, "the api server lacks this API");
+        }
+        lacks
+    }
+
+    /// Test hook: pretend discovery found `apis`.
+    #[cfg(test)]
+    pub(crate) fn set_discovery(&self, version: &str, apis: &[&str]) {
+        let mut info = lock(&self.info);
+        info.version = Some(version.into());
+        info.apis = Some(apis.iter().map(|s| s.to_string()).collect());
+    }
+}
+
+/// A kube error in one line, without kube's Debug dump: the server's
+/// reason and message for API errors, the cause chain otherwise.
+pub fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => {
+            let reason = if s.reason.is_empty() {
+                format!("HTTP {}", s.code)
+            } else {
+                s.reason.clone()
+            };
+            format!("{reason}: {}", s.message)
+        }
+        other => {
+            let mut msg = String::new();
+            let mut cur: Option<&dyn std::error::Error> = Some(other);
+            while let Some(c) = cur {
+                // kube and hyper often print their cause in their own
+                // message too: say each part once.
+                let part = c.to_string();
+                if !msg.contains(&part) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&part);
+                }
+                cur = c.source();
+            }
+            msg
+        }
+    }
+}
+
+/// The server's answer code of an API error (404, 409, 403...).
+pub fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_wins_then_in_cluster_then_static_only() {
+        let p = Path::new("/etc/kubernetes/kubelet.conf");
+        assert_eq!(
+            credentials(Some(p), Some("10.96.0.1"), true),
+            Some(Credentials::Kubeconfig(p.into()))
+        );
+        assert_eq!(
+            credentials(None, Some("10.96.0.1"), true),
+            Some(Credentials::InCluster)
+        );
+        // Half an in-cluster environment is not one.
+        assert_eq!(credentials(None, Some("10.96.0.1"), false), None);
+        assert_eq!(credentials(None, Some(""), true), None);
+        assert_eq!(credentials(None, None, true), None);
+    }
+
+    #[tokio::test]
+    async fn a_bad_kubeconfig_is_one_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.conf");
+        let err = load(&Credentials::Kubeconfig(missing.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            crate::error_chain(&err)
+                .starts_with(&format!("kubeconfig {}: cannot load it", missing.display())),
+            "{err}"
+        );
+
+        let garbage = dir.path().join("garbage.conf");
+        std::fs::write(&garbage, "clusters: [unclosed\n").unwrap();
+        let err = load(&Credentials::Kubeconfig(garbage.clone()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Kubeconfig { .. }), "{err:?}");
+
+        // No current context.
+        let noctx = dir.path().join("noctx.conf");
+        std::fs::write(&noctx, "apiVersion: v1\nkind: Config\n").unwrap();
+        let err = load(&Credentials::Kubeconfig(noctx)).await.unwrap_err();
+        assert!(matches!(err, ClientError::Invalid { .. }), "{err:?}");
+
+        // Parses, but names a client key that is not there: connect fails
+        // before any request.
+        let nokey = dir.path().join("nokey.conf");
+        std::fs::write(
+            &nokey,
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+             clusters: [{name: k, cluster: {server: 'https://127.0.0.1:6443', insecure-skip-tls-verify: true}}]\n\
+             contexts: [{name: c, context: {cluster: k, user: u}}]\n\
+             users: [{name: u, user: {client-certificate: /nonexistent.crt, client-key: /nonexistent.key}}]\n",
+        )
+        .unwrap();
+        let mut cfg = Config::default_for("n1");
+        cfg.kubeconfig = Some(nokey.clone());
+        let err = connect(&cfg).await.unwrap_err();
+        assert!(
+            err.to_string()
+                == format!(
+                    "kubeconfig {}: cannot build a client for https://127.0.0.1:6443/",
+                    nokey.display()
+                ),
+            "{}",
+            crate::error_chain(&err)
+        );
+        assert!(
+            crate::error_chain(&err).contains("/nonexistent"),
+            "{}",
+            crate::error_chain(&err)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_described_in_one_line() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Nothing listens on port 1 of loopback.
+        let client =
+            kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap()))
+                .unwrap();
+        let e = client.apiserver_version().await.unwrap_err();
+        let msg = describe(&e);
+        assert!(msg.contains("onnection refused"), "{msg}");
+        assert_eq!(msg.matches("onnection refused").count(), 1, "{msg}");
+        assert_eq!(status_code(&e), None);
+        let forbidden = kube::Error::Api(Box::new(
+            kube::core::Status::failure("nodes \"x\" is forbidden", "Forbidden").with_code(403),
+        ));
+        assert_eq!(describe(&forbidden), "Forbidden: nodes \"x\" is forbidden");
+        assert_eq!(status_code(&forbidden), Some(403));
+    }
+
+    #[tokio::test]
+    async fn server_lacks_reads_discovery_and_assumes_presence_before_it() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let api = ApiClient::new(client, "n1");
+        assert!(!api.server_lacks("events.k8s.io/v1"), "unknown = present");
+        api.set_discovery(
+            "v1.20.2",
+            &["v1", "events.k8s.io/v1", "coordination.k8s.io/v1"],
+        );
+        assert!(!api.server_lacks("events.k8s.io/v1"));
+        assert!(api.server_lacks("resource.k8s.io/v1"));
+        assert!(
+            api.server_lacks("resource.k8s.io/v1"),
+            "still lacking, said once"
+        );
+        assert_eq!(api.server_version().as_deref(), Some("v1.20.2"));
+    }
+}

@@ -1,0 +1,371 @@
+//! The objects this node's pods use, watched one by one as kubelet's
+//! `Watch` change-detection strategy does: the Node authorizer lets a node
+//! get, list and watch a ConfigMap, Secret, PersistentVolumeClaim or
+//! PersistentVolume only when a pod bound to it references the object, and
+//! list/watch only with a `metadata.name` field selector on that object.
+//!
+//! The first lookup of an object starts its watch and waits (a short
+//! while) for the first list; later lookups read the cache the watch keeps
+//! current. When the server goes away the watch retries with backoff and
+//! the cached object keeps being served. `retain` (fed by `prune` with the
+//! references of the current pods) stops the watches no pod needs.
+//!
+//! Side effects: list and watch requests to the API server (tasks spawned
+//! on the current tokio runtime, aborted when their watch is dropped).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::locks::lock;
+use crate::objects::{Kind, LookupError, ObjectLookup, ObjectRef};
+use crate::source::Snapshot;
+
+/// How long a first lookup waits for its watch's first list (kubelet's
+/// watch-based manager waits for the reflector to sync, bounded likewise).
+pub const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One watched object as last seen.
+#[derive(Clone, Debug)]
+enum Object {
+    ConfigMap(Arc<ConfigMap>),
+    Secret(Arc<Secret>),
+    Claim(Arc<PersistentVolumeClaim>),
+    Volume(Arc<PersistentVolume>),
+}
+
+/// What a watch knows.
+#[derive(Clone, Debug)]
+enum State {
+    /// Started, nothing listed yet.
+    Pending,
+    /// Listed: the object, or `None` when it does not exist.
+    Synced(Option<Object>),
+    /// Every attempt so far failed (refused, unreachable); a later list
+    /// replaces this. Never replaces `Synced`: a cached object outlives an
+    /// outage.
+    Failed(LookupError),
+}
+
+/// A running watch of one object.
+struct Watch {
+    state: watch::Receiver<State>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `ObjectLookup` backed by per-object watches.
+pub struct WatchedObjects {
+    client: Client,
+    first_list: Duration,
+    watches: Mutex<HashMap<ObjectRef, Watch>>,
+}
+
+impl WatchedObjects {
+    pub fn new(client: Client) -> Self {
+        Self::with_timeout(client, FIRST_LIST_TIMEOUT)
+    }
+
+    pub fn with_timeout(client: Client, first_list: Duration) -> Self {
+        WatchedObjects {
+            client,
+            first_list,
+            watches: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Stop watching what no pod references any more.
+    pub fn retain(&self, referenced: &BTreeSet<ObjectRef>) {
+        let dropped: Vec<Watch> = {
+            let mut watches = lock(&self.watches);
+            let gone: Vec<ObjectRef> = watches
+                .keys()
+                .filter(|r| !referenced.contains(*r))
+                .cloned()
+                .collect();
+            gone.iter().filter_map(|r| watches.remove(r)).collect()
+        };
+        if !dropped.is_empty() {
+            debug!(
+                stopped = dropped.len(),
+                "stopped watches of unreferenced objects"
+            );
+        }
+    }
+
+    /// The objects watched now (for tests and `minilet doctor`).
+    pub fn watched(&self) -> BTreeSet<ObjectRef> {
+        lock(&self.watches).keys().cloned().collect()
+    }
+
+    fn state_of(&self, r: &ObjectRef) -> watch::Receiver<State> {
+        let mut watches = lock(&self.watches);
+        if let Some(w) = watches.get(r) {
+            return w.state.clone();
+        }
+        let (tx, rx) = watch::channel(State::Pending);
+        let c = self.client.clone();
+        let (ns, name) = (r.namespace.as_str(), r.name.clone());
+        let object = r.clone();
+        let task = match r.kind {
+            Kind::ConfigMap => tokio::spawn(run(Api::namespaced(c, ns), name, object, tx, |o| {
+                Object::ConfigMap(Arc::new(o))
+            })),
+            Kind::Secret => tokio::spawn(run(Api::namespaced(c, ns), name, object, tx, |o| {
+                Object::Secret(Arc::new(o))
+            })),
+            Kind::PersistentVolumeClaim => {
+                tokio::spawn(run(Api::namespaced(c, ns), name, object, tx, |o| {
+                    Object::Claim(Arc::new(o))
+                }))
+            }
+            Kind::PersistentVolume => tokio::spawn(run(Api::all(c), name, object, tx, |o| {
+                Object::Volume(Arc::new(o))
+            })),
+        };
+        watches.insert(
+            r.clone(),
+            Watch {
+                state: rx.clone(),
+                task: task.abort_handle(),
+            },
+        );
+        rx
+    }
+
+    async fn get(&self, r: ObjectRef) -> Result<Object, LookupError> {
+        let mut rx = self.state_of(&r);
+        let unavailable = |reason: &str| LookupError::Unavailable {
+            object: r.clone(),
+            reason: reason.to_string(),
+        };
+        let waited = tokio::time::timeout(
+            self.first_list,
+            rx.wait_for(|s| !matches!(s, State::Pending)),
+        )
+        .await;
+        let state = match waited {
+            Err(_) => {
+                return Err(unavailable(&format!(
+                    "not listed by the API server within {:?}",
+                    self.first_list
+                )));
+            }
+            Ok(Err(_)) => return Err(unavailable("its watch stopped")),
+            Ok(Ok(s)) => s.clone(),
+        };
+        match state {
+            State::Synced(Some(o)) => Ok(o),
+            State::Synced(None) => Err(LookupError::NotFound(r)),
+            State::Failed(e) => Err(e),
+            State::Pending => Err(unavailable("not listed yet")),
+        }
+    }
+}
+
+/// Keep `tx` current with the one object `name` (by a field-selected
+/// watch). Runs until aborted; the watcher relists and rewatches with
+/// backoff after every error.
+async fn run<K>(
+    api: Api<K>,
+    name: String,
+    object: ObjectRef,
+    tx: watch::Sender<State>,
+    wrap: fn(K) -> Object,
+) where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher(api, config).default_backoff().boxed();
+    // The initial list arrives as Init, InitApply…, InitDone: publish it
+    // whole, so a relist that no longer has the object says so.
+    let mut listing: Option<K> = None;
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => listing = None,
+            Ok(watcher::Event::InitApply(o)) => listing = Some(o),
+            Ok(watcher::Event::InitDone) => {
+                tx.send_replace(State::Synced(listing.take().map(wrap)));
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                tx.send_replace(State::Synced(Some(wrap(o))));
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                tx.send_replace(State::Synced(None));
+            }
+            Err(e) => {
+                let err = classify(&object, &e);
+                warn!(%object, error = %err, "object watch failed; retrying");
+                tx.send_if_modified(|s| match s {
+                    State::Synced(_) => false,
+                    _ => {
+                        *s = State::Failed(err);
+                        true
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A watch error as the lookup reports it: the server's refusal
+/// (`Forbidden`, with its message), anything else `Unavailable`.
+fn classify(object: &ObjectRef, e: &watcher::Error) -> LookupError {
+    let api_error = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.as_ref()),
+        watcher::Error::WatchError(s) => Some(s.as_ref()),
+        _ => None,
+    };
+    match api_error {
+        Some(s) if s.code == 403 => LookupError::Forbidden {
+            object: object.clone(),
+            reason: s.message.clone(),
+        },
+        Some(s) => LookupError::Unavailable {
+            object: object.clone(),
+            reason: s.message.clone(),
+        },
+        None => LookupError::Unavailable {
+            object: object.clone(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn wrong_kind(r: ObjectRef) -> LookupError {
+    LookupError::Unavailable {
+        object: r,
+        reason: "the watch holds another kind (a bug)".into(),
+    }
+}
+
+fn at(kind: Kind, namespace: &str, name: &str) -> ObjectRef {
+    ObjectRef {
+        kind,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    }
+}
+
+impl ObjectLookup for WatchedObjects {
+    fn config_map<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<ConfigMap>, LookupError>> {
+        let r = at(Kind::ConfigMap, namespace, name);
+        Box::pin(async move {
+            match self.get(r.clone()).await? {
+                Object::ConfigMap(o) => Ok(o),
+                _ => Err(wrong_kind(r)),
+            }
+        })
+    }
+    fn secret<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<Secret>, LookupError>> {
+        let r = at(Kind::Secret, namespace, name);
+        Box::pin(async move {
+            match self.get(r.clone()).await? {
+                Object::Secret(o) => Ok(o),
+                _ => Err(wrong_kind(r)),
+            }
+        })
+    }
+    fn persistent_volume_claim<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<PersistentVolumeClaim>, LookupError>> {
+        let r = at(Kind::PersistentVolumeClaim, namespace, name);
+        Box::pin(async move {
+            match self.get(r.clone()).await? {
+                Object::Claim(o) => Ok(o),
+                _ => Err(wrong_kind(r)),
+            }
+        })
+    }
+    fn persistent_volume<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, LookupError>> {
+        let r = at(Kind::PersistentVolume, "", name);
+        Box::pin(async move {
+            match self.get(r.clone()).await? {
+                Object::Volume(o) => Ok(o),
+                _ => Err(wrong_kind(r)),
+            }
+        })
+    }
+}
+
+/// The objects the pods of a snapshot reference.
+pub fn referenced(snapshot: &Snapshot) -> BTreeSet<ObjectRef> {
+    snapshot
+        .pods
+        .values()
+        .flat_map(|p| crate::pod::objects::references(&p.pod))
+        .collect()
+}
+
+/// The agent's entry point: stop the watches no desired pod needs, each
+/// time the merged snapshot changes. Returns when the sender is gone.
+pub async fn prune(objects: Arc<WatchedObjects>, mut pods: watch::Receiver<Snapshot>) {
+    loop {
+        let refs = referenced(&pods.borrow_and_update());
+        objects.retain(&refs);
+        if pods.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_forbidden_and_anything_else_unavailable() {
+        let r = at(Kind::Secret, "ns", "s");
+        let status = |code: u16, message: &str| {
+            Box::new(kube::core::Status {
+                code,
+                message: message.into(),
+                ..Default::default()
+            })
+        };
+        let e = classify(
+            &r,
+            &watcher::Error::InitialListFailed(kube::Error::Api(status(
+                403,
+                "secrets \"s\" is forbidden: no relationship found",
+            ))),
+        );
+        assert!(matches!(e, LookupError::Forbidden { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "secret \"s\" in namespace \"ns\": forbidden: secrets \"s\" is forbidden: no relationship found"
+        );
+        let e = classify(&r, &watcher::Error::NoResourceVersion);
+        assert!(matches!(e, LookupError::Unavailable { .. }));
+    }
+}
