@@ -564,6 +564,7 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard:
   memory.available: \"1Mi\"
+  nodefs.available: \"1%\"
 authentication:
   anonymous:
     enabled: false
@@ -594,6 +595,9 @@ fn minilet_config(env: &Env, work: &Path, chain: &str) -> Result<PathBuf> {
 kind: KubeletConfiguration
 containerRuntimeEndpoint: {sock}
 podLogsDir: {logs}
+# The disk is shared with other users: DiskPressure would taint the node.
+evictionHard:
+  nodefs.available: \"1%\"
 ---
 apiVersion: minilet.io/v1alpha1
 kind: MiniletConfiguration
