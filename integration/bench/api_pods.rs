@@ -1505,6 +1505,11 @@ async fn run() -> Result<bool> {
     let mut phases: Vec<(Kind, Result<Phase>)> = vec![];
     for kind in kinds {
         let r = run_agent(&ctx, kind, &mut changes, &mut problems).await;
+        // Each agent's figures as soon as it is done: a run cut short
+        // between the two phases still leaves the first.
+        if let Ok(p) = &r {
+            eprintln!("api_pods: {} done: {}", kind.name(), phase_json(p));
+        }
         if let Err(e) = &r {
             eprintln!("api_pods: {}: {e:#}", kind.name());
             problems.push(format!("{}: {e:#}", kind.name()));
