@@ -76,15 +76,6 @@ SERVICES=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 exec 3>&2
 say() { printf 'control-plane: %s\n' "$*" >&3; }
 
-# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds.
-wait_for() {
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@"; do
-    ((SECONDS < deadline)) || return 1
-    sleep 0.2
-  done
-}
 
 apt_() {
   DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600 "$@"
@@ -345,23 +336,7 @@ pids_of() {
 # Each component's command line names a file under RUN/.
 service_pids() { pids_of "$1" "$RUN/"; }
 
-alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
 
-# stop_pids SECONDS PID...: TERM, wait, then KILL.
-stop_pids() {
-  local grace=$1 pid
-  shift
-  (($#)) || return 0
-  kill -TERM "$@" 2>/dev/null || true
-  local deadline=$((SECONDS + grace))
-  for pid in "$@"; do
-    while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
-    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
-  done
-  for pid in "$@"; do
-    wait_for 5 eval "! kill -0 $pid 2>/dev/null" || true
-  done
-}
 
 # log_tail NAME: the last lines of the component's log, to the caller's
 # stderr, before the failure line.

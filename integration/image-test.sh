@@ -37,15 +37,6 @@ fail_report image-test
 exec 3>&2
 say() { printf 'image-test: %s\n' "$*" >&3; }
 
-# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds.
-wait_for() {
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@"; do
-    ((SECONDS < deadline)) || return 1
-    sleep 0.2
-  done
-}
 
 STEP=stack
 out=$(integration/stack.sh up 2>&1) || die "stack.sh up failed: ${out##*$'\n'}"

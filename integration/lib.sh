@@ -47,3 +47,31 @@ netns_count() {
   done
   echo "$n"
 }
+
+# wait_for SECONDS CMD...: run CMD until it succeeds; 1 after SECONDS.
+wait_for() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.1
+  done
+}
+
+alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+
+# stop_pids SECONDS PID...: TERM, wait, then KILL.
+stop_pids() {
+  local grace=$1 pid
+  shift
+  (($#)) || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  local deadline=$((SECONDS + grace))
+  for pid in "$@"; do
+    while alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+  done
+  for pid in "$@"; do
+    wait_for 5 eval "! kill -0 $pid 2>/dev/null" || true
+  done
+}
