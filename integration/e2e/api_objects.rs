@@ -131,9 +131,15 @@ fn api_pod_pulls_a_private_image_with_image_pull_secrets() {
     on_stack(async {
         let (agent, n) = ApiNode::start("e2e-objpull");
         let cri = agent.stack.cri().await;
-        let image = n.cp_env("MINILET_AUTH_IMAGE");
-        let registry = n.cp_env("MINILET_AUTH_REGISTRY");
-        let (user, pass) = (n.cp_env("MINILET_AUTH_USER"), n.cp_env("MINILET_AUTH_PASS"));
+        // The login registry's names, from the stack's env file (stack.sh up
+        // writes them), not from the test's own environment.
+        let st = &agent.stack;
+        let image = st.get("MINILET_AUTH_IMAGE").to_string();
+        let registry = st.get("MINILET_AUTH_REGISTRY").to_string();
+        let (user, pass) = (
+            st.get("MINILET_AUTH_USER").to_string(),
+            st.get("MINILET_AUTH_PASS").to_string(),
+        );
         n.cp.kubectl(&["delete", "secret", "e2e-regcred", "--ignore-not-found"]);
         n.cp.kubectl_ok(&[
             "create",
@@ -348,22 +354,5 @@ impl ApiServerAway {
 impl Drop for ApiServerAway {
     fn drop(&mut self) {
         control_plane(&["start", "kube-apiserver"]);
-    }
-}
-
-impl ApiNode {
-    /// A value of the stack env (the auth registry's, set by stack.sh).
-    fn cp_env(&self, key: &str) -> String {
-        std::env::var(key)
-            .or_else(|_| {
-                self.cp
-                    .env
-                    .get(key)
-                    .cloned()
-                    .ok_or(std::env::VarError::NotPresent)
-            })
-            .unwrap_or_else(|_| {
-                panic!("{key} not set: `source $MINILET_STACK_DIR/env` (stack.sh up sets it)")
-            })
     }
 }
