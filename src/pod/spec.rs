@@ -489,6 +489,32 @@ fn unresolved(c: &Container, kind: &'static str, name: &str) -> SpecError {
     }
 }
 
+/// One `configMapKeyRef` / `secretKeyRef` of an env var.
+struct KeyRef<'a> {
+    kind: &'static str,
+    namespace: &'a str,
+    name: &'a str,
+    key: &'a str,
+    optional: bool,
+}
+
+impl KeyRef<'_> {
+    /// The key's value if the object has it; `None` (skip the variable)
+    /// when it lacks it and the ref is optional; kubelet's error otherwise.
+    fn value(&self, found: Option<String>) -> Result<Option<String>, SpecError> {
+        match (found, self.optional) {
+            (Some(v), _) => Ok(Some(v)),
+            (None, true) => Ok(None),
+            (None, false) => Err(SpecError::MissingKey {
+                key: self.key.to_string(),
+                kind: self.kind,
+                namespace: self.namespace.to_string(),
+                name: self.name.to_string(),
+            }),
+        }
+    }
+}
+
 /// envFrom in order; an optional object that does not exist gives nothing.
 fn env_from(c: &Container, objects: &Resolved) -> Result<Vec<FromSource>, SpecError> {
     let mut out = Vec::new();
@@ -587,42 +613,38 @@ fn env(
                     let Some(got) = objects.config_maps.get(&r.name) else {
                         return Err(unresolved(c, "configmap", &r.name));
                     };
-                    let optional = r.optional.unwrap_or(false);
                     let value = got
                         .as_ref()
                         .and_then(|cm| cm.data.as_ref()?.get(&r.key).cloned());
-                    match (value, optional) {
-                        (Some(v), _) => v,
-                        (None, true) => continue,
-                        (None, false) => {
-                            return Err(SpecError::MissingKey {
-                                key: r.key.clone(),
-                                kind: "ConfigMap",
-                                namespace: namespace.to_string(),
-                                name: r.name.clone(),
-                            });
-                        }
+                    let key = KeyRef {
+                        kind: "ConfigMap",
+                        namespace,
+                        name: &r.name,
+                        key: &r.key,
+                        optional: r.optional.unwrap_or(false),
+                    };
+                    match key.value(value)? {
+                        Some(v) => v,
+                        None => continue,
                     }
                 } else if let Some(r) = &from.secret_key_ref {
                     let Some(got) = objects.secrets.get(&r.name) else {
                         return Err(unresolved(c, "secret", &r.name));
                     };
-                    let optional = r.optional.unwrap_or(false);
                     let value = got.as_ref().and_then(|s| {
                         let v = s.data.as_ref()?.get(&r.key)?;
                         Some(String::from_utf8_lossy(&v.0).into_owned())
                     });
-                    match (value, optional) {
-                        (Some(v), _) => v,
-                        (None, true) => continue,
-                        (None, false) => {
-                            return Err(SpecError::MissingKey {
-                                key: r.key.clone(),
-                                kind: "Secret",
-                                namespace: namespace.to_string(),
-                                name: r.name.clone(),
-                            });
-                        }
+                    let key = KeyRef {
+                        kind: "Secret",
+                        namespace,
+                        name: &r.name,
+                        key: &r.key,
+                        optional: r.optional.unwrap_or(false),
+                    };
+                    match key.value(value)? {
+                        Some(v) => v,
+                        None => continue,
                     }
                 } else if let Some(field) = &from.field_ref {
                     match field.field_path.as_str() {
