@@ -15,6 +15,7 @@ pub mod cri;
 pub mod doctor;
 pub mod eviction;
 pub mod locks;
+pub mod malloc;
 pub mod objects;
 pub mod pod;
 pub mod readiness;

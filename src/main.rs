@@ -110,6 +110,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn main() -> ExitCode {
+    minilet::malloc::tune();
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if PathBuf::from(argv0)
         .file_name()
@@ -282,6 +283,14 @@ fn run_agent(cfg: config::Config, log_level: &str) -> ExitCode {
             }
             tracing::info!("signal received: stopping (pods keep running)");
             stop.cancel();
+        });
+        // Free pages back to the kernel after bursts (see `malloc`).
+        tokio::spawn(async {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                every.tick().await;
+                minilet::malloc::trim();
+            }
         });
         agent::run(cfg, cancel).await
     });
