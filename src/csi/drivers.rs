@@ -91,6 +91,39 @@ pub struct DriverInfo {
     pub ready: bool,
 }
 
+impl DriverInfo {
+    /// The capabilities it has, by their CSI names, for people to read.
+    pub fn capability_names(&self) -> Vec<&'static str> {
+        let flags = [
+            (self.plugin.controller_service, "CONTROLLER_SERVICE"),
+            (
+                self.plugin.accessibility_constraints,
+                "VOLUME_ACCESSIBILITY_CONSTRAINTS",
+            ),
+            (self.node.stage_unstage_volume, "STAGE_UNSTAGE_VOLUME"),
+            (self.node.get_volume_stats, "GET_VOLUME_STATS"),
+            (self.node.expand_volume, "NODE_EXPAND_VOLUME"),
+            (self.node.volume_condition, "VOLUME_CONDITION"),
+            (
+                self.node.single_node_multi_writer,
+                "SINGLE_NODE_MULTI_WRITER",
+            ),
+            (self.node.volume_mount_group, "VOLUME_MOUNT_GROUP"),
+            (self.controller.create_delete_volume, "CREATE_DELETE_VOLUME"),
+            (
+                self.controller.publish_unpublish_volume,
+                "PUBLISH_UNPUBLISH_VOLUME",
+            ),
+            (self.controller.publish_readonly, "PUBLISH_READONLY"),
+            (self.controller.expand_volume, "EXPAND_VOLUME"),
+        ];
+        flags
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect()
+    }
+}
+
 /// Asks a driver about itself (the calls in the module header). The name
 /// it reports must be the one it is known by.
 pub async fn discover(client: &CsiClient) -> Result<DriverInfo, CsiError> {

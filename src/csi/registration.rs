@@ -23,7 +23,7 @@ use notify::Watcher;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{run_call, socket_path, unix_channel, with_deadline};
+use super::client::{Timeouts, run_call, socket_path, unix_channel, with_deadline};
 use super::drivers::{Origin, Registry, is_driver_name};
 use super::error::{Call, CsiError};
 use super::proto::registration as reg;
@@ -99,18 +99,7 @@ pub async fn handshake(socket: &Path, registry: &Registry) -> Result<String, Reg
     let timeouts = registry.timeouts();
     let who = socket.display().to_string();
     let mut client = RegistrationClient::new(unix_channel(socket, timeouts.connect));
-    let deadline = timeouts.for_call(Call::GetInfo);
-    let info = run_call(
-        &who,
-        Call::GetInfo,
-        deadline,
-        client.get_info(with_deadline(reg::InfoRequest {}, deadline)),
-    )
-    .await
-    .map_err(|source| RegistrationError::Call {
-        socket: socket.to_path_buf(),
-        source,
-    })?;
+    let info = get_info(&mut client, socket, timeouts).await?;
     let outcome = register(socket, &info, registry).await;
     let status = reg::RegistrationStatus {
         plugin_registered: outcome.is_ok(),
@@ -131,6 +120,45 @@ pub async fn handshake(socket: &Path, registry: &Registry) -> Result<String, Reg
         tracing::warn!(error = %e, "cannot tell the plugin its registration status");
     }
     outcome
+}
+
+async fn get_info(
+    client: &mut RegistrationClient<tonic::transport::Channel>,
+    socket: &Path,
+    timeouts: Timeouts,
+) -> Result<reg::PluginInfo, RegistrationError> {
+    let deadline = timeouts.for_call(Call::GetInfo);
+    run_call(
+        &socket.display().to_string(),
+        Call::GetInfo,
+        deadline,
+        client.get_info(with_deadline(reg::InfoRequest {}, deadline)),
+    )
+    .await
+    .map_err(|source| RegistrationError::Call {
+        socket: socket.to_path_buf(),
+        source,
+    })
+}
+
+/// GetInfo of every registration socket in `dir`, without registering
+/// anything or notifying the plugins (for `minilet doctor`, which runs
+/// beside the agent and must not disturb its registrations).
+pub async fn peek(
+    dir: &Path,
+    timeouts: Timeouts,
+) -> Result<Vec<(PathBuf, Result<reg::PluginInfo, RegistrationError>)>, RegistrationError> {
+    let sockets = list_sockets(dir).map_err(|source| RegistrationError::Dir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::with_capacity(sockets.len());
+    for socket in sockets.into_keys() {
+        let mut client = RegistrationClient::new(unix_channel(&socket, timeouts.connect));
+        let info = get_info(&mut client, &socket, timeouts).await;
+        out.push((socket, info));
+    }
+    Ok(out)
 }
 
 async fn register(
@@ -305,7 +333,6 @@ pub async fn watch(
 
 #[cfg(test)]
 mod tests {
-    use super::super::client::Timeouts;
     use super::super::fake::{FakeDriver, FakeRegistrar, serve_driver, serve_registrar};
     use super::*;
 
