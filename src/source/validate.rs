@@ -223,6 +223,47 @@ pub fn validate_object(
     c.errors
 }
 
+const RECLAIM_POLICIES: &[&str] = &["Delete", "Retain"];
+const BINDING_MODES: &[&str] = &["Immediate", "WaitForFirstConsumer"];
+
+/// Validates a StorageClass from the manifest dir as the API server does
+/// (`ValidateStorageClass`): its name, a provisioner, and the policies a
+/// class may name (Recycle is not one of them). Empty when valid.
+pub fn validate_storage_class(sc: &k8s_openapi::api::storage::v1::StorageClass) -> Vec<FieldError> {
+    let mut c = Check { errors: Vec::new() };
+    metadata(&mut c, &sc.metadata);
+    if sc.metadata.namespace.as_deref().is_some_and(|ns| !ns.is_empty()) {
+        c.push(
+            "metadata.namespace",
+            Reason::Forbidden("not allowed on this type".into()),
+        );
+    }
+    if sc.provisioner.is_empty() {
+        c.push("provisioner", Reason::Required(None));
+    } else if sc.provisioner.len() > 63 {
+        c.invalid(
+            "provisioner",
+            quote(&sc.provisioner),
+            "must be no more than 63 characters",
+        );
+    }
+    for k in sc.parameters.iter().flatten().map(|(k, _)| k) {
+        if k.is_empty() {
+            c.push("parameters", Reason::Invalid {
+                value: quote(k),
+                detail: "parameter keys must not be empty".into(),
+            });
+        }
+    }
+    c.one_of("reclaimPolicy".into(), sc.reclaim_policy.as_deref(), RECLAIM_POLICIES);
+    c.one_of(
+        "volumeBindingMode".into(),
+        sc.volume_binding_mode.as_deref(),
+        BINDING_MODES,
+    );
+    c.errors
+}
+
 fn metadata(c: &mut Check, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
     let name = meta.name.as_deref().unwrap_or_default();
     if name.is_empty() {
