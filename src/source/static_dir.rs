@@ -1293,6 +1293,51 @@ mod tests {
     }
 
     #[test]
+    fn storage_classes_are_objects_and_checked_like_the_api_server_does() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "sc.yaml",
+            "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: fast}\nprovisioner: test.csi.minilet.io\nvolumeBindingMode: WaitForFirstConsumer\nparameters: {csi.storage.k8s.io/fstype: ext4}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec: {storageClassName: fast, accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n",
+        );
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        let all = s.all_objects();
+        let sc = &all.classes[&(String::new(), "fast".to_string())];
+        assert_eq!(sc.provisioner, "test.csi.minilet.io");
+        assert!(
+            all.claims
+                .contains_key(&("default".to_string(), "data".to_string()))
+        );
+        let cases = [
+            (
+                "apiVersion: v1\nkind: StorageClass\nmetadata: {name: x}\nprovisioner: p\n",
+                "document 1: apiVersion \"v1\" kind \"StorageClass\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume; or a storage.k8s.io/v1 StorageClass)",
+            ),
+            (
+                "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: x}\nreclaimPolicy: Recycle\nvolumeBindingMode: Later\n",
+                "document 1: StorageClass x is invalid: provisioner: Required value; reclaimPolicy: Unsupported value: \"Recycle\": supported values: \"Delete\", \"Retain\"; volumeBindingMode: Unsupported value: \"Later\": supported values: \"Immediate\", \"WaitForFirstConsumer\"",
+            ),
+            (
+                "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: x}\nprovisioner: [p]\n",
+                "document 1: invalid StorageClass",
+            ),
+        ];
+        for (text, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "bad.yaml", text);
+            let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+            assert_eq!(s.errors.len(), 1, "{text}");
+            assert!(
+                s.errors[0].message.starts_with(want),
+                "{}",
+                s.errors[0].message
+            );
+            assert!(s.errors[0].file.ends_with("bad.yaml"));
+        }
+    }
+
+    #[test]
     fn config_maps_and_secrets_beside_pods_are_objects_of_their_file() {
         let dir = tempfile::tempdir().unwrap();
         write(

@@ -232,7 +232,12 @@ const BINDING_MODES: &[&str] = &["Immediate", "WaitForFirstConsumer"];
 pub fn validate_storage_class(sc: &k8s_openapi::api::storage::v1::StorageClass) -> Vec<FieldError> {
     let mut c = Check { errors: Vec::new() };
     metadata(&mut c, &sc.metadata);
-    if sc.metadata.namespace.as_deref().is_some_and(|ns| !ns.is_empty()) {
+    if sc
+        .metadata
+        .namespace
+        .as_deref()
+        .is_some_and(|ns| !ns.is_empty())
+    {
         c.push(
             "metadata.namespace",
             Reason::Forbidden("not allowed on this type".into()),
@@ -249,13 +254,20 @@ pub fn validate_storage_class(sc: &k8s_openapi::api::storage::v1::StorageClass) 
     }
     for k in sc.parameters.iter().flatten().map(|(k, _)| k) {
         if k.is_empty() {
-            c.push("parameters", Reason::Invalid {
-                value: quote(k),
-                detail: "parameter keys must not be empty".into(),
-            });
+            c.push(
+                "parameters",
+                Reason::Invalid {
+                    value: quote(k),
+                    detail: "parameter keys must not be empty".into(),
+                },
+            );
         }
     }
-    c.one_of("reclaimPolicy".into(), sc.reclaim_policy.as_deref(), RECLAIM_POLICIES);
+    c.one_of(
+        "reclaimPolicy".into(),
+        sc.reclaim_policy.as_deref(),
+        RECLAIM_POLICIES,
+    );
     c.one_of(
         "volumeBindingMode".into(),
         sc.volume_binding_mode.as_deref(),

@@ -48,8 +48,7 @@ const BETA_CLASS_ANNOTATION: &str = "volume.beta.kubernetes.io/storage-class";
 /// The provisioner of classes for statically made volumes only.
 pub const NO_PROVISIONER: &str = "kubernetes.io/no-provisioner";
 /// kube-controller-manager's reason text while a claim's class waits for a pod.
-pub const WAIT_FOR_FIRST_CONSUMER: &str =
-    "waiting for first consumer to be created before binding";
+pub const WAIT_FOR_FIRST_CONSUMER: &str = "waiting for first consumer to be created before binding";
 
 /// A claim as the binder sees it: the object and the uid it goes by (its
 /// own, or one minilet derived, see `provision`).
@@ -386,12 +385,13 @@ pub fn plan(input: Input<'_>) -> Plan {
     }
     // A volume is taken when it names a claim: bound, pre-bound, or
     // Released (its claim gone: never bound again).
-    let taken_by = |refs: &BTreeMap<String, ClaimRef>, v: &Volume| -> Option<(ClaimKey, Option<String>)> {
-        let name = volume_name(v);
-        refs.get(name)
-            .map(|r| (r.key(), Some(r.uid.clone())))
-            .or_else(|| spec_ref(&v.pv))
-    };
+    let taken_by =
+        |refs: &BTreeMap<String, ClaimRef>, v: &Volume| -> Option<(ClaimKey, Option<String>)> {
+            let name = volume_name(v);
+            refs.get(name)
+                .map(|r| (r.key(), Some(r.uid.clone())))
+                .or_else(|| spec_ref(&v.pv))
+        };
 
     for (key, claim) in &claims {
         let pvc = &claim.pvc;
@@ -495,9 +495,8 @@ pub fn plan(input: Input<'_>) -> Plan {
         }
 
         let sc = input.classes.get(&class);
-        let wait = sc.is_some_and(|sc| {
-            sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer")
-        });
+        let wait =
+            sc.is_some_and(|sc| sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"));
         if wait && !input.used.contains(*key) {
             pending(&mut out, WAIT_FOR_FIRST_CONSUMER.into());
             continue;
@@ -516,7 +515,11 @@ pub fn plan(input: Input<'_>) -> Plan {
         }
 
         // Nothing fits: provision, or wait saying for what.
-        let has_selector = pvc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some();
+        let has_selector = pvc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .is_some();
         let reason = match sc {
             _ if class.is_empty() => {
                 "no persistent volumes available for this claim and no storage class is set"
@@ -590,12 +593,11 @@ pub fn plan(input: Input<'_>) -> Plan {
 /// policy says Delete; Failed when the policy says Delete but the volume is
 /// the manifest dir's (minilet deletes only what it provisioned).
 fn released(v: &Volume, r: ClaimRef, delete: &mut Vec<String>) -> VolumeState {
-    let policy = v
-        .pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.persistent_volume_reclaim_policy.clone())
-        .unwrap_or_else(|| "Retain".into());
+    let policy =
+        v.pv.spec
+            .as_ref()
+            .and_then(|s| s.persistent_volume_reclaim_policy.clone())
+            .unwrap_or_else(|| "Retain".into());
     let (phase, reason) = match policy.as_str() {
         "Delete" if v.provisioned => {
             delete.push(volume_name(v).to_string());
@@ -769,7 +771,11 @@ mod tests {
                 pvc("c", json!({"spec": {"accessModes": ["ReadWriteMany"]}})),
                 vec![
                     pv("rwo", "1Gi", json!({})),
-                    pv("rwx", "5Gi", json!({"spec": {"accessModes": ["ReadWriteOnce", "ReadWriteMany"]}})),
+                    pv(
+                        "rwx",
+                        "5Gi",
+                        json!({"spec": {"accessModes": ["ReadWriteOnce", "ReadWriteMany"]}}),
+                    ),
                 ],
                 Some("rwx"),
             ),
@@ -793,10 +799,17 @@ mod tests {
             ),
             (
                 "selector",
-                pvc("c", json!({"spec": {"selector": {"matchLabels": {"tier": "gold"}}}})),
+                pvc(
+                    "c",
+                    json!({"spec": {"selector": {"matchLabels": {"tier": "gold"}}}}),
+                ),
                 vec![
                     pv("a", "1Gi", json!({})),
-                    pv("b", "2Gi", json!({"metadata": {"labels": {"tier": "gold"}}})),
+                    pv(
+                        "b",
+                        "2Gi",
+                        json!({"metadata": {"labels": {"tier": "gold"}}}),
+                    ),
                 ],
                 Some("b"),
             ),
@@ -821,7 +834,11 @@ mod tests {
             (
                 "pre-bound to another claim is not taken",
                 pvc("c", json!({})),
-                vec![pv("other", "1Gi", json!({"spec": {"claimRef": {"name": "d", "namespace": "default"}}}))],
+                vec![pv(
+                    "other",
+                    "1Gi",
+                    json!({"spec": {"claimRef": {"name": "d", "namespace": "default"}}}),
+                )],
                 None,
             ),
             (
@@ -829,7 +846,11 @@ mod tests {
                 pvc("c", json!({})),
                 vec![
                     pv("fit", "1Gi", json!({})),
-                    pv("mine", "9Gi", json!({"spec": {"claimRef": {"name": "c", "namespace": "default"}}})),
+                    pv(
+                        "mine",
+                        "9Gi",
+                        json!({"spec": {"claimRef": {"name": "c", "namespace": "default"}}}),
+                    ),
                 ],
                 Some("mine"),
             ),
@@ -856,7 +877,10 @@ mod tests {
     #[test]
     fn two_claims_never_share_a_volume() {
         let mut w = World::new(
-            vec![pvc("a", serde_json::json!({})), pvc("b", serde_json::json!({}))],
+            vec![
+                pvc("a", serde_json::json!({})),
+                pvc("b", serde_json::json!({})),
+            ],
             vec![pv("v1", "1Gi", serde_json::json!({}))],
         );
         let p = w.plan();
@@ -878,8 +902,14 @@ mod tests {
             vec![pv("plain", "1Gi", serde_json::json!({}))],
         );
         w.classes = BTreeMap::from([
-            class("old", serde_json::json!({"metadata": {"annotations": {DEFAULT_CLASS_ANNOTATION: "true"}, "creationTimestamp": "2026-01-01T00:00:00Z"}})),
-            class("new", serde_json::json!({"provisioner": "new.csi", "metadata": {"annotations": {DEFAULT_CLASS_ANNOTATION: "true"}, "creationTimestamp": "2026-06-01T00:00:00Z"}})),
+            class(
+                "old",
+                serde_json::json!({"metadata": {"annotations": {DEFAULT_CLASS_ANNOTATION: "true"}, "creationTimestamp": "2026-01-01T00:00:00Z"}}),
+            ),
+            class(
+                "new",
+                serde_json::json!({"provisioner": "new.csi", "metadata": {"annotations": {DEFAULT_CLASS_ANNOTATION: "true"}, "creationTimestamp": "2026-06-01T00:00:00Z"}}),
+            ),
         ]);
         w.drivers = vec!["new.csi"];
         let p = w.plan();
@@ -893,7 +923,10 @@ mod tests {
         assert_eq!(prov.capacity, 1 << 30);
         assert_eq!(prov.reclaim_policy, "Delete");
         // An explicit "" opts out of the default.
-        w.claims = vec![pvc("c", serde_json::json!({"spec": {"storageClassName": ""}}))];
+        w.claims = vec![pvc(
+            "c",
+            serde_json::json!({"spec": {"storageClassName": ""}}),
+        )];
         assert_eq!(phase(&w.plan(), "c").1.as_deref(), Some("plain"));
     }
 
@@ -901,14 +934,84 @@ mod tests {
     fn provisioning_waits_for_its_reasons() {
         use serde_json::json;
         let c = || pvc("c", json!({"spec": {"storageClassName": "fast"}}));
-        let cases: Vec<(&str, Vec<(String, Arc<StorageClass>)>, bool, bool, &[&str], &str, usize)> = vec![
-            ("no class object", vec![], false, false, &["test.csi"], "storageclass.storage.k8s.io \"fast\" not found", 0),
-            ("no driver", vec![class("fast", json!({}))], false, false, &[], "waiting for the CSI driver \"test.csi\" to be registered on this node (no provisioner for class \"fast\")", 0),
-            ("provision", vec![class("fast", json!({}))], false, false, &["test.csi"], "waiting for a volume to be created by the provisioner \"test.csi\"", 1),
-            ("already creating", vec![class("fast", json!({}))], false, true, &["test.csi"], "waiting for a volume to be created by the provisioner \"test.csi\"", 0),
-            ("WaitForFirstConsumer, no pod", vec![class("fast", json!({"volumeBindingMode": "WaitForFirstConsumer"}))], false, false, &["test.csi"], WAIT_FOR_FIRST_CONSUMER, 0),
-            ("WaitForFirstConsumer, a pod", vec![class("fast", json!({"volumeBindingMode": "WaitForFirstConsumer"}))], true, false, &["test.csi"], "waiting for a volume to be created by the provisioner \"test.csi\"", 1),
-            ("no-provisioner class", vec![class("fast", json!({"provisioner": NO_PROVISIONER}))], false, false, &["test.csi"], "no persistent volumes available for this claim (class \"fast\" has no provisioner)", 0),
+        let cases: Vec<(
+            &str,
+            Vec<(String, Arc<StorageClass>)>,
+            bool,
+            bool,
+            &[&str],
+            &str,
+            usize,
+        )> = vec![
+            (
+                "no class object",
+                vec![],
+                false,
+                false,
+                &["test.csi"],
+                "storageclass.storage.k8s.io \"fast\" not found",
+                0,
+            ),
+            (
+                "no driver",
+                vec![class("fast", json!({}))],
+                false,
+                false,
+                &[],
+                "waiting for the CSI driver \"test.csi\" to be registered on this node (no provisioner for class \"fast\")",
+                0,
+            ),
+            (
+                "provision",
+                vec![class("fast", json!({}))],
+                false,
+                false,
+                &["test.csi"],
+                "waiting for a volume to be created by the provisioner \"test.csi\"",
+                1,
+            ),
+            (
+                "already creating",
+                vec![class("fast", json!({}))],
+                false,
+                true,
+                &["test.csi"],
+                "waiting for a volume to be created by the provisioner \"test.csi\"",
+                0,
+            ),
+            (
+                "WaitForFirstConsumer, no pod",
+                vec![class(
+                    "fast",
+                    json!({"volumeBindingMode": "WaitForFirstConsumer"}),
+                )],
+                false,
+                false,
+                &["test.csi"],
+                WAIT_FOR_FIRST_CONSUMER,
+                0,
+            ),
+            (
+                "WaitForFirstConsumer, a pod",
+                vec![class(
+                    "fast",
+                    json!({"volumeBindingMode": "WaitForFirstConsumer"}),
+                )],
+                true,
+                false,
+                &["test.csi"],
+                "waiting for a volume to be created by the provisioner \"test.csi\"",
+                1,
+            ),
+            (
+                "no-provisioner class",
+                vec![class("fast", json!({"provisioner": NO_PROVISIONER}))],
+                false,
+                false,
+                &["test.csi"],
+                "no persistent volumes available for this claim (class \"fast\" has no provisioner)",
+                0,
+            ),
         ];
         for (what, classes, used, creating, drivers, want, n) in cases {
             let mut w = World::new(vec![c()], vec![]);
@@ -930,7 +1033,10 @@ mod tests {
     #[test]
     fn class_parameters_reach_the_request_without_the_csi_keys() {
         let mut w = World::new(
-            vec![pvc("c", serde_json::json!({"spec": {"storageClassName": "fast", "accessModes": ["ReadWriteOncePod"]}}))],
+            vec![pvc(
+                "c",
+                serde_json::json!({"spec": {"storageClassName": "fast", "accessModes": ["ReadWriteOncePod"]}}),
+            )],
             vec![],
         );
         w.classes = BTreeMap::from([class(
@@ -941,7 +1047,10 @@ mod tests {
         )]);
         let p = w.plan();
         let prov = &p.provision[0];
-        assert_eq!(prov.parameters, BTreeMap::from([("type".into(), "ssd".into())]));
+        assert_eq!(
+            prov.parameters,
+            BTreeMap::from([("type".into(), "ssd".into())])
+        );
         assert_eq!(prov.fs_type.as_deref(), Some("xfs"));
         assert_eq!(prov.reclaim_policy, "Retain");
         assert_eq!(prov.mount_options, ["noatime"]);
@@ -963,27 +1072,44 @@ mod tests {
     fn a_provisioned_volume_binds_its_claim_and_is_released_or_deleted_when_it_goes() {
         for (policy, deleted) in [("Delete", true), ("Retain", false)] {
             let mut w = World::new(
-                vec![pvc("c", serde_json::json!({"spec": {"storageClassName": "fast"}}))],
+                vec![pvc(
+                    "c",
+                    serde_json::json!({"spec": {"storageClassName": "fast"}}),
+                )],
                 vec![provisioned("pvc-uid-c", "c", policy)],
             );
             w.classes = BTreeMap::from([class("fast", serde_json::json!({}))]);
             let p = w.plan();
-            assert_eq!(phase(&p, "c"), (ClaimPhase::Bound, Some("pvc-uid-c".into())));
+            assert_eq!(
+                phase(&p, "c"),
+                (ClaimPhase::Bound, Some("pvc-uid-c".into()))
+            );
             assert!(p.provision.is_empty());
             w.apply(&p);
             // The claim goes.
             w.claims.clear();
             let p = w.plan();
-            assert_eq!(p.volumes["pvc-uid-c"].phase, VolumePhase::Released, "{policy}");
+            assert_eq!(
+                p.volumes["pvc-uid-c"].phase,
+                VolumePhase::Released,
+                "{policy}"
+            );
             assert_eq!(p.delete.is_empty(), !deleted, "{policy}");
             assert!(p.bindings.is_empty());
             w.apply(&p);
             // A new claim of the same name (another uid) does not get it back.
-            let mut again = pvc("c", serde_json::json!({"spec": {"storageClassName": "fast"}}));
+            let mut again = pvc(
+                "c",
+                serde_json::json!({"spec": {"storageClassName": "fast"}}),
+            );
             again.uid = "uid-c2".into();
             w.claims = vec![again];
             let p = w.plan();
-            assert_eq!(p.volumes["pvc-uid-c"].phase, VolumePhase::Released, "{policy}");
+            assert_eq!(
+                p.volumes["pvc-uid-c"].phase,
+                VolumePhase::Released,
+                "{policy}"
+            );
             assert_eq!(p.provision[0].name, "pvc-uid-c2", "{policy}");
         }
     }
@@ -1001,7 +1127,11 @@ mod tests {
     fn a_manifest_volume_is_released_never_deleted_and_a_bound_claim_whose_volume_goes_is_lost() {
         let mut w = World::new(
             vec![pvc("c", serde_json::json!({}))],
-            vec![pv("v", "1Gi", serde_json::json!({"spec": {"persistentVolumeReclaimPolicy": "Delete"}}))],
+            vec![pv(
+                "v",
+                "1Gi",
+                serde_json::json!({"spec": {"persistentVolumeReclaimPolicy": "Delete"}}),
+            )],
         );
         let p = w.plan();
         w.apply(&p);
@@ -1019,7 +1149,11 @@ mod tests {
         // The claim goes instead: a Delete volume of the manifest dir fails.
         let mut w = World::new(
             vec![pvc("c", serde_json::json!({}))],
-            vec![pv("v", "1Gi", serde_json::json!({"spec": {"persistentVolumeReclaimPolicy": "Delete"}}))],
+            vec![pv(
+                "v",
+                "1Gi",
+                serde_json::json!({"spec": {"persistentVolumeReclaimPolicy": "Delete"}}),
+            )],
         );
         let p = w.plan();
         w.apply(&p);
@@ -1037,10 +1171,22 @@ mod tests {
             (serde_json::json!({}), true),
             (serde_json::json!({"matchLabels": {"tier": "gold"}}), true),
             (serde_json::json!({"matchLabels": {"tier": "tin"}}), false),
-            (serde_json::json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold", "x"]}]}), true),
-            (serde_json::json!({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["gold"]}]}), false),
-            (serde_json::json!({"matchExpressions": [{"key": "zone", "operator": "DoesNotExist"}]}), true),
-            (serde_json::json!({"matchExpressions": [{"key": "zone", "operator": "Exists"}]}), false),
+            (
+                serde_json::json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold", "x"]}]}),
+                true,
+            ),
+            (
+                serde_json::json!({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["gold"]}]}),
+                false,
+            ),
+            (
+                serde_json::json!({"matchExpressions": [{"key": "zone", "operator": "DoesNotExist"}]}),
+                true,
+            ),
+            (
+                serde_json::json!({"matchExpressions": [{"key": "zone", "operator": "Exists"}]}),
+                false,
+            ),
         ];
         for (s, want) in cases {
             assert_eq!(selector_matches(&sel(s.clone()), &labels), want, "{s}");

@@ -102,8 +102,10 @@ pub trait Provisioner: Send + Sync {
     /// PUBLISH_UNPUBLISH_VOLUME; `None` when it does not publish.
     fn publish_node(&self, driver: &str) -> Option<String>;
     /// CreateVolume, named `req.name` (idempotent by name).
-    fn create_volume<'a>(&'a self, req: &'a Provision)
-    -> BoxFuture<'a, Result<CreatedVolume, CallError>>;
+    fn create_volume<'a>(
+        &'a self,
+        req: &'a Provision,
+    ) -> BoxFuture<'a, Result<CreatedVolume, CallError>>;
     /// DeleteVolume (an unknown volume is success).
     fn delete_volume<'a>(
         &'a self,
@@ -320,10 +322,12 @@ impl Claims {
     ) -> Result<Claims, ProvisionError> {
         let path = state_path(state_dir);
         let state = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ProvisionError::Parse {
-                path: path.clone(),
-                source,
-            })?,
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| ProvisionError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(source) => return Err(ProvisionError::Read { path, source }),
         };
@@ -555,7 +559,10 @@ impl Claims {
                 Ok(true)
             }
             Err(e) => {
-                self.note(name, Err(format!("CreateVolume on driver {:?}: {e}", req.driver)));
+                self.note(
+                    name,
+                    Err(format!("CreateVolume on driver {:?}: {e}", req.driver)),
+                );
                 Ok(false)
             }
         }
@@ -564,7 +571,10 @@ impl Claims {
     /// Drive one unpublish + DeleteVolume; true when it completed.
     async fn delete(&self, name: &str, pv: &PersistentVolume) -> Result<bool, ProvisionError> {
         let Some(p) = self.provisioner.as_ref() else {
-            self.note(name, Err("DeleteVolume: no CSI driver is configured".into()));
+            self.note(
+                name,
+                Err("DeleteVolume: no CSI driver is configured".into()),
+            );
             return Ok(false);
         };
         let Some(csi) = pv.spec.as_ref().and_then(|s| s.csi.as_ref()) else {
@@ -578,7 +588,10 @@ impl Claims {
             {
                 self.note(
                     name,
-                    Err(format!("ControllerUnpublishVolume on driver {:?}: {e}", pb.driver)),
+                    Err(format!(
+                        "ControllerUnpublishVolume on driver {:?}: {e}",
+                        pb.driver
+                    )),
                 );
                 return Ok(false);
             }
@@ -597,7 +610,10 @@ impl Claims {
                 Ok(true)
             }
             Err(e) => {
-                self.note(name, Err(format!("DeleteVolume on driver {:?}: {e}", csi.driver)));
+                self.note(
+                    name,
+                    Err(format!("DeleteVolume on driver {:?}: {e}", csi.driver)),
+                );
                 Ok(false)
             }
         }
@@ -726,7 +742,10 @@ impl Claims {
             node_id: node_id.clone(),
             readonly: readonly || csi.read_only == Some(true),
             access_modes: spec.access_modes.clone().unwrap_or_default(),
-            volume_mode: spec.volume_mode.clone().unwrap_or_else(|| "Filesystem".into()),
+            volume_mode: spec
+                .volume_mode
+                .clone()
+                .unwrap_or_else(|| "Filesystem".into()),
             fs_type: csi.fs_type.clone(),
             mount_options: spec.mount_options.clone().unwrap_or_default(),
             volume_context: csi.volume_attributes.clone().unwrap_or_default(),
@@ -837,7 +856,12 @@ pub async fn run(
     loop {
         let (objects, used, dirty, synced) = {
             let s = snapshots.borrow_and_update();
-            (s.all_objects(), used_claims(&s), !s.errors.is_empty(), s.synced())
+            (
+                s.all_objects(),
+                used_claims(&s),
+                !s.errors.is_empty(),
+                s.synced(),
+            )
         };
         if synced
             && let Err(e) = claims
@@ -982,7 +1006,10 @@ mod tests {
         assert_eq!(view.claims.len(), 1);
         let c = &view.claims[0];
         assert_eq!(c.status.as_ref().unwrap().phase.as_deref(), Some("Bound"));
-        assert_eq!(c.spec.as_ref().unwrap().volume_name.as_deref(), Some(name.as_str()));
+        assert_eq!(
+            c.spec.as_ref().unwrap().volume_name.as_deref(),
+            Some(name.as_str())
+        );
         let pv = &view.volumes[0];
         let csi = pv.spec.as_ref().unwrap().csi.as_ref().unwrap();
         assert_eq!(csi.driver, "test.csi");
@@ -1022,13 +1049,26 @@ mod tests {
         let o = objects(true, serde_json::json!({}));
         {
             let claims = Claims::open(dir.path(), Some(driver.clone())).unwrap();
-            claims.sync(&o, &BTreeSet::new(), false, t0()).await.unwrap();
+            claims
+                .sync(&o, &BTreeSet::new(), false, t0())
+                .await
+                .unwrap();
             let view = claims.view().borrow().clone();
-            assert_eq!(view.claims[0].status.as_ref().unwrap().phase.as_deref(), Some("Pending"));
+            assert_eq!(
+                view.claims[0].status.as_ref().unwrap().phase.as_deref(),
+                Some("Pending")
+            );
             let why = &view.waiting["default/data"];
-            assert!(why.contains("CreateVolume on driver \"test.csi\": Unavailable"), "{why}");
+            assert!(
+                why.contains("CreateVolume on driver \"test.csi\": Unavailable"),
+                "{why}"
+            );
             let e = claims.resolve("default", "data", false).await.unwrap_err();
-            assert!(e.to_string().starts_with("PersistentVolumeClaim \"data\" is not bound: CreateVolume"), "{e}");
+            assert!(
+                e.to_string()
+                    .starts_with("PersistentVolumeClaim \"data\" is not bound: CreateVolume"),
+                "{e}"
+            );
         }
         // The intent is on disk before the call.
         let text = std::fs::read_to_string(state_path(dir.path())).unwrap();
@@ -1036,12 +1076,18 @@ mod tests {
         // A new agent, a later time: the same name again, one volume.
         let claims = Claims::open(dir.path(), Some(driver.clone())).unwrap();
         let later: jiff::Timestamp = "2026-12-01T13:00:00Z".parse().unwrap();
-        claims.sync(&o, &BTreeSet::new(), false, later).await.unwrap();
+        claims
+            .sync(&o, &BTreeSet::new(), false, later)
+            .await
+            .unwrap();
         let c = calls(&driver);
         assert_eq!(c.len(), 2);
         assert_eq!(c[0], c[1]);
         let view = claims.view().borrow().clone();
-        assert_eq!(view.claims[0].status.as_ref().unwrap().phase.as_deref(), Some("Bound"));
+        assert_eq!(
+            view.claims[0].status.as_ref().unwrap().phase.as_deref(),
+            Some("Bound")
+        );
         assert_eq!(view.volumes.len(), 1);
     }
 
@@ -1050,7 +1096,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let claims = Claims::open(dir.path(), None).unwrap();
         claims
-            .sync(&objects(true, serde_json::json!({})), &BTreeSet::new(), false, t0())
+            .sync(
+                &objects(true, serde_json::json!({})),
+                &BTreeSet::new(),
+                false,
+                t0(),
+            )
             .await
             .unwrap();
         let view = claims.view().borrow().clone();
@@ -1065,8 +1116,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let driver = Arc::new(FakeDriver::default());
         let claims = Claims::open(dir.path(), Some(driver.clone())).unwrap();
-        let o = objects(true, serde_json::json!({"volumeBindingMode": "WaitForFirstConsumer"}));
-        claims.sync(&o, &BTreeSet::new(), false, t0()).await.unwrap();
+        let o = objects(
+            true,
+            serde_json::json!({"volumeBindingMode": "WaitForFirstConsumer"}),
+        );
+        claims
+            .sync(&o, &BTreeSet::new(), false, t0())
+            .await
+            .unwrap();
         assert!(calls(&driver).is_empty());
         let used = BTreeSet::from([("default".to_string(), "data".to_string())]);
         claims.sync(&o, &used, false, t0()).await.unwrap();
@@ -1083,22 +1140,34 @@ mod tests {
         driver.fail_delete.store(1, Ordering::SeqCst);
         let claims = Claims::open(dir.path(), Some(driver.clone())).unwrap();
         let o = objects(true, serde_json::json!({}));
-        claims.sync(&o, &BTreeSet::new(), false, t0()).await.unwrap();
+        claims
+            .sync(&o, &BTreeSet::new(), false, t0())
+            .await
+            .unwrap();
         let a = claims.resolve("default", "data", false).await.unwrap();
         let b = claims.resolve("default", "data", false).await.unwrap();
         assert_eq!(a.publish_context["device"], "/dev/loop7");
         assert_eq!(b.publish_context, a.publish_context);
         let gone = objects(false, serde_json::json!({}));
-        claims.sync(&gone, &BTreeSet::new(), false, t0()).await.unwrap();
+        claims
+            .sync(&gone, &BTreeSet::new(), false, t0())
+            .await
+            .unwrap();
         // The first DeleteVolume failed: Failed, kept, retried.
         let view = claims.view().borrow().clone();
         let st = view.volumes[0].status.clone().unwrap();
         assert_eq!(st.phase.as_deref(), Some("Failed"));
         assert!(st.message.unwrap().contains("Internal: busy"));
-        claims.sync(&gone, &BTreeSet::new(), false, t0()).await.unwrap();
+        claims
+            .sync(&gone, &BTreeSet::new(), false, t0())
+            .await
+            .unwrap();
         let c = calls(&driver);
         let verbs: Vec<&str> = c.iter().map(|c| c.split(' ').next().unwrap()).collect();
-        assert_eq!(verbs, ["create", "publish", "unpublish", "delete", "delete"]);
+        assert_eq!(
+            verbs,
+            ["create", "publish", "unpublish", "delete", "delete"]
+        );
         assert!(claims.view().borrow().volumes.is_empty());
     }
 

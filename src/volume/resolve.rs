@@ -74,7 +74,10 @@ pub trait ClaimResolver: Send + Sync {
 }
 
 /// The claim's bound volume name, or why it has none.
-pub fn bound_volume(pvc: &PersistentVolumeClaim, reason: Option<String>) -> Result<String, ClaimError> {
+pub fn bound_volume(
+    pvc: &PersistentVolumeClaim,
+    reason: Option<String>,
+) -> Result<String, ClaimError> {
     let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
     let volume = pvc
         .spec
@@ -153,7 +156,8 @@ mod tests {
                 .unwrap(),
             )
         };
-        o.claims.insert(("default".into(), "data".into()), claim("Pending", ""));
+        o.claims
+            .insert(("default".into(), "data".into()), claim("Pending", ""));
         store.replace(o.clone());
         let r = LookupResolver {
             objects: Arc::new(store.clone()),
@@ -162,7 +166,8 @@ mod tests {
         assert_eq!(e.to_string(), "persistentvolumeclaim \"nope\" not found");
         let e = r.resolve("default", "data", false).await.unwrap_err();
         assert_eq!(e.to_string(), "PersistentVolumeClaim \"data\" is not bound");
-        o.claims.insert(("default".into(), "data".into()), claim("Bound", "pv1"));
+        o.claims
+            .insert(("default".into(), "data".into()), claim("Bound", "pv1"));
         store.replace(o.clone());
         let e = r.resolve("default", "data", false).await.unwrap_err();
         assert_eq!(
@@ -171,7 +176,9 @@ mod tests {
         );
         o.volumes.insert(
             (String::new(), "pv1".into()),
-            Arc::new(serde_json::from_value(serde_json::json!({"metadata": {"name": "pv1"}})).unwrap()),
+            Arc::new(
+                serde_json::from_value(serde_json::json!({"metadata": {"name": "pv1"}})).unwrap(),
+            ),
         );
         store.replace(o);
         let got = r.resolve("default", "data", false).await.unwrap();
