@@ -564,7 +564,7 @@ pub fn plan(input: Input<'_>) -> Plan {
             Some(r) => released(v, r, &mut out.delete),
             None => match spec_ref(&v.pv) {
                 // A provisioned volume whose claim went before it was bound.
-                Some((k, Some(uid))) if !claims.get(&k).is_some_and(|c| c.uid == uid) => {
+                Some((k, Some(uid))) if claims.get(&k).is_none_or(|c| c.uid != uid) => {
                     let r = ClaimRef {
                         namespace: k.0,
                         name: k.1,
@@ -930,19 +930,23 @@ mod tests {
         assert_eq!(phase(&w.plan(), "c").1.as_deref(), Some("plain"));
     }
 
+    /// What, classes, used by a pod, creating already, drivers, reason,
+    /// provisions.
+    type WaitCase = (
+        &'static str,
+        Vec<(String, Arc<StorageClass>)>,
+        bool,
+        bool,
+        &'static [&'static str],
+        &'static str,
+        usize,
+    );
+
     #[test]
     fn provisioning_waits_for_its_reasons() {
         use serde_json::json;
         let c = || pvc("c", json!({"spec": {"storageClassName": "fast"}}));
-        let cases: Vec<(
-            &str,
-            Vec<(String, Arc<StorageClass>)>,
-            bool,
-            bool,
-            &[&str],
-            &str,
-            usize,
-        )> = vec![
+        let cases: Vec<WaitCase> = vec![
             (
                 "no class object",
                 vec![],

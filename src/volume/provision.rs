@@ -167,7 +167,7 @@ struct ClaimRecord {
 #[serde(tag = "state", rename_all = "camelCase")]
 enum VolumeRecord {
     /// CreateVolume intended (recorded before the call) or in flight.
-    Creating { request: Provision },
+    Creating { request: Box<Provision> },
     /// Made: its PersistentVolume.
     Created { pv: Box<PersistentVolume> },
     /// Its claim went under policy Delete: DeleteVolume until it succeeds.
@@ -389,7 +389,7 @@ impl Claims {
         let plan = self.decide(objects, used, hold_deletes, now)?;
         let mut changed = false;
         for (name, req) in self.records(|r| match r {
-            VolumeRecord::Creating { request } => Some(request.clone()),
+            VolumeRecord::Creating { request } => Some((**request).clone()),
             _ => None,
         }) {
             changed |= self.create(&name, &req, now).await?;
@@ -499,7 +499,9 @@ impl Claims {
                 info!(claim = %claim_id(&p.claim.key()), volume = %p.name, driver = %p.driver, "provisioning a volume");
                 st.volumes
                     .entry(p.name.clone())
-                    .or_insert_with(|| VolumeRecord::Creating { request: p.clone() });
+                    .or_insert_with(|| VolumeRecord::Creating {
+                        request: Box::new(p.clone()),
+                    });
             }
             if !hold_deletes {
                 for name in &plan.delete {
