@@ -651,6 +651,14 @@ mod tests {
         assert_eq!(list["items"][0]["kind"], "Pod");
     }
 
+    /// A header line's cells (they may hold single spaces).
+    fn header(line: &str) -> Vec<&str> {
+        line.split("   ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+
     #[test]
     fn pv_and_pvc_tables_have_kubectl_columns() {
         let now: jiff::Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
@@ -684,11 +692,7 @@ mod tests {
         );
         let lines: Vec<&str> = pv.lines().collect();
         assert_eq!(
-            lines[0]
-                .split("   ")
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .collect::<Vec<_>>(),
+            header(lines[0]),
             [
                 "NAME",
                 "CAPACITY",
@@ -724,11 +728,7 @@ mod tests {
         );
         let lines: Vec<&str> = pvc.lines().collect();
         assert_eq!(
-            lines[0]
-                .split("   ")
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .collect::<Vec<_>>(),
+            header(lines[0]),
             [
                 "NAME",
                 "STATUS",
