@@ -685,12 +685,12 @@ fn file_objects(
             ObjectDoc::Claim(c) => (
                 "PersistentVolumeClaim",
                 &c.metadata,
-                validate::validate_object(&c.metadata, &[]),
+                validate::validate_claim(c),
             ),
             ObjectDoc::Volume(v) => (
                 "PersistentVolume",
                 &v.metadata,
-                validate::validate_object(&v.metadata, &[]),
+                validate::validate_volume(v),
             ),
             ObjectDoc::Class(sc) => (
                 "StorageClass",
@@ -1322,6 +1322,14 @@ mod tests {
                 "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: x}\nprovisioner: [p]\n",
                 "document 1: invalid StorageClass",
             ),
+            (
+                "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: c}\nspec: {accessModes: [ReadWriteSometimes]}\n",
+                "document 1: PersistentVolumeClaim c is invalid: spec.accessModes: Unsupported value: \"ReadWriteSometimes\": supported values: \"ReadOnlyMany\", \"ReadWriteMany\", \"ReadWriteOnce\", \"ReadWriteOncePod\"; spec.resources[storage]: Required value",
+            ),
+            (
+                "apiVersion: v1\nkind: PersistentVolume\nmetadata: {name: v}\nspec: {capacity: {storage: lots}}\n",
+                "document 1: PersistentVolume v is invalid: spec.accessModes: Required value: at least 1 access mode is required; spec.capacity[storage]: Invalid value: \"lots\": \"lots\" is not a quantity like 10M; spec: Required value: must specify a volume type",
+            ),
         ];
         for (text, want) in cases {
             let dir = tempfile::tempdir().unwrap();
@@ -1351,7 +1359,7 @@ mod tests {
         write(
             dir.path(),
             "b.json",
-            r#"{"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"pv1"},"spec":{}}"#,
+            r#"{"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"pv1"},"spec":{"capacity":{"storage":"1Gi"},"accessModes":["ReadWriteOnce"],"hostPath":{"path":"/srv"}}}"#,
         );
         let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
         assert!(s.errors.is_empty(), "{:?}", s.errors);

@@ -626,6 +626,13 @@ impl Claims {
         let st = lock(&self.state).clone();
         let errors = lock(&self.errors).clone();
         let mut view = VolumesView::default();
+        let default = claims::default_class(
+            &objects
+                .classes
+                .iter()
+                .map(|((_, n), c)| (n.clone(), c.clone()))
+                .collect(),
+        );
         for v in volumes_of(objects, &st) {
             let mut pv = (*v.pv).clone();
             let name = pv.metadata.name.clone().unwrap_or_default();
@@ -677,13 +684,6 @@ impl Claims {
                 c.metadata.creation_timestamp = rec.map(|r| Time(r.first_seen));
             }
             c.metadata.namespace = Some(ns.clone());
-            let default = claims::default_class(
-                &objects
-                    .classes
-                    .iter()
-                    .map(|((_, n), c)| (n.clone(), c.clone()))
-                    .collect(),
-            );
             let class = claims::claim_class(&c, default.as_deref());
             let spec = c.spec.get_or_insert_with(Default::default);
             if !class.is_empty() {
