@@ -60,6 +60,10 @@ pub enum AgentError {
     /// The API server credentials are unusable (API server mode).
     #[error(transparent)]
     Api(#[from] crate::api::client::ClientError),
+    /// The claim controller's state file is unreadable (standalone mode):
+    /// refused, since it names volumes that exist on the drivers.
+    #[error("loading the claims state")]
+    Claims(#[source] crate::volume::provision::ProvisionError),
 }
 
 /// Answers the CNI server's questions (host ports, network annotations)
@@ -359,10 +363,33 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         path: control_socket.clone(),
         source,
     })?;
+    // Standalone PV/PVC (issue 8): the claim controller binds the manifest
+    // dir's claims and provisions through the CSI drivers. None in API
+    // server mode: the cluster's controllers do it there.
+    // TODO(lead): pass the CSI controller adapter instead of `None`, and
+    // hand the CSI volume plugin `claims` (standalone) or
+    // `volume::resolve::LookupResolver { objects }` (API mode) as its
+    // `volume::resolve::ClaimResolver`.
+    let volumes_view = if api.is_none() {
+        let claims = Arc::new(
+            crate::volume::provision::Claims::open(&cfg.state_dir, None)
+                .map_err(AgentError::Claims)?,
+        );
+        let view = claims.view();
+        tasks.spawn(crate::volume::provision::run(
+            claims,
+            snap_rx.clone(),
+            cancel.clone(),
+        ));
+        view
+    } else {
+        watch::channel(Default::default()).1
+    };
     let logs_dir = cfg.pod_logs_dir.to_string_lossy().into_owned();
     tasks.spawn(control::serve(
         listener,
         board.clone(),
+        volumes_view,
         logs_dir,
         cancel.clone(),
     ));

@@ -1,18 +1,21 @@
 //! The people-facing commands that talk to a running agent: `get pods`
-//! (kubectl's columns, or a v1 PodList with `-o json`) and `logs` (reads
-//! the CRI log files kubelet's layout puts under podLogsDir).
+//! (kubectl's columns, or a v1 PodList with `-o json`), `get pv,pvc`
+//! (kubectl's columns, or a v1 List) and `logs` (reads the CRI log files
+//! kubelet's layout puts under podLogsDir).
 //!
-//! Formatting is pure (`pod_row`, `pod_list`, `parse_cri_line`); reading
+//! Formatting is pure (`pod_row`, `pod_list`, `volumes_table`,
+//! `volumes_list`, `parse_cri_line`); reading
 //! and following files is the only I/O besides the control socket.
 
 use std::io::{BufRead, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 
 use crate::pod::spec;
 use crate::status::BoardView;
+use crate::volume::provision::VolumesView;
 
 /// Errors of `minilet logs`.
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +41,20 @@ pub enum LogsError {
 }
 
 fn age(pod: &Pod, now: jiff::Timestamp) -> String {
-    let Some(start) = pod.status.as_ref().and_then(|s| s.start_time.as_ref()) else {
+    since(
+        pod.status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| t.0),
+        now,
+    )
+}
+
+fn since(start: Option<jiff::Timestamp>, now: jiff::Timestamp) -> String {
+    let Some(start) = start else {
         return "<unknown>".into();
     };
-    let secs = (now.as_second() - start.0.as_second()).max(0);
+    let secs = (now.as_second() - start.as_second()).max(0);
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 3600 * 3 => format!("{}m", s / 60),
@@ -134,25 +147,11 @@ pub fn pod_row(pod: &Pod, now: jiff::Timestamp) -> [String; 6] {
 pub fn pods_table(view: &BoardView, now: jiff::Timestamp) -> String {
     let mut rows = vec![["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP"].map(String::from)];
     rows.extend(view.pods.iter().map(|p| pod_row(p, now)));
-    let mut widths = [0usize; 6];
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.len());
-        }
-    }
     let mut out = String::new();
     if view.pods.is_empty() {
         out.push_str("No resources found.\n");
     } else {
-        for r in &rows {
-            let line: Vec<String> = r
-                .iter()
-                .zip(widths)
-                .map(|(c, w)| format!("{c:<w$}"))
-                .collect();
-            out.push_str(line.join("   ").trim_end());
-            out.push('\n');
-        }
+        out.push_str(&columns(&rows));
     }
     if !view.errors.is_empty() {
         out.push_str("\nMANIFEST ERRORS\n");
@@ -161,6 +160,225 @@ pub fn pods_table(view: &BoardView, now: jiff::Timestamp) -> String {
         }
     }
     out
+}
+
+/// Rows as kubectl aligns them: each column as wide as its widest cell,
+/// three spaces between columns.
+fn columns<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for r in rows {
+        for (i, cell) in r.as_ref().iter().enumerate() {
+            if widths.len() <= i {
+                widths.push(0);
+            }
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .as_ref()
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// kubectl's short access modes (RWO, ROX, RWX, RWOP), comma-joined.
+fn access_modes(modes: Option<&Vec<String>>) -> String {
+    modes
+        .into_iter()
+        .flatten()
+        .map(|m| match m.as_str() {
+            "ReadWriteOnce" => "RWO",
+            "ReadOnlyMany" => "ROX",
+            "ReadWriteMany" => "RWX",
+            "ReadWriteOncePod" => "RWOP",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn storage(
+    q: Option<
+        &std::collections::BTreeMap<
+            String,
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+        >,
+    >,
+) -> String {
+    q.and_then(|c| c.get("storage"))
+        .map(|q| q.0.clone())
+        .unwrap_or_default()
+}
+
+/// One row of `get pv`: NAME CAPACITY ACCESS MODES RECLAIM POLICY STATUS
+/// CLAIM STORAGECLASS REASON AGE.
+pub fn pv_row(pv: &PersistentVolume, now: jiff::Timestamp) -> Vec<String> {
+    let spec = pv.spec.clone().unwrap_or_default();
+    let st = pv.status.clone().unwrap_or_default();
+    let claim = spec
+        .claim_ref
+        .as_ref()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r.namespace.as_deref().unwrap_or_default(),
+                r.name.as_deref().unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
+    vec![
+        pv.metadata.name.clone().unwrap_or_default(),
+        storage(spec.capacity.as_ref()),
+        access_modes(spec.access_modes.as_ref()),
+        spec.persistent_volume_reclaim_policy
+            .unwrap_or_else(|| "Retain".into()),
+        st.phase.unwrap_or_default(),
+        claim,
+        spec.storage_class_name.unwrap_or_default(),
+        st.reason.unwrap_or_default(),
+        since(pv.metadata.creation_timestamp.as_ref().map(|t| t.0), now),
+    ]
+}
+
+/// One row of `get pvc`: NAME STATUS VOLUME CAPACITY ACCESS MODES
+/// STORAGECLASS AGE (NAMESPACE first when `namespaced`).
+pub fn pvc_row(pvc: &PersistentVolumeClaim, now: jiff::Timestamp, namespaced: bool) -> Vec<String> {
+    let spec = pvc.spec.clone().unwrap_or_default();
+    let st = pvc.status.clone().unwrap_or_default();
+    let mut row = Vec::new();
+    if namespaced {
+        row.push(pvc.metadata.namespace.clone().unwrap_or_default());
+    }
+    row.extend([
+        pvc.metadata.name.clone().unwrap_or_default(),
+        st.phase.clone().unwrap_or_default(),
+        spec.volume_name.unwrap_or_default(),
+        storage(st.capacity.as_ref()),
+        access_modes(st.access_modes.as_ref()),
+        spec.storage_class_name.unwrap_or_default(),
+        since(pvc.metadata.creation_timestamp.as_ref().map(|t| t.0), now),
+    ]);
+    row
+}
+
+/// Which of `get pv,pvc` to show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeKinds {
+    pub pv: bool,
+    pub pvc: bool,
+}
+
+/// kubectl's tables for `get pv`, `get pvc` or `get pv,pvc` (names
+/// prefixed with their kind when both are shown, as kubectl does), then
+/// why claims wait.
+pub fn volumes_table(view: &VolumesView, kinds: VolumeKinds, now: jiff::Timestamp) -> String {
+    let both = kinds.pv && kinds.pvc;
+    let prefix = |row: &mut Vec<String>, at: usize, kind: &str| {
+        if both {
+            row[at] = format!("{kind}/{}", row[at]);
+        }
+    };
+    let mut tables = Vec::new();
+    if kinds.pv && !view.volumes.is_empty() {
+        let mut rows = vec![
+            [
+                "NAME",
+                "CAPACITY",
+                "ACCESS MODES",
+                "RECLAIM POLICY",
+                "STATUS",
+                "CLAIM",
+                "STORAGECLASS",
+                "REASON",
+                "AGE",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for pv in &view.volumes {
+            let mut row = pv_row(pv, now);
+            prefix(&mut row, 0, "persistentvolume");
+            rows.push(row);
+        }
+        tables.push(columns(&rows));
+    }
+    if kinds.pvc && !view.claims.is_empty() {
+        let namespaced = view
+            .claims
+            .iter()
+            .any(|c| c.metadata.namespace.as_deref() != Some("default"));
+        let mut head = vec![
+            "NAME",
+            "STATUS",
+            "VOLUME",
+            "CAPACITY",
+            "ACCESS MODES",
+            "STORAGECLASS",
+            "AGE",
+        ];
+        if namespaced {
+            head.insert(0, "NAMESPACE");
+        }
+        let mut rows = vec![head.into_iter().map(String::from).collect::<Vec<_>>()];
+        for c in &view.claims {
+            let mut row = pvc_row(c, now, namespaced);
+            prefix(&mut row, usize::from(namespaced), "persistentvolumeclaim");
+            rows.push(row);
+        }
+        tables.push(columns(&rows));
+    }
+    let mut out = if tables.is_empty() {
+        "No resources found.\n".to_string()
+    } else {
+        tables.join("\n")
+    };
+    if kinds.pvc && !view.waiting.is_empty() {
+        out.push_str("\nWAITING\n");
+        for (claim, why) in &view.waiting {
+            out.push_str(&format!("persistentvolumeclaim/{claim}: {why}\n"));
+        }
+    }
+    out
+}
+
+/// A v1 List of the PVs and/or PVCs, as `kubectl get pv,pvc -o json`.
+pub fn volumes_list(view: &VolumesView, kinds: VolumeKinds) -> serde_json::Value {
+    let item = |v: serde_json::Value, kind: &str| {
+        let mut v = v;
+        v["apiVersion"] = "v1".into();
+        v["kind"] = kind.into();
+        v
+    };
+    let mut items = Vec::new();
+    if kinds.pv {
+        items.extend(view.volumes.iter().map(|pv| {
+            item(
+                serde_json::to_value(pv).unwrap_or_default(),
+                "PersistentVolume",
+            )
+        }));
+    }
+    if kinds.pvc {
+        items.extend(view.claims.iter().map(|c| {
+            item(
+                serde_json::to_value(c).unwrap_or_default(),
+                "PersistentVolumeClaim",
+            )
+        }));
+    }
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "metadata": {"resourceVersion": ""},
+        "items": items,
+    })
 }
 
 fn ago(then: jiff::Timestamp, now: jiff::Timestamp) -> String {
@@ -431,6 +649,137 @@ mod tests {
         let list = pod_list(&view);
         assert_eq!(list["kind"], "PodList");
         assert_eq!(list["items"][0]["kind"], "Pod");
+    }
+
+    /// A header line's cells (they may hold single spaces).
+    fn header(line: &str) -> Vec<&str> {
+        line.split("   ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn pv_and_pvc_tables_have_kubectl_columns() {
+        let now: jiff::Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
+        let view: VolumesView = serde_json::from_value(serde_json::json!({
+            "volumes": [{
+                "metadata": {"name": "pvc-1", "creationTimestamp": "2026-12-01T11:00:00Z"},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce", "ReadOnlyMany"],
+                         "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "fast",
+                         "claimRef": {"namespace": "default", "name": "data"}},
+                "status": {"phase": "Bound"},
+            }],
+            "claims": [{
+                "metadata": {"name": "data", "namespace": "default", "creationTimestamp": "2026-12-01T11:59:00Z"},
+                "spec": {"volumeName": "pvc-1", "storageClassName": "fast"},
+                "status": {"phase": "Bound", "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"]},
+            }, {
+                "metadata": {"name": "logs", "namespace": "default"},
+                "spec": {"storageClassName": "fast"},
+                "status": {"phase": "Pending"},
+            }],
+            "waiting": {"default/logs": "waiting for first consumer to be created before binding"},
+        }))
+        .unwrap();
+        let pv = volumes_table(
+            &view,
+            VolumeKinds {
+                pv: true,
+                pvc: false,
+            },
+            now,
+        );
+        let lines: Vec<&str> = pv.lines().collect();
+        assert_eq!(
+            header(lines[0]),
+            [
+                "NAME",
+                "CAPACITY",
+                "ACCESS MODES",
+                "RECLAIM POLICY",
+                "STATUS",
+                "CLAIM",
+                "STORAGECLASS",
+                "REASON",
+                "AGE"
+            ]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            [
+                "pvc-1",
+                "1Gi",
+                "RWO,ROX",
+                "Delete",
+                "Bound",
+                "default/data",
+                "fast",
+                "60m"
+            ]
+        );
+        let pvc = volumes_table(
+            &view,
+            VolumeKinds {
+                pv: false,
+                pvc: true,
+            },
+            now,
+        );
+        let lines: Vec<&str> = pvc.lines().collect();
+        assert_eq!(
+            header(lines[0]),
+            [
+                "NAME",
+                "STATUS",
+                "VOLUME",
+                "CAPACITY",
+                "ACCESS MODES",
+                "STORAGECLASS",
+                "AGE"
+            ]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["data", "Bound", "pvc-1", "1Gi", "RWO", "fast", "60s"]
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["logs", "Pending", "fast", "<unknown>"]
+        );
+        assert!(
+            pvc.contains("WAITING\npersistentvolumeclaim/default/logs: waiting for first consumer")
+        );
+        let both = volumes_table(
+            &view,
+            VolumeKinds {
+                pv: true,
+                pvc: true,
+            },
+            now,
+        );
+        assert!(both.contains("persistentvolume/pvc-1 "));
+        assert!(both.contains("persistentvolumeclaim/data "));
+        let list = volumes_list(
+            &view,
+            VolumeKinds {
+                pv: true,
+                pvc: true,
+            },
+        );
+        assert_eq!(list["kind"], "List");
+        assert_eq!(list["items"][0]["kind"], "PersistentVolume");
+        assert_eq!(list["items"][1]["kind"], "PersistentVolumeClaim");
+        assert_eq!(list["items"].as_array().unwrap().len(), 3);
+        let empty = volumes_table(
+            &VolumesView::default(),
+            VolumeKinds {
+                pv: true,
+                pvc: true,
+            },
+            now,
+        );
+        assert_eq!(empty, "No resources found.\n");
     }
 
     #[test]

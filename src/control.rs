@@ -1,5 +1,6 @@
-//! The local control socket: `minilet get pods` and `minilet logs` ask the
-//! running agent for the status board over a root-only unix socket. One
+//! The local control socket: `minilet get pods`, `get pv,pvc` and
+//! `minilet logs` ask the running agent for the status board (or the
+//! claim controller's view) over a root-only unix socket. One
 //! JSON request line, one JSON response line; the agent never trusts the
 //! request beyond picking an operation.
 //!
@@ -11,10 +12,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::status::{Board, BoardView};
+use crate::volume::provision::VolumesView;
 
 /// Errors of the control socket, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +55,19 @@ pub enum ControlError {
 #[serde(tag = "op", rename_all = "camelCase")]
 enum Request {
     Pods,
+    /// The PersistentVolumes and claims (standalone: the claim
+    /// controller's; empty in API server mode).
+    Volumes,
 }
 
 /// Bind the control socket: root-only, like the CNI socket.
 pub use crate::socket::bind_private;
 
-/// Serve the board until cancelled.
+/// Serve the board (and the volumes' view) until cancelled.
 pub async fn serve(
     listener: UnixListener,
     board: Board,
+    volumes: watch::Receiver<VolumesView>,
     pod_logs_dir: String,
     cancel: CancellationToken,
 ) {
@@ -77,15 +84,21 @@ pub async fn serve(
             }
         };
         let (board, dir) = (board.clone(), pod_logs_dir.clone());
+        let volumes = volumes.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &board, &dir).await {
+            if let Err(e) = answer(stream, &board, &volumes, &dir).await {
                 debug!(error = %e, "control request failed");
             }
         });
     }
 }
 
-async fn answer(stream: UnixStream, board: &Board, pod_logs_dir: &str) -> std::io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    board: &Board,
+    volumes: &watch::Receiver<VolumesView>,
+    pod_logs_dir: &str,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(64 * 1024));
@@ -94,6 +107,10 @@ async fn answer(stream: UnixStream, board: &Board, pod_logs_dir: &str) -> std::i
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))??;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
         Ok(Request::Pods) => serde_json::to_vec(&board.view(pod_logs_dir))?,
+        Ok(Request::Volumes) => {
+            let view = volumes.borrow().clone();
+            serde_json::to_vec(&view)?
+        }
         Err(e) => serde_json::to_vec(&serde_json::json!({ "error": e.to_string() }))?,
     };
     write.write_all(&reply).await?;
@@ -103,6 +120,18 @@ async fn answer(stream: UnixStream, board: &Board, pod_logs_dir: &str) -> std::i
 
 /// Ask the agent at `path` for its board.
 pub async fn fetch(path: &Path) -> Result<BoardView, ControlError> {
+    ask(path, Request::Pods).await
+}
+
+/// Ask the agent at `path` for its PersistentVolumes and claims.
+pub async fn fetch_volumes(path: &Path) -> Result<VolumesView, ControlError> {
+    ask(path, Request::Volumes).await
+}
+
+async fn ask<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    request: Request,
+) -> Result<T, ControlError> {
     let io = |source| ControlError::Io {
         path: path.to_path_buf(),
         source,
@@ -115,7 +144,7 @@ pub async fn fetch(path: &Path) -> Result<BoardView, ControlError> {
                     path: path.to_path_buf(),
                     source,
                 })?;
-        let req = serde_json::to_string(&Request::Pods).expect("request serialises");
+        let req = serde_json::to_string(&request).expect("request serialises");
         stream
             .write_all(format!("{req}\n").as_bytes())
             .await
@@ -162,15 +191,22 @@ mod tests {
             0o600
         );
         let cancel = CancellationToken::new();
+        let volumes = VolumesView {
+            waiting: [("default/data".to_string(), "waiting".to_string())].into(),
+            ..Default::default()
+        };
+        let (_tx, rx) = watch::channel(volumes.clone());
         tokio::spawn(serve(
             listener,
             board,
+            rx,
             "/var/log/pods".into(),
             cancel.clone(),
         ));
         let view = fetch(&path).await.unwrap();
         assert_eq!(view.errors.len(), 1);
         assert_eq!(view.pod_logs_dir, "/var/log/pods");
+        assert_eq!(fetch_volumes(&path).await.unwrap(), volumes);
         cancel.cancel();
     }
 }

@@ -56,9 +56,10 @@ enum Command {
     /// Show pods of the running agent.
     Get {
         /// `pods`, `events` (the pods' CNI timings and errors), `metrics`
-        /// (Prometheus text) or `ready` (exits 0 once the agent has caught
+        /// (Prometheus text), `ready` (exits 0 once the agent has caught
         /// up with the node: runtime connected, sources synced, first relist
-        /// reconciled; says what is missing otherwise).
+        /// reconciled; says what is missing otherwise), or `pv`, `pvc`,
+        /// `pv,pvc` (PersistentVolumes and claims, standalone mode).
         resource: String,
         /// Output format: json, or the table when omitted.
         #[arg(short = 'o', long)]
@@ -135,6 +136,9 @@ fn main() -> ExitCode {
     match args.command.unwrap_or(Command::Run) {
         Command::Run => run_agent(cfg, &args.log_level),
         Command::Get { resource, output } => {
+            if let Some(kinds) = volume_kinds(&resource) {
+                return get_volumes(&cfg, kinds, output.as_deref());
+            }
             let kind = match resource.as_str() {
                 "pods" | "pod" | "po" => "pods",
                 "events" | "event" | "ev" => "events",
@@ -142,7 +146,7 @@ fn main() -> ExitCode {
                 "ready" | "readyz" => "ready",
                 other => {
                     return fail(format!(
-                        "unknown resource {other:?}: pods, events, metrics or ready"
+                        "unknown resource {other:?}: pods, events, metrics, ready, pv or pvc"
                     ));
                 }
             };
@@ -247,6 +251,41 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `pv`, `pvc` or both (`pv,pvc`, any order, kubectl's long names too).
+fn volume_kinds(resource: &str) -> Option<cli::VolumeKinds> {
+    let mut kinds = cli::VolumeKinds {
+        pv: false,
+        pvc: false,
+    };
+    for r in resource.split(',') {
+        match r {
+            "pv" | "persistentvolume" | "persistentvolumes" => kinds.pv = true,
+            "pvc" | "persistentvolumeclaim" | "persistentvolumeclaims" => kinds.pvc = true,
+            _ => return None,
+        }
+    }
+    Some(kinds)
+}
+
+fn get_volumes(cfg: &config::Config, kinds: cli::VolumeKinds, output: Option<&str>) -> ExitCode {
+    let view = match runtime().block_on(control::fetch_volumes(&cfg.control_socket())) {
+        Ok(v) => v,
+        Err(e) => return fail(minilet::error_chain(&e)),
+    };
+    match output {
+        None | Some("wide") => print!(
+            "{}",
+            cli::volumes_table(&view, kinds, jiff::Timestamp::now())
+        ),
+        Some("json") => println!(
+            "{}",
+            serde_json::to_string_pretty(&cli::volumes_list(&view, kinds)).unwrap_or_default()
+        ),
+        Some(other) => return fail(format!("unknown output format {other:?} for pv,pvc")),
+    }
+    ExitCode::SUCCESS
 }
 
 fn run_agent(cfg: config::Config, log_level: &str) -> ExitCode {

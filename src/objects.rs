@@ -1,5 +1,6 @@
 //! The objects pods use (ConfigMap, Secret, PersistentVolumeClaim,
-//! PersistentVolume), behind one lookup seam. In API server mode the
+//! PersistentVolume; StorageClass for standalone provisioning), behind one
+//! lookup seam. In API server mode the
 //! lookup is backed by watches of exactly the objects this node's pods
 //! reference (the Node authorizer allows nothing else); standalone, by the
 //! objects found in the manifest dir. The pod path (env, envFrom, volumes,
@@ -15,6 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::storage::v1::StorageClass;
 
 use crate::locks::{read, write};
 
@@ -25,6 +27,9 @@ pub enum Kind {
     Secret,
     PersistentVolumeClaim,
     PersistentVolume,
+    /// Cluster-scoped (storage.k8s.io/v1); only the standalone provisioner
+    /// needs classes: in API server mode the cluster's controllers provision.
+    StorageClass,
 }
 
 impl std::fmt::Display for Kind {
@@ -34,6 +39,7 @@ impl std::fmt::Display for Kind {
             Kind::Secret => "secret",
             Kind::PersistentVolumeClaim => "persistentvolumeclaim",
             Kind::PersistentVolume => "persistentvolume",
+            Kind::StorageClass => "storageclass",
         })
     }
 }
@@ -106,6 +112,19 @@ pub trait ObjectLookup: Send + Sync {
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, LookupError>>;
+    /// Only the standalone provisioner needs classes; lookups that have
+    /// none say NotFound.
+    fn storage_class<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<StorageClass>, LookupError>> {
+        let r = ObjectRef {
+            kind: Kind::StorageClass,
+            namespace: String::new(),
+            name: name.to_string(),
+        };
+        Box::pin(async move { Err(LookupError::NotFound(r)) })
+    }
 }
 
 /// Service account tokens for projected `serviceAccountToken` volume
@@ -134,6 +153,8 @@ pub struct Objects {
     pub claims: BTreeMap<(String, String), Arc<PersistentVolumeClaim>>,
     /// Cluster-scoped: keyed by ("", name).
     pub volumes: BTreeMap<(String, String), Arc<PersistentVolume>>,
+    /// Cluster-scoped: keyed by ("", name).
+    pub classes: BTreeMap<(String, String), Arc<StorageClass>>,
 }
 
 fn key(namespace: &str, name: &str) -> (String, String) {
@@ -208,6 +229,13 @@ impl ObjectLookup for ObjectStore {
         let r = get(&read(&self.inner).volumes, Kind::PersistentVolume, "", name);
         Box::pin(async move { r })
     }
+    fn storage_class<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<StorageClass>, LookupError>> {
+        let r = get(&read(&self.inner).classes, Kind::StorageClass, "", name);
+        Box::pin(async move { r })
+    }
 }
 
 /// The manifest dir's objects first, then the API server's: standalone
@@ -256,6 +284,12 @@ impl ObjectLookup for Layered {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, LookupError>> {
         layered!(self, persistent_volume, name)
+    }
+    fn storage_class<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<StorageClass>, LookupError>> {
+        layered!(self, storage_class, name)
     }
 }
 

@@ -9,6 +9,7 @@ mod api_objects;
 mod api_outage;
 mod api_pods;
 mod api_volumes;
+mod claims;
 mod cluster;
 mod cni;
 mod docker;

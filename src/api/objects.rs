@@ -42,6 +42,7 @@ enum Object {
     Secret(Arc<Secret>),
     Claim(Arc<PersistentVolumeClaim>),
     Volume(Arc<PersistentVolume>),
+    Class(Arc<k8s_openapi::api::storage::v1::StorageClass>),
 }
 
 /// What a watch knows.
@@ -136,6 +137,9 @@ impl WatchedObjects {
             }
             Kind::PersistentVolume => tokio::spawn(run(Api::all(c), name, object, tx, |o| {
                 Object::Volume(Arc::new(o))
+            })),
+            Kind::StorageClass => tokio::spawn(run(Api::all(c), name, object, tx, |o| {
+                Object::Class(Arc::new(o))
             })),
         };
         watches.insert(
@@ -312,6 +316,18 @@ impl ObjectLookup for WatchedObjects {
         Box::pin(async move {
             match self.get(r.clone()).await? {
                 Object::Volume(o) => Ok(o),
+                _ => Err(wrong_kind(r)),
+            }
+        })
+    }
+    fn storage_class<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<k8s_openapi::api::storage::v1::StorageClass>, LookupError>> {
+        let r = at(Kind::StorageClass, "", name);
+        Box::pin(async move {
+            match self.get(r.clone()).await? {
+                Object::Class(o) => Ok(o),
                 _ => Err(wrong_kind(r)),
             }
         })

@@ -55,7 +55,7 @@ pub struct Snapshot {
     /// is pending, the node must not tear down a pod it finds running that
     /// no source wants: the pending source may want it.
     pub pending_sources: Vec<String>,
-    /// ConfigMaps, Secrets, claims and volumes the source defines, by the
+    /// ConfigMaps, Secrets, claims, volumes and classes the source defines, by the
     /// file that defines them (the manifest dir's; API objects are watched,
     /// not listed, see `api::objects`).
     pub objects: BTreeMap<String, Objects>,
@@ -80,6 +80,9 @@ impl Snapshot {
             }
             for (k, v) in &o.volumes {
                 out.volumes.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            for (k, v) in &o.classes {
+                out.classes.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
         out

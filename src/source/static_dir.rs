@@ -8,8 +8,10 @@
 //! directly in the directory (not recursive; dotfiles, other extensions and
 //! sub-directories are ignored), each YAML document (`---`) one `v1` `Pod`,
 //! or one `v1` `ConfigMap`, `Secret`, `PersistentVolumeClaim` or
-//! `PersistentVolume` for the pods to use (validated like pods: name a DNS
-//! subdomain, data keys valid config keys; a Secret's `stringData` folded
+//! `PersistentVolume`, or a `storage.k8s.io/v1` `StorageClass`, for the
+//! pods to use (validated like pods: name a DNS subdomain, data keys valid
+//! config keys, a class's provisioner and policies as the API server checks
+//! them; a Secret's `stringData` folded
 //! into `data` as the API server does). The objects travel in the
 //! snapshot (`Snapshot::objects`, by file), good or bad with their file.
 //!
@@ -70,6 +72,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Toleration,
 };
+use k8s_openapi::api::storage::v1::StorageClass;
 use md5::{Digest, Md5};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch as tokio_watch};
@@ -164,7 +167,7 @@ pub enum ManifestError {
     #[error("document {doc}: not a mapping")]
     NotAMapping { doc: usize },
     /// A document that is not a `v1` `Pod` (or an object pods use).
-    #[error("document {doc}: apiVersion {} kind {} is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume)", show(.api_version), show(.kind))]
+    #[error("document {doc}: apiVersion {} kind {} is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume; or a storage.k8s.io/v1 StorageClass)", show(.api_version), show(.kind))]
     NotAPod {
         doc: usize,
         api_version: Option<String>,
@@ -554,6 +557,9 @@ fn parse_yaml(text: &str) -> Result<Vec<(usize, Doc)>, FileError> {
     decode(text, &kinds, DocKind::Volume, &mut out, |o| {
         Doc::Object(Box::new(ObjectDoc::Volume(Box::new(o))))
     })?;
+    decode(text, &kinds, DocKind::Class, &mut out, |o| {
+        Doc::Object(Box::new(ObjectDoc::Class(o)))
+    })?;
     let out: Vec<(usize, Doc)> = out
         .into_iter()
         .enumerate()
@@ -611,6 +617,7 @@ enum DocKind {
     Secret,
     Claim,
     Volume,
+    Class,
 }
 
 impl DocKind {
@@ -621,6 +628,7 @@ impl DocKind {
             DocKind::Secret => "Secret",
             DocKind::Claim => "PersistentVolumeClaim",
             DocKind::Volume => "PersistentVolume",
+            DocKind::Class => "StorageClass",
         }
     }
 }
@@ -639,6 +647,7 @@ enum ObjectDoc {
     Secret(Secret),
     Claim(PersistentVolumeClaim),
     Volume(Box<PersistentVolume>),
+    Class(StorageClass),
 }
 
 fn keys<'a, V>(
@@ -676,12 +685,17 @@ fn file_objects(
             ObjectDoc::Claim(c) => (
                 "PersistentVolumeClaim",
                 &c.metadata,
-                validate::validate_object(&c.metadata, &[]),
+                validate::validate_claim(c),
             ),
             ObjectDoc::Volume(v) => (
                 "PersistentVolume",
                 &v.metadata,
-                validate::validate_object(&v.metadata, &[]),
+                validate::validate_volume(v),
+            ),
+            ObjectDoc::Class(sc) => (
+                "StorageClass",
+                &sc.metadata,
+                validate::validate_storage_class(sc),
             ),
         };
         let name = meta.name.clone().unwrap_or_default();
@@ -694,7 +708,7 @@ fn file_objects(
             });
         }
         let namespace = match &o {
-            ObjectDoc::Volume(_) => String::new(),
+            ObjectDoc::Volume(_) | ObjectDoc::Class(_) => String::new(),
             _ => meta
                 .namespace
                 .clone()
@@ -738,6 +752,10 @@ fn file_objects(
             ObjectDoc::Volume(v) => {
                 out.volumes.insert(key, Arc::new(*v));
             }
+            ObjectDoc::Class(mut sc) => {
+                sc.metadata.namespace = None;
+                out.classes.insert(key, Arc::new(sc));
+            }
         }
     }
     Ok(out)
@@ -755,6 +773,7 @@ fn object_keys(o: &Objects) -> Vec<String> {
         each("Secret", o.secrets.keys().collect()),
         each("PersistentVolumeClaim", o.claims.keys().collect()),
         each("PersistentVolume", o.volumes.keys().collect()),
+        each("StorageClass", o.classes.keys().collect()),
     ]
     .concat()
 }
@@ -778,10 +797,15 @@ fn check_kind(
         Some("Secret") => Some(DocKind::Secret),
         Some("PersistentVolumeClaim") => Some(DocKind::Claim),
         Some("PersistentVolume") => Some(DocKind::Volume),
+        Some("StorageClass") => Some(DocKind::Class),
         _ => None,
     };
+    let group_version = match known {
+        Some(DocKind::Class) => "storage.k8s.io/v1",
+        _ => "v1",
+    };
     match known {
-        Some(k) if api_version.as_deref() == Some("v1") => Ok(k),
+        Some(k) if api_version.as_deref() == Some(group_version) => Ok(k),
         _ => Err(ManifestError::NotAPod {
             doc,
             api_version,
@@ -1269,6 +1293,59 @@ mod tests {
     }
 
     #[test]
+    fn storage_classes_are_objects_and_checked_like_the_api_server_does() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "sc.yaml",
+            "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: fast}\nprovisioner: test.csi.minilet.io\nvolumeBindingMode: WaitForFirstConsumer\nparameters: {csi.storage.k8s.io/fstype: ext4}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec: {storageClassName: fast, accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n",
+        );
+        let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        let all = s.all_objects();
+        let sc = &all.classes[&(String::new(), "fast".to_string())];
+        assert_eq!(sc.provisioner, "test.csi.minilet.io");
+        assert!(
+            all.claims
+                .contains_key(&("default".to_string(), "data".to_string()))
+        );
+        let cases = [
+            (
+                "apiVersion: v1\nkind: StorageClass\nmetadata: {name: x}\nprovisioner: p\n",
+                "document 1: apiVersion \"v1\" kind \"StorageClass\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume; or a storage.k8s.io/v1 StorageClass)",
+            ),
+            (
+                "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: x}\nreclaimPolicy: Recycle\nvolumeBindingMode: Later\n",
+                "document 1: StorageClass x is invalid: provisioner: Required value; reclaimPolicy: Unsupported value: \"Recycle\": supported values: \"Delete\", \"Retain\"; volumeBindingMode: Unsupported value: \"Later\": supported values: \"Immediate\", \"WaitForFirstConsumer\"",
+            ),
+            (
+                "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: x}\nprovisioner: [p]\n",
+                "document 1: invalid StorageClass",
+            ),
+            (
+                "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: c}\nspec: {accessModes: [ReadWriteSometimes]}\n",
+                "document 1: PersistentVolumeClaim c is invalid: spec.accessModes: Unsupported value: \"ReadWriteSometimes\": supported values: \"ReadOnlyMany\", \"ReadWriteMany\", \"ReadWriteOnce\", \"ReadWriteOncePod\"; spec.resources[storage]: Required value",
+            ),
+            (
+                "apiVersion: v1\nkind: PersistentVolume\nmetadata: {name: v}\nspec: {capacity: {storage: lots}}\n",
+                "document 1: PersistentVolume v is invalid: spec.accessModes: Required value: at least 1 access mode is required; spec.capacity[storage]: Invalid value: \"lots\": \"lots\" is not a quantity like 10M; spec: Required value: must specify a volume type",
+            ),
+        ];
+        for (text, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "bad.yaml", text);
+            let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
+            assert_eq!(s.errors.len(), 1, "{text}");
+            assert!(
+                s.errors[0].message.starts_with(want),
+                "{}",
+                s.errors[0].message
+            );
+            assert!(s.errors[0].file.ends_with("bad.yaml"));
+        }
+    }
+
+    #[test]
     fn config_maps_and_secrets_beside_pods_are_objects_of_their_file() {
         let dir = tempfile::tempdir().unwrap();
         write(
@@ -1282,7 +1359,7 @@ mod tests {
         write(
             dir.path(),
             "b.json",
-            r#"{"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"pv1"},"spec":{}}"#,
+            r#"{"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"pv1"},"spec":{"capacity":{"storage":"1Gi"},"accessModes":["ReadWriteOnce"],"hostPath":{"path":"/srv"}}}"#,
         );
         let s = scan_at(dir.path(), NODE, &Snapshot::default(), t(0));
         assert!(s.errors.is_empty(), "{:?}", s.errors);
@@ -1383,19 +1460,19 @@ mod tests {
                 "unknown kind",
                 yaml("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n"),
                 "bad.yaml",
-                "document 1: apiVersion \"apps/v1\" kind \"Deployment\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume)",
+                "document 1: apiVersion \"apps/v1\" kind \"Deployment\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume; or a storage.k8s.io/v1 StorageClass)",
             ),
             (
                 "wrong apiVersion",
                 yaml("apiVersion: v2\nkind: Pod\nmetadata:\n  name: web\n"),
                 "bad.yaml",
-                "document 1: apiVersion \"v2\" kind \"Pod\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume)",
+                "document 1: apiVersion \"v2\" kind \"Pod\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume; or a storage.k8s.io/v1 StorageClass)",
             ),
             (
                 "no kind at all",
                 yaml("metadata:\n  name: web\n"),
                 "bad.yaml",
-                "document 1: apiVersion (missing) kind (missing) is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume)",
+                "document 1: apiVersion (missing) kind (missing) is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume; or a storage.k8s.io/v1 StorageClass)",
             ),
             (
                 "empty file",
@@ -1479,7 +1556,7 @@ mod tests {
                     fs::write(d.join("bad.yaml"), text).unwrap();
                 }),
                 "bad.yaml",
-                "document 2: apiVersion \"v1\" kind \"Service\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume); the whole file (2 documents) is rejected",
+                "document 2: apiVersion \"v1\" kind \"Service\" is not a v1 Pod (or ConfigMap, Secret, PersistentVolumeClaim, PersistentVolume; or a storage.k8s.io/v1 StorageClass); the whole file (2 documents) is rejected",
             ),
             (
                 "the same pod twice in a file",

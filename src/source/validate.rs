@@ -199,7 +199,7 @@ fn is_config_key(key: &str) -> bool {
         && !key.starts_with("..")
 }
 
-/// Validates a ConfigMap, Secret, PersistentVolumeClaim or PersistentVolume
+/// Validates a ConfigMap or Secret
 /// from the manifest dir as the API server would its metadata (name a DNS
 /// subdomain, namespace a DNS label) and its data keys; `keys` are the
 /// field names (`data`, `binaryData`, `stringData`) with their keys. Empty
@@ -220,6 +220,181 @@ pub fn validate_object(
             }
         }
     }
+    c.errors
+}
+
+const RECLAIM_POLICIES: &[&str] = &["Delete", "Retain"];
+const BINDING_MODES: &[&str] = &["Immediate", "WaitForFirstConsumer"];
+
+/// Validates a StorageClass from the manifest dir as the API server does
+/// (`ValidateStorageClass`): its name, a provisioner, and the policies a
+/// class may name (Recycle is not one of them). Empty when valid.
+pub fn validate_storage_class(sc: &k8s_openapi::api::storage::v1::StorageClass) -> Vec<FieldError> {
+    let mut c = Check { errors: Vec::new() };
+    metadata(&mut c, &sc.metadata);
+    if sc
+        .metadata
+        .namespace
+        .as_deref()
+        .is_some_and(|ns| !ns.is_empty())
+    {
+        c.push(
+            "metadata.namespace",
+            Reason::Forbidden("not allowed on this type".into()),
+        );
+    }
+    if sc.provisioner.is_empty() {
+        c.push("provisioner", Reason::Required(None));
+    } else if sc.provisioner.len() > 63 {
+        c.invalid(
+            "provisioner",
+            quote(&sc.provisioner),
+            "must be no more than 63 characters",
+        );
+    }
+    for k in sc.parameters.iter().flatten().map(|(k, _)| k) {
+        if k.is_empty() {
+            c.push(
+                "parameters",
+                Reason::Invalid {
+                    value: quote(k),
+                    detail: "parameter keys must not be empty".into(),
+                },
+            );
+        }
+    }
+    c.one_of(
+        "reclaimPolicy".into(),
+        sc.reclaim_policy.as_deref(),
+        RECLAIM_POLICIES,
+    );
+    c.one_of(
+        "volumeBindingMode".into(),
+        sc.volume_binding_mode.as_deref(),
+        BINDING_MODES,
+    );
+    c.errors
+}
+
+const ACCESS_MODES: &[&str] = &[
+    "ReadOnlyMany",
+    "ReadWriteMany",
+    "ReadWriteOnce",
+    "ReadWriteOncePod",
+];
+const VOLUME_MODES: &[&str] = &["Block", "Filesystem"];
+const PV_RECLAIM_POLICIES: &[&str] = &["Delete", "Recycle", "Retain"];
+/// The PersistentVolume sources (exactly one is required).
+const PV_SOURCES: &[&str] = &[
+    "awsElasticBlockStore",
+    "azureDisk",
+    "azureFile",
+    "cephfs",
+    "cinder",
+    "csi",
+    "fc",
+    "flexVolume",
+    "flocker",
+    "gcePersistentDisk",
+    "glusterfs",
+    "hostPath",
+    "iscsi",
+    "local",
+    "nfs",
+    "photonPersistentDisk",
+    "portworxVolume",
+    "quobyte",
+    "rbd",
+    "scaleIO",
+    "storageos",
+    "vsphereVolume",
+];
+
+fn access_modes(c: &mut Check, modes: Option<&Vec<String>>) {
+    let modes = modes.map(Vec::as_slice).unwrap_or_default();
+    if modes.is_empty() {
+        c.push(
+            "spec.accessModes",
+            Reason::Required(Some("at least 1 access mode is required")),
+        );
+    }
+    for m in modes {
+        c.one_of("spec.accessModes".into(), Some(m), ACCESS_MODES);
+    }
+}
+
+fn storage_quantity(
+    c: &mut Check,
+    path: &str,
+    q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+) {
+    match q.map(|q| crate::cni::podnet::parse_quantity(&q.0)) {
+        None => c.push(path, Reason::Required(None)),
+        Some(Err(e)) => c.invalid(path, quote(&q.map(|q| q.0.clone()).unwrap_or_default()), e),
+        Some(Ok(0)) => c.invalid(
+            path,
+            quote(&q.map(|q| q.0.clone()).unwrap_or_default()),
+            "must be greater than zero",
+        ),
+        Some(Ok(_)) => {}
+    }
+}
+
+/// Validates a PersistentVolumeClaim as the API server does
+/// (`ValidatePersistentVolumeClaim`): metadata, access modes, a storage
+/// request, the volume mode. Empty when valid.
+pub fn validate_claim(pvc: &k8s_openapi::api::core::v1::PersistentVolumeClaim) -> Vec<FieldError> {
+    let mut c = Check { errors: Vec::new() };
+    metadata(&mut c, &pvc.metadata);
+    let spec = pvc.spec.clone().unwrap_or_default();
+    access_modes(&mut c, spec.access_modes.as_ref());
+    let request = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"));
+    storage_quantity(&mut c, "spec.resources[storage]", request);
+    c.one_of(
+        "spec.volumeMode".into(),
+        spec.volume_mode.as_deref(),
+        VOLUME_MODES,
+    );
+    c.errors
+}
+
+/// Validates a PersistentVolume as the API server does
+/// (`ValidatePersistentVolume`): metadata, access modes, a storage
+/// capacity, exactly one volume source, the reclaim policy. Empty when valid.
+pub fn validate_volume(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> Vec<FieldError> {
+    let mut c = Check { errors: Vec::new() };
+    metadata(&mut c, &pv.metadata);
+    let spec = pv.spec.clone().unwrap_or_default();
+    access_modes(&mut c, spec.access_modes.as_ref());
+    let capacity = spec.capacity.as_ref().and_then(|m| m.get("storage"));
+    storage_quantity(&mut c, "spec.capacity[storage]", capacity);
+    let json = serde_json::to_value(&spec).unwrap_or_default();
+    let sources = PV_SOURCES
+        .iter()
+        .filter(|k| json.get(**k).is_some_and(|v| !v.is_null()))
+        .count();
+    match sources {
+        0 => c.push("spec", Reason::Required(Some("must specify a volume type"))),
+        1 => {}
+        _ => c.push(
+            "spec",
+            Reason::Forbidden("may not specify more than 1 volume type".into()),
+        ),
+    }
+    c.one_of(
+        "spec.persistentVolumeReclaimPolicy".into(),
+        spec.persistent_volume_reclaim_policy.as_deref(),
+        PV_RECLAIM_POLICIES,
+    );
+    c.one_of(
+        "spec.volumeMode".into(),
+        spec.volume_mode.as_deref(),
+        VOLUME_MODES,
+    );
     c.errors
 }
 

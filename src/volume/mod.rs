@@ -13,7 +13,10 @@
 //! again, and running it again picks up changed objects.
 
 pub mod atomic;
+pub mod claims;
 pub mod payload;
+pub mod provision;
+pub mod resolve;
 
 use std::collections::HashMap;
 use std::fs;
