@@ -18,7 +18,12 @@
 //! worker has lived 5 minutes), so a worker that panics on every step
 //! costs little.
 //!
-//! Side effects: ListPodSandbox / ListContainers; spawning worker tasks.
+//! Pod dirs left on disk by pods nothing runs any more (the agent died
+//! between removing the sandbox and tearing the volumes down) get a
+//! terminating worker too, once sources have synced.
+//!
+//! Side effects: ListPodSandbox / ListContainers; listing the pod dirs;
+//! spawning worker tasks.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
@@ -71,6 +76,10 @@ pub struct Manager<R: Runtime> {
     /// Pods being deleted whose worker has finished: not started again
     /// while the source still lists them (until the object is gone).
     terminated: std::collections::HashSet<String>,
+    /// Pod dirs found on disk with no worker, given one to tear their
+    /// volumes down: once per agent life, so a dir left in place (mounts
+    /// under it) is not retried and reported again on every relist.
+    adopted_dirs: std::collections::HashSet<String>,
     cancel: CancellationToken,
 }
 
@@ -86,6 +95,7 @@ impl<R: Runtime> Manager<R> {
             snapshot: Snapshot::default(),
             rejected: Default::default(),
             terminated: Default::default(),
+            adopted_dirs: Default::default(),
             cancel,
         }
     }
@@ -341,6 +351,9 @@ impl<R: Runtime> Manager<R> {
             }
             seen.insert(uid, fp);
         }
+        if self.snapshot.synced() {
+            self.adopt_pod_dirs();
+        }
         // A pod whose objects all vanished also counts as a change.
         for uid in self.fingerprints.keys() {
             if !seen.contains_key(uid)
@@ -354,6 +367,30 @@ impl<R: Runtime> Manager<R> {
             .readiness
             .relisted(seen.keys().cloned().collect::<Vec<_>>());
         self.fingerprints = seen;
+    }
+
+    /// Pod dirs under `<stateDir>/pods` of pods nothing runs and no source
+    /// wants (the agent died after the sandbox went, before the volumes
+    /// did): a terminating worker tears their volumes down from the disk.
+    fn adopt_pod_dirs(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(&self.shared.pods_dir) else {
+            return;
+        };
+        let uids: Vec<String> = dirs
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|uid| {
+                !self.workers.contains_key(uid)
+                    && !self.snapshot.pods.contains_key(uid)
+                    && !self.terminated.contains(uid)
+                    && !self.adopted_dirs.contains(uid)
+            })
+            .collect();
+        for uid in uids {
+            info!(uid = %uid, "pod dir on disk with no pod: tearing its volumes down");
+            self.adopted_dirs.insert(uid.clone());
+            self.spawn(&uid, Desired::Terminate { grace: None }, None);
+        }
     }
 
     /// Run until cancelled: apply snapshots, relist every `relist_every`,

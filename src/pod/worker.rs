@@ -6,7 +6,8 @@
 //! view to a `StatusSink`, what happened (kubelet's event reasons) to an
 //! `EventSink`.
 //!
-//! Side effects: CRI calls, pod log and volume directories, tmpfs mounts.
+//! Side effects: CRI calls, pod log directories, and the volume stage
+//! (`volume::set_up` / `tear_down`: volume dirs, mounts, external plugins).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,11 +16,11 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::lifecycle::{
     self, Action, Backoff, CState, ContainerObs, Memory, Observed, Op, PullPolicy, SandboxObs,
-    Schedule, Waiting,
+    Schedule, VolumesObs, Waiting,
 };
 use super::spec::{self, Downward, HostContext};
 use crate::clock::Clock;
@@ -57,6 +58,11 @@ pub struct Shared<R> {
     pub objects: Arc<dyn ObjectLookup>,
     /// Service account tokens for projected volumes (API mode only).
     pub tokens: Option<Arc<dyn crate::objects::TokenSource>>,
+    /// Mounts of the built-in volume kinds (tmpfs), and the mount table.
+    pub mounter: Arc<dyn volume::Mounter>,
+    /// Plugins for the volume kinds set up outside `volume` (CSI); the
+    /// volume stage asks each whether it `handles` a volume.
+    pub external_volumes: Vec<Arc<dyn volume::External>>,
 }
 
 /// Retrying a step that failed before plan could decide (observe, status).
@@ -106,6 +112,8 @@ impl Shared<crate::cri::fake::FakeRuntime> {
             events: sinks,
             objects: Arc::new(crate::objects::ObjectStore::default()),
             tokens: None,
+            mounter: Arc::new(volume::mount::fake::FakeMounter::default()),
+            external_volumes: Vec::new(),
             runtime,
             host: HostContext {
                 node_name: "n1".into(),
@@ -126,8 +134,6 @@ impl Shared<crate::cri::fake::FakeRuntime> {
 pub enum StepError {
     #[error("runtime call failed")]
     Cri(#[from] CriError),
-    #[error("pod volumes")]
-    Volume(#[from] volume::VolumeError),
     #[error("pod spec")]
     Spec(#[from] spec::SpecError),
     #[error("{what} {path}")]
@@ -175,10 +181,19 @@ pub struct Worker<R> {
     /// BackOff events already sent, by container name and reason, so one
     /// back-off is one event (the recorder aggregates repeats anyway).
     backoff_told: HashMap<String, String>,
+    /// The pod's volumes as the volume stage last set them up: for which
+    /// volumes of the spec, and each one's host path (container mounts).
+    volumes: Option<VolumesSetUp>,
     /// Backoff of failed steps (observe and the like); none after a good
     /// one. No step runs before its `until`, even when woken: wake-ups
     /// (relists, manifest rescans) must not shorten it.
     error_backoff: Option<Backoff>,
+}
+
+/// What `Action::SetUpVolumes` made.
+struct VolumesSetUp {
+    spec: Vec<k8s_openapi::api::core::v1::Volume>,
+    paths: HashMap<String, std::path::PathBuf>,
 }
 
 /// What the run loop does after one turn.
@@ -223,6 +238,7 @@ impl<R: Runtime> Worker<R> {
             cache: Cache::default(),
             last_pod,
             backoff_told: HashMap::new(),
+            volumes: None,
             error_backoff: None,
         };
         (worker, Handle { desired: tx, wake })
@@ -314,7 +330,8 @@ impl<R: Runtime> Worker<R> {
         if let Some(d) = desired.filter(|d| self.last_pod.as_ref() != Some(&d.pod)) {
             self.last_pod = Some(d.pod.clone());
         }
-        let obs = self.observe().await?;
+        let mut obs = self.observe().await?;
+        obs.volumes = self.volumes_obs(desired.map(|d| &d.pod));
         let now = self.now();
         self.mem.forget_settled(&obs, now);
         if let Some(pod) = desired.map(|d| &d.pod).or(self.last_pod.as_ref()) {
@@ -472,6 +489,23 @@ impl<R: Runtime> Worker<R> {
         Ok(obs)
     }
 
+    /// The volume stage's observation: set up for this spec (trivially for
+    /// a pod without volumes), and whether the pod dir is on disk.
+    fn volumes_obs(&self, desired: Option<&Pod>) -> VolumesObs {
+        let set_up = desired.is_some_and(|pod| {
+            let want = volume::volumes_of(pod);
+            want.is_empty() || self.volumes.as_ref().is_some_and(|v| v.spec == want)
+        });
+        VolumesObs {
+            set_up,
+            on_disk: self.pod_dir().symlink_metadata().is_ok(),
+        }
+    }
+
+    fn pod_dir(&self) -> std::path::PathBuf {
+        self.shared.pods_dir.join(&self.uid)
+    }
+
     /// The pod's grace period: the deletion's own when the API server gave
     /// one (at least `MIN_GRACE`, as kubelet), else from its spec, else (a
     /// pod adopted after a restart that no source wants) from the
@@ -513,15 +547,24 @@ impl<R: Runtime> Worker<R> {
                 // kubelet's periodic volume sync: a changed ConfigMap or
                 // Secret reaches a running pod's files (atomically).
                 if let Some(d) = desired
+                    && self.volumes.is_some()
                     && lifecycle::current_sandbox(&d.pod, obs).is_some()
-                    && let Err(e) = self.setup_volumes(&d.pod).await
+                    && let Err(e) = self.refresh_volumes(&d.pod).await
                 {
                     debug!(error = %crate::error_chain(&e), "volume refresh failed; files kept");
                 }
                 Ok(())
             }
+            Action::SetUpVolumes => {
+                let pod = &desired.ok_or(StepError::NotDesired("set up volumes"))?.pod;
+                self.set_up_volumes(pod).await;
+                Ok(())
+            }
+            Action::TearDownVolumes => {
+                self.tear_down_volumes().await;
+                Ok(())
+            }
             Action::Finished => {
-                volume::cleanup(&self.shared.pods_dir.join(&self.uid))?;
                 if let Some(t) = &self.shared.tokens {
                     t.forget_pod(&self.uid);
                 }
@@ -616,7 +659,6 @@ impl<R: Runtime> Worker<R> {
 
     async fn create_sandbox(&mut self, pod: &Pod, attempt: u32) {
         let result = async {
-            self.setup_volumes(pod).await?;
             let config = spec::sandbox_config(pod, &self.shared.host, attempt);
             std::fs::create_dir_all(&config.log_directory).map_err(|source| StepError::Io {
                 what: "create log directory",
@@ -650,19 +692,12 @@ impl<R: Runtime> Worker<R> {
                     lifecycle::SANDBOX_BACKOFF,
                     self.now(),
                 );
-                if let StepError::Volume(e) = &e {
-                    // kubelet waits for volumes before any sandbox: the
-                    // pod stays ContainerCreating, FailedMount says why.
-                    warn!(error = %msg, retry_in = ?b.delay, "volume setup failed");
-                    self.event(EventType::Warning, "FailedMount", crate::error_chain(e));
-                } else {
-                    warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
-                    self.event(
-                        EventType::Warning,
-                        "FailedCreatePodSandBox",
-                        format!("Failed to create pod sandbox: {msg}"),
-                    );
-                }
+                warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
+                self.event(
+                    EventType::Warning,
+                    "FailedCreatePodSandBox",
+                    format!("Failed to create pod sandbox: {msg}"),
+                );
                 self.mem.sandbox_error = Some(msg);
                 self.mem.sandbox_backoff = Some(b);
             }
@@ -808,13 +843,12 @@ impl<R: Runtime> Worker<R> {
                 message,
             );
         }
-        let paths = match self.setup_volumes(pod).await {
-            Ok(paths) => paths,
-            Err(e) => {
-                self.mount_failed(name, e);
-                return Ok(());
-            }
-        };
+        // `plan` starts no container before the volume stage set them up.
+        let paths = self
+            .volumes
+            .as_ref()
+            .map(|v| v.paths.clone())
+            .unwrap_or_default();
         let built = Ok::<_, StepError>(paths).and_then(|paths| {
             Ok(spec::container_config(
                 pod,
@@ -910,22 +944,24 @@ impl<R: Runtime> Worker<R> {
         );
     }
 
-    /// Fetch what the pod's volumes reference and set every volume up
-    /// (again: an unchanged volume is left as is, a changed object is
-    /// written anew, atomically).
-    async fn setup_volumes(
+    /// What the pod's API data volumes are made of (the objects they
+    /// reference, fetched now).
+    async fn volume_objects(
         &self,
         pod: &Pod,
-    ) -> Result<std::collections::HashMap<String, std::path::PathBuf>, volume::VolumeError> {
-        let objects = super::objects::resolve_volumes(
+    ) -> Result<super::objects::Resolved, volume::VolumeError> {
+        super::objects::resolve_volumes(
             pod,
             self.shared.objects.as_ref(),
             self.shared.tokens.as_deref(),
         )
-        .await?;
+        .await
+    }
+
+    fn volume_inputs<'a>(&self, objects: &'a super::objects::Resolved) -> volume::Inputs<'a> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as i64);
-        let inputs = volume::Inputs {
-            objects: &objects,
+        volume::Inputs {
+            objects,
             node: volume::Allocatable {
                 cpu_millis: cpus * 1000,
                 memory_bytes: self.shared.host.memory_capacity,
@@ -933,29 +969,83 @@ impl<R: Runtime> Worker<R> {
             },
             now: jiff::Timestamp::from_nanosecond(i128::from(self.now()))
                 .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
-        };
-        volume::prepare(&self.shared.pods_dir.join(&self.uid), pod, &inputs)
+        }
     }
 
-    /// Volumes failed before a container start: kubelet's FailedMount
-    /// event, the container stays ContainerCreating, retried with backoff.
-    fn mount_failed(&mut self, name: &str, e: volume::VolumeError) {
-        let b = Backoff::after(
-            self.mem.start_backoff.get(name).copied(),
-            lifecycle::START_BACKOFF,
-            self.now(),
-        );
-        let message = crate::error_chain(&e);
-        warn!(container = name, error = %message, retry_in = ?b.delay, "volume setup failed");
-        self.event(EventType::Warning, "FailedMount", message.clone());
-        self.mem.start_backoff.insert(name.to_string(), b);
-        self.mem.waiting.insert(
-            name.to_string(),
-            Waiting {
-                reason: "ContainerCreating".into(),
-                message,
-            },
-        );
+    /// `Action::SetUpVolumes`: every volume of the pod, built-in and
+    /// external. A failure is kubelet's FailedMount (event, and the
+    /// containers' waiting message), retried with `VOLUME_BACKOFF`.
+    async fn set_up_volumes(&mut self, pod: &Pod) {
+        let result = async {
+            let objects = self.volume_objects(pod).await?;
+            let inputs = self.volume_inputs(&objects);
+            volume::set_up(
+                &self.pod_dir(),
+                pod,
+                &inputs,
+                self.shared.mounter.as_ref(),
+                &self.shared.external_volumes,
+            )
+            .await
+        }
+        .await;
+        match result {
+            Ok(paths) => {
+                debug!(volumes = paths.len(), "volumes set up");
+                self.mem.volume_backoff = None;
+                self.mem.volume_error = None;
+                self.volumes = Some(VolumesSetUp {
+                    spec: volume::volumes_of(pod).to_vec(),
+                    paths,
+                });
+            }
+            Err(e) => {
+                let b = Backoff::after(
+                    self.mem.volume_backoff,
+                    lifecycle::VOLUME_BACKOFF,
+                    self.now(),
+                );
+                let message = crate::error_chain(&e);
+                warn!(error = %message, retry_in = ?b.delay, "volume setup failed");
+                self.event(EventType::Warning, "FailedMount", message.clone());
+                self.mem.volume_backoff = Some(b);
+                self.mem.volume_error = Some(message);
+            }
+        }
+    }
+
+    /// The periodic refresh of a running pod's API data volumes.
+    async fn refresh_volumes(&self, pod: &Pod) -> Result<(), volume::VolumeError> {
+        let objects = self.volume_objects(pod).await?;
+        let inputs = self.volume_inputs(&objects);
+        volume::refresh(&self.pod_dir(), pod, &inputs, self.shared.mounter.as_ref())
+    }
+
+    /// `Action::TearDownVolumes`, retried with backoff while it fails. A
+    /// pod dir that still holds mounts is left in place, said once; the
+    /// worker may then end (`Memory::volumes_left`).
+    async fn tear_down_volumes(&mut self) {
+        let b = self.mem.attempted(Op::TearDownVolumes, "", self.now());
+        let result = volume::tear_down(
+            &self.pod_dir(),
+            &self.uid,
+            self.shared.mounter.as_ref(),
+            &self.shared.external_volumes,
+        )
+        .await;
+        match result {
+            Ok(()) => {
+                debug!("volumes torn down");
+                self.volumes = None;
+            }
+            Err(e @ volume::VolumeError::StillPresent { .. }) => {
+                error!(error = %e, "pod dir left in place: nothing under a mount is deleted");
+                self.mem.volumes_left = true;
+            }
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), retry_in = ?b.delay, "volume teardown failed");
+            }
+        }
     }
 
     /// Tell the event sink about this pod.
