@@ -1149,8 +1149,10 @@ mod tests {
     #[test]
     fn the_volume_stage_backs_off_and_ends() {
         let p = pod("Always", &[], &["app"]);
-        let mut mem = Memory::default();
-        mem.volume_backoff = Some(Backoff::after(None, VOLUME_BACKOFF, 10 * S));
+        let mem = Memory {
+            volume_backoff: Some(Backoff::after(None, VOLUME_BACKOFF, 10 * S)),
+            ..Default::default()
+        };
         let not_set_up = Observed::default();
         // A failed set-up waits for its backoff: no sandbox meanwhile.
         assert_eq!(

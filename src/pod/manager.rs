@@ -76,10 +76,11 @@ pub struct Manager<R: Runtime> {
     /// Pods being deleted whose worker has finished: not started again
     /// while the source still lists them (until the object is gone).
     terminated: std::collections::HashSet<String>,
-    /// Pod dirs found on disk with no worker, given one to tear their
-    /// volumes down: once per agent life, so a dir left in place (mounts
-    /// under it) is not retried and reported again on every relist.
-    adopted_dirs: std::collections::HashSet<String>,
+    /// Pods whose worker ended, or whose dir found on disk was given one:
+    /// a pod dir is adopted from disk at most once per agent life, so a
+    /// dir left in place (mounts under it) is not retried and reported
+    /// again on every relist.
+    dirs_handled: std::collections::HashSet<String>,
     cancel: CancellationToken,
 }
 
@@ -95,7 +96,7 @@ impl<R: Runtime> Manager<R> {
             snapshot: Snapshot::default(),
             rejected: Default::default(),
             terminated: Default::default(),
-            adopted_dirs: Default::default(),
+            dirs_handled: Default::default(),
             cancel,
         }
     }
@@ -160,6 +161,7 @@ impl<R: Runtime> Manager<R> {
         let restart_delay = match done {
             Ok(_) => {
                 debug!(uid = %uid, "worker ended");
+                self.dirs_handled.insert(uid.clone());
                 if self.snapshot.pods.contains_key(&uid) {
                     // Finished while the source still lists it: a pod being
                     // deleted whose object is not gone yet.
@@ -383,12 +385,12 @@ impl<R: Runtime> Manager<R> {
                 !self.workers.contains_key(uid)
                     && !self.snapshot.pods.contains_key(uid)
                     && !self.terminated.contains(uid)
-                    && !self.adopted_dirs.contains(uid)
+                    && !self.dirs_handled.contains(uid)
             })
             .collect();
         for uid in uids {
             info!(uid = %uid, "pod dir on disk with no pod: tearing its volumes down");
-            self.adopted_dirs.insert(uid.clone());
+            self.dirs_handled.insert(uid.clone());
             self.spawn(&uid, Desired::Terminate { grace: None }, None);
         }
     }
@@ -561,6 +563,24 @@ mod tests {
         assert_eq!(sh3.board.readiness.status().first_relist_pods, ["b"]);
         cancel3.cancel();
         t3.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pod_dir_left_by_a_dead_agent_gets_its_volumes_torn_down() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        // The agent died after the sandbox went, before the volumes did.
+        let left = tmp
+            .path()
+            .join("pods/gone/volumes/kubernetes.io~empty-dir/x");
+        std::fs::create_dir_all(&left).unwrap();
+        std::fs::write(left.join("f"), "x").unwrap();
+        let (_tx, cancel, task) = run_manager(&shared(rt.clone(), tmp.path()), &["a"]);
+        wait_until("a running", || running_containers(&rt) == 1).await;
+        wait_until("the dir removed", || !tmp.path().join("pods/gone").exists()).await;
+        assert!(tmp.path().join("pods").exists());
+        cancel.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]

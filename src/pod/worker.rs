@@ -1804,6 +1804,140 @@ spec:
         assert!(w.mem.sandbox_backoff.is_none());
     }
 
+    /// Shared state with a fake external volume plugin and a fake mounter
+    /// the test can reach.
+    fn shared_with_volumes(
+        rt: &Arc<FakeRuntime>,
+        dir: &std::path::Path,
+        external: &Arc<volume::fake::FakeExternal>,
+        mounter: &Arc<volume::mount::fake::FakeMounter>,
+    ) -> Arc<Shared<FakeRuntime>> {
+        let mut s = Shared::for_tests(rt.clone(), dir);
+        s.external_volumes = vec![external.clone()];
+        s.mounter = mounter.clone();
+        Arc::new(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn external_volumes_are_set_up_before_any_container_and_torn_down_after_the_sandbox() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let ext = Arc::new(volume::fake::FakeExternal::default());
+        let mounter = Arc::new(volume::mount::fake::FakeMounter::default());
+        // Each plugin call, with the runtime calls made before it.
+        type Seen = Vec<(String, Vec<String>)>;
+        let seen: Arc<std::sync::Mutex<Seen>> = Arc::default();
+        let (rt2, seen2) = (rt.clone(), seen.clone());
+        ext.witness(Box::new(move |call| {
+            seen2.lock().unwrap().push((call.to_string(), rt2.calls()));
+        }));
+        let d = desired(
+            "metadata: {name: p-n1, namespace: default, uid: u1}\nspec:\n  terminationGracePeriodSeconds: 1\n  volumes: [{name: data, csi: {driver: d}}, {name: tmp, emptyDir: {medium: Memory}}]\n  containers: [{name: app, image: \"img:1\", volumeMounts: [{name: data, mountPath: /data}]}]\n",
+        );
+        ext.fail_set_up("driver d: NodePublishVolume: unavailable");
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared_with_volumes(&rt, tmp.path(), &ext, &mounter),
+            Desired::Run(d.clone()),
+            None,
+        );
+        simulate(&mut w, Some(&d), Duration::from_secs(10), RELIST, || false).await;
+        assert_eq!(
+            rt.count("RunPodSandbox"),
+            0,
+            "no sandbox before the volumes"
+        );
+        let st = app_status(&w);
+        let waiting = st.state.as_ref().unwrap().waiting.as_ref().unwrap();
+        let failed = "MountVolume.SetUp failed for volume \"data\" : driver d: NodePublishVolume: unavailable";
+        assert_eq!(waiting.reason.as_deref(), Some("ContainerCreating"));
+        assert_eq!(waiting.message.as_deref(), Some(failed));
+        let board = w.shared.board.view("");
+        assert!(
+            board
+                .events
+                .iter()
+                .any(|e| e.event.reason == "FailedMount" && e.event.message == failed)
+        );
+        // Retried with backoff: at 0, 1, 3, 7 s.
+        assert_eq!(ext.calls().len(), 4, "{:?}", ext.calls());
+
+        ext.fail_set_up("");
+        simulate(&mut w, Some(&d), Duration::from_secs(20), RELIST, || {
+            rt.count("StartContainer") >= 1
+        })
+        .await;
+        let (call, before) = seen.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(call, "set_up data");
+        assert!(
+            before
+                .iter()
+                .all(|c| !c.starts_with("RunPodSandbox") && !c.starts_with("StartContainer")),
+            "{before:?}"
+        );
+        w.step(&want(Some(&d))).await.unwrap();
+        assert!(app_status(&w).state.unwrap().running.is_some());
+        assert!(w.mem.volume_error.is_none());
+        let data = tmp.path().join("pods/u1/volumes/fake~csi/data/mount");
+        assert_eq!(w.volumes.as_ref().unwrap().paths["data"], data);
+
+        // Deleted: the plugin tears down after the sandbox is removed, and
+        // our tmpfs is unmounted before the pod dir goes.
+        simulate(&mut w, None, Duration::from_secs(30), RELIST, || false).await;
+        let (call, before) = seen.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(call, "tear_down u1 data");
+        assert!(
+            before.iter().any(|c| c.starts_with("RemovePodSandbox")),
+            "{before:?}"
+        );
+        assert!(mounter.mounts().is_empty());
+        assert!(!tmp.path().join("pods/u1").exists());
+        assert!(rt.sandboxes().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_dir_still_holding_a_mount_is_left_and_said_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let ext = Arc::new(volume::fake::FakeExternal::default());
+        let mounter = Arc::new(volume::mount::fake::FakeMounter::default());
+        let shared = shared_with_volumes(&rt, tmp.path(), &ext, &mounter);
+        let d = desired(
+            "metadata: {name: p-n1, namespace: default, uid: u1}\nspec:\n  terminationGracePeriodSeconds: 1\n  volumes: [{name: tmp, emptyDir: {}}]\n  containers: [{name: app, image: \"img:1\"}]\n",
+        );
+        let (mut w, _h) = Worker::new("u1".into(), shared.clone(), Desired::Run(d.clone()), None);
+        simulate(&mut w, Some(&d), Duration::from_secs(5), RELIST, || {
+            rt.count("StartContainer") >= 1
+        })
+        .await;
+        // Something not ours mounted under the pod dir, holding data.
+        let foreign = tmp
+            .path()
+            .join("pods/u1/volumes/kubernetes.io~empty-dir/tmp/mnt");
+        std::fs::create_dir_all(&foreign).unwrap();
+        std::fs::write(foreign.join("data"), "precious").unwrap();
+        mounter.add_mount(&foreign);
+        let turns = simulate(&mut w, None, Duration::from_secs(600), RELIST, || false).await;
+        assert!(turns < 20, "{turns} turns: the worker must not spin");
+        assert!(w.mem.volumes_left);
+        assert_eq!(
+            std::fs::read_to_string(foreign.join("data")).unwrap(),
+            "precious"
+        );
+        assert!(rt.sandboxes().is_empty());
+        // The worker finished: a new one (the manager's adoption of the
+        // dir after a restart) tries once more, and leaves it too.
+        let (mut w2, _h2) = Worker::new(
+            "u1".into(),
+            shared,
+            Desired::Terminate { grace: None },
+            None,
+        );
+        let acts = drive(&mut w2, None, 5).await;
+        assert_eq!(acts, vec![Action::TearDownVolumes, Action::Finished]);
+        assert!(foreign.join("data").exists());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_failing_runtime_is_retried_with_backoff_whatever_wakes_the_worker() {
         let tmp = tempfile::tempdir().unwrap();
