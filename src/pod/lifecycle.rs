@@ -4,8 +4,10 @@
 //! agent resumes from whatever the runtime holds, because nothing here
 //! depends on which event happened, only on what is.
 //!
-//! Every decision lives here: restart and pull policies (typed), and every
-//! backoff (crash loop, image pull, sandbox creation, container start,
+//! Every decision lives here: restart and pull policies (typed), the
+//! volume stage (volumes set up before the sandbox and before any container
+//! starts, torn down after the sandbox is removed), and every backoff (crash
+//! loop, image pull, volume set-up, sandbox creation, container start,
 //! repeated stops and removals) as a pure function of times the worker
 //! remembers in `Memory` and times the runtime reports. No I/O here;
 //! everything is table-tested.

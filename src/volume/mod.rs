@@ -387,7 +387,12 @@ pub async fn set_up(
             Ok::<_, VolumeError>((v.name.clone(), path))
         });
     }
-    paths.extend(futures::future::try_join_all(external).await?);
+    // Every call runs to its end (none is dropped halfway when another
+    // fails); the first failure is the one reported.
+    for r in futures::future::join_all(external).await {
+        let (name, path) = r?;
+        paths.insert(name, path);
+    }
     Ok(paths)
 }
 
