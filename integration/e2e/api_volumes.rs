@@ -5,7 +5,9 @@
 //! their files; a secret volume naming a missing Secret keeps the pod
 //! ContainerCreating with kubelet's FailedMount event until the Secret is
 //! made; a projected volume gets a TokenRequest token; standalone, a
-//! static pod mounts a ConfigMap from the manifest dir. What a container saw is read from its log.
+//! static pod mounts a ConfigMap from the manifest dir, and a pod dir that
+//! still holds a mount when its pod goes is never deleted. What a container
+//! saw is read from its log.
 
 use std::time::Duration;
 
@@ -295,6 +297,84 @@ fn static_pod_mounts_a_config_map_from_the_manifest_dir() {
         assert!(has(&out, "G=hi-from-dir"), "{out:?}");
         agent.remove_manifest("mounty.yaml");
         agent.remove_manifest("objects.yaml");
+    });
+}
+
+/// A bind mount made by the test, undone when dropped (also when the test
+/// fails), before the agent's temp dir is removed.
+struct BindMount(std::path::PathBuf);
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Standalone: something mounted under a pod's dir (as a CSI driver's
+/// publish would be) when the pod goes: the pod is torn down, but its dir
+/// and the data behind the mount stay, with kubelet's orphaned-pod error,
+/// said once.
+#[test]
+fn a_pod_dir_still_holding_a_mount_is_never_deleted() {
+    on_stack(async {
+        let agent = Agent::start("e2e-volheld");
+        let cri = agent.stack.cri().await;
+        agent.write_manifest(
+            "held.yaml",
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: held\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: app\n    image: {BUSYBOX}\n    command: [sh, -c, 'sleep 3600']\n    volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes: [{{name: data, emptyDir: {{}}}}]\n"
+            ),
+        );
+        running_container(&cri, &agent, "held", "app").await;
+        let pods = agent.dir.path().join("state/pods");
+        let dirs: Vec<_> = std::fs::read_dir(&pods)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        let pod_dir = dirs[0].clone();
+        let disk = agent.dir.path().join("disk");
+        std::fs::create_dir_all(&disk).unwrap();
+        std::fs::write(disk.join("user-data"), "precious").unwrap();
+        let target = pod_dir.join("volumes/kubernetes.io~empty-dir/data/held");
+        std::fs::create_dir_all(&target).unwrap();
+        let ok = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(&disk)
+            .arg(&target)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "needs root: tests run as root in CI");
+        let _mount = BindMount(target.clone());
+
+        agent.remove_manifest("held.yaml");
+        eventually("the pod torn down", Duration::from_secs(60), || async {
+            sandboxes(&cri, &agent, "held")
+                .await
+                .is_empty()
+                .then_some(())
+        })
+        .await;
+        let said = "volume paths are still present on disk";
+        eventually(
+            "the orphaned-pod error",
+            Duration::from_secs(30),
+            || async { agent.log().contains(said).then_some(()) },
+        )
+        .await;
+        // Relists and re-syncs go on: the error is not repeated.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(agent.log().matches(said).count(), 1, "{}", agent.log());
+        assert!(pod_dir.is_dir());
+        assert_eq!(
+            std::fs::read_to_string(target.join("user-data")).unwrap(),
+            "precious"
+        );
+        assert_eq!(
+            std::fs::read_to_string(disk.join("user-data")).unwrap(),
+            "precious"
+        );
     });
 }
 
