@@ -51,10 +51,10 @@ async fn main() -> anyhow::Result<()> {
     );
     let node_id = match args.node_id {
         Some(n) => n,
-        None => nix::unistd::gethostname()
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .context("host name")?
-            .to_string_lossy()
-            .into_owned(),
+            .trim()
+            .to_string(),
     };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("create {}", args.state_dir.display()))?;

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::backend::Backend;
 use crate::driver::Driver;
@@ -36,6 +35,16 @@ pub enum ServeError {
         #[source]
         source: tonic::transport::Error,
     },
+}
+
+/// The connections a listener accepts, as the stream tonic serves.
+fn incoming(
+    listener: UnixListener,
+) -> impl futures::Stream<Item = io::Result<tokio::net::UnixStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let next = l.accept().await.map(|(s, _)| s);
+        Some((next, l))
+    })
 }
 
 /// Bind a unix socket, replacing a stale socket file (nobody listening).
@@ -84,7 +93,7 @@ pub async fn serve<B: Backend>(
         .add_service(IdentityServer::from_arc(csi.clone()))
         .add_service(ControllerServer::from_arc(csi.clone()))
         .add_service(NodeServer::from_arc(csi))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             let _ = rx.recv().await;
         });
     let mut tasks = tokio::task::JoinSet::new();
@@ -106,7 +115,7 @@ pub async fn serve<B: Backend>(
         let mut rx = stop.subscribe();
         let server = tonic::transport::Server::builder()
             .add_service(RegistrationServer::new(registration))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(incoming(listener), async move {
                 let _ = rx.recv().await;
             });
         tasks.spawn(async move {
