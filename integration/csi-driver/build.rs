@@ -5,7 +5,10 @@
 //! code under test, not its crate. `protox` parses in-process: no protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["../../proto/csi.proto", "../../proto/pluginregistration.proto"];
+    let protos = [
+        "../../proto/csi.proto",
+        "../../proto/pluginregistration.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -273,7 +273,11 @@ impl CsiDriver {
     /// Assert the driver holds nothing on the host any more.
     pub fn assert_nothing_left(&self) {
         assert_eq!(self.mounts(), Vec::<PathBuf>::new(), "volume mounts left");
-        assert_eq!(self.loop_devices(), Vec::<String>::new(), "loop devices left");
+        assert_eq!(
+            self.loop_devices(),
+            Vec::<String>::new(),
+            "loop devices left"
+        );
     }
 }
 

@@ -125,7 +125,9 @@ fn unescape_mountinfo(field: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
@@ -256,7 +258,11 @@ impl Backend for Host {
             // A bind mount takes MS_RDONLY only on a remount.
             let remounted = run(
                 "mount",
-                &["-o".as_ref(), "remount,bind,ro".as_ref(), target.as_os_str()],
+                &[
+                    "-o".as_ref(),
+                    "remount,bind,ro".as_ref(),
+                    target.as_os_str(),
+                ],
             );
             if let Err(e) = remounted {
                 // Never leave a writable mount where a read-only one was asked.
@@ -390,7 +396,10 @@ pub mod fake {
         fn detach(&self, device: &Path) -> Result<(), BackendError> {
             let mut h = self.host();
             h.calls.push("detach".into());
-            h.loops.remove(device).map(drop).ok_or_else(|| fail("detach"))
+            h.loops
+                .remove(device)
+                .map(drop)
+                .ok_or_else(|| fail("detach"))
         }
         fn filesystem(&self, device: &Path) -> Result<Option<String>, BackendError> {
             let h = self.host();
@@ -431,7 +440,10 @@ pub mod fake {
         fn unmount(&self, target: &Path) -> Result<(), BackendError> {
             let mut h = self.host();
             h.calls.push("unmount".into());
-            h.mounts.remove(target).map(drop).ok_or_else(|| fail("umount"))
+            h.mounts
+                .remove(target)
+                .map(drop)
+                .ok_or_else(|| fail("umount"))
         }
         fn is_mounted(&self, path: &Path) -> Result<bool, BackendError> {
             Ok(self.host().mounts.contains_key(path))

@@ -356,7 +356,10 @@ impl<B: Backend> Driver<B> {
             });
         }
         let context = BTreeMap::from([
-            (ATTACHMENT_KEY.to_string(), format!("{}@{}", volume.id, req.node_id)),
+            (
+                ATTACHMENT_KEY.to_string(),
+                format!("{}@{}", volume.id, req.node_id),
+            ),
             ("readOnly".to_string(), req.read_only.to_string()),
         ]);
         if let Some(existing) = volume.attachments.get(&req.node_id) {
@@ -534,10 +537,7 @@ impl<B: Backend> Driver<B> {
 
     /// The private staging dir of an ephemeral volume.
     fn ephemeral_stage(&self, id: &str) -> PathBuf {
-        self.config
-            .state_dir
-            .join("ephemeral")
-            .join(file_key(id))
+        self.config.state_dir.join("ephemeral").join(file_key(id))
     }
 
     /// NodePublishVolume.
@@ -555,7 +555,9 @@ impl<B: Backend> Driver<B> {
             self.ephemeral_volume(req, cap)?
         } else {
             require_path(&req.staging_path, "staging_target_path").map_err(|_| {
-                precondition("staging_target_path is required: this driver has STAGE_UNSTAGE_VOLUME")
+                precondition(
+                    "staging_target_path is required: this driver has STAGE_UNSTAGE_VOLUME",
+                )
             })?;
             let volume = self.load(&req.volume_id)?;
             match &volume.stage {
@@ -636,7 +638,8 @@ impl<B: Backend> Driver<B> {
             }
         };
         let staging = self.ephemeral_stage(&volume.id);
-        self.backend.create_disk(&volume.disk, volume.capacity_bytes)?;
+        self.backend
+            .create_disk(&volume.disk, volume.capacity_bytes)?;
         self.backend.make_dir(&staging)?;
         self.ensure_staged(&mut volume, &staging, cap)?;
         Ok((volume, staging))
@@ -675,7 +678,10 @@ impl<B: Backend> Driver<B> {
         require_path(path, "volume_path")?;
         let volume = self.load(id)?;
         let known = volume.publishes.contains_key(path)
-            || volume.stage.as_ref().is_some_and(|s| s.staging_path == path);
+            || volume
+                .stage
+                .as_ref()
+                .is_some_and(|s| s.staging_path == path);
         if !known || !self.backend.is_mounted(path)? {
             return Err(DriverError::NotFound {
                 id: format!("{id} at {}", path.display()),

@@ -106,8 +106,8 @@ fn capability(c: Option<&pb::VolumeCapability>) -> Option<Capability> {
     use pb::volume_capability::access_mode::Mode;
     let c = c?;
     let mode = c.access_mode.as_ref()?.mode;
-    let reader_only = mode == Mode::SingleNodeReaderOnly as i32
-        || mode == Mode::MultiNodeReaderOnly as i32;
+    let reader_only =
+        mode == Mode::SingleNodeReaderOnly as i32 || mode == Mode::MultiNodeReaderOnly as i32;
     match c.access_type.as_ref()? {
         volume_capability::AccessType::Block(_) => Some(Capability {
             block: true,
@@ -133,7 +133,12 @@ impl<B: Backend> Csi<B> {
     }
 
     /// The one door of every call: fault, work (blocking), status, record.
-    async fn call<T, F>(&self, method: &'static str, ids: Ids, work: F) -> Result<Response<T>, Status>
+    async fn call<T, F>(
+        &self,
+        method: &'static str,
+        ids: Ids,
+        work: F,
+    ) -> Result<Response<T>, Status>
     where
         T: Send + 'static,
         F: FnOnce(&Driver<B>) -> Result<T, DriverError> + Send + 'static,
@@ -563,7 +568,10 @@ impl reg::registration_server::Registration for Registration {
         if s.plugin_registered {
             tracing::info!("registration: the kubelet registered this driver");
         } else {
-            tracing::warn!(error = s.error, "registration: the kubelet refused this driver");
+            tracing::warn!(
+                error = s.error,
+                "registration: the kubelet refused this driver"
+            );
         }
         let now = now_ms();
         self.recorder.record(&Call {

@@ -132,7 +132,13 @@ impl Store {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { op: "read", path, source }),
+            Err(source) => {
+                return Err(StateError::Io {
+                    op: "read",
+                    path,
+                    source,
+                });
+            }
         };
         serde_json::from_slice(&bytes)
             .map(Some)

@@ -159,7 +159,11 @@ fn mount_cap() -> pb::VolumeCapability {
     }
 }
 
-fn stage(id: &str, path: &Path, context: &std::collections::HashMap<String, String>) -> pb::NodeStageVolumeRequest {
+fn stage(
+    id: &str,
+    path: &Path,
+    context: &std::collections::HashMap<String, String>,
+) -> pb::NodeStageVolumeRequest {
     pb::NodeStageVolumeRequest {
         volume_id: id.into(),
         publish_context: context.clone(),
@@ -411,7 +415,10 @@ async fn a_volume_keeps_its_data_across_unstage_and_restage_and_leaves_nothing()
             .any(|c| c.method == "NotifyRegistrationStatus" && c.message == "registered")
     );
     assert!(d.terminate().success());
-    assert!(!d.socket().exists() && !reg_sock.exists(), "sockets removed");
+    assert!(
+        !d.socket().exists() && !reg_sock.exists(),
+        "sockets removed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,7 +436,10 @@ async fn faults_fail_and_hang_calls_on_command_and_ephemeral_volumes_leave_nothi
     let target = d.path("pods/e/vol");
     let req = pb::NodePublishVolumeRequest {
         volume_context: [
-            ("csi.storage.k8s.io/ephemeral".to_string(), "true".to_string()),
+            (
+                "csi.storage.k8s.io/ephemeral".to_string(),
+                "true".to_string(),
+            ),
             ("csi.storage.k8s.io/pod.name".to_string(), "p".to_string()),
         ]
         .into(),

@@ -163,8 +163,14 @@ fn unknown_volumes_are_not_found_and_missing_fields_invalid() {
         code(d.node_unstage("vol-x", Path::new("/stage/a"))),
         Code::NotFound
     );
-    assert_eq!(code(d.node_stage(&stage_req("", "/s"))), Code::InvalidArgument);
-    assert_eq!(code(d.node_stage(&stage_req("v", ""))), Code::InvalidArgument);
+    assert_eq!(
+        code(d.node_stage(&stage_req("", "/s"))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(d.node_stage(&stage_req("v", ""))),
+        Code::InvalidArgument
+    );
     let no_cap = StageRequest {
         capability: None,
         ..stage_req("v", "/s")
@@ -367,7 +373,10 @@ fn stats_need_a_known_mounted_path() {
     d.node_stage(&stage_req(&id, "/stage/a")).unwrap();
     d.node_publish(&publish_req(&id, "/stage/a", "/t")).unwrap();
     assert_eq!(d.volume_stats(&id, Path::new("/t")).unwrap().used_bytes, 40);
-    assert_eq!(code(d.volume_stats(&id, Path::new("/other"))), Code::NotFound);
+    assert_eq!(
+        code(d.volume_stats(&id, Path::new("/other"))),
+        Code::NotFound
+    );
 }
 
 #[test]
