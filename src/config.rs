@@ -72,6 +72,7 @@ const MINILET_SUPPORTED: &[&str] = &[
     "cniPluginTimeout",
     "maxParallelSandboxCreations",
     "maxParallelRuntimeRequests",
+    "csiDrivers",
 ];
 
 /// Every JSON field name of kubelet's `KubeletConfiguration` v1beta1
@@ -290,9 +291,21 @@ pub struct Config {
     /// kubelet `evictionHard`: the thresholds of the pressure conditions
     /// and allocatable (`eviction`), kubelet's defaults when unset.
     pub eviction_hard: crate::eviction::EvictionHard,
+    /// minilet `csiDrivers`, default empty: CSI drivers known without
+    /// kubelet's plugin registration (edge boxes with no node-driver-registrar).
+    pub csi_drivers: Vec<CsiDriverConfig>,
     /// Warnings found while loading (e.g. kubelet fields minilet ignores),
     /// logged by `main` once tracing is up.
     pub warnings: Vec<String>,
+}
+
+/// One entry of minilet `csiDrivers`: a CSI driver at a fixed socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CsiDriverConfig {
+    /// The driver's name (its GetPluginInfo name, e.g. "hostpath.csi.k8s.io").
+    pub name: String,
+    /// Its unix socket, as written: `unix:///path` or `/path`.
+    pub endpoint: String,
 }
 
 impl Config {
@@ -343,6 +356,7 @@ impl Config {
             node_status_report_frequency: Duration::from_secs(300),
             node_lease_duration_seconds: 40,
             eviction_hard: Default::default(),
+            csi_drivers: Vec::new(),
             warnings: Vec::new(),
         }
     }
@@ -540,6 +554,7 @@ struct FileSettings {
     cni_plugin_timeout: Option<Duration>,
     max_parallel_sandbox_creations: Option<Setting<u32>>,
     max_parallel_runtime_requests: Option<Setting<u32>>,
+    csi_drivers: Option<Setting<Vec<CsiDriverConfig>>>,
     /// Kubelet fields present but not implemented, in file order.
     unsupported: Vec<String>,
 }
@@ -725,6 +740,10 @@ fn resolve(
         fs.max_parallel_sandbox_creations,
         fs.max_parallel_runtime_requests,
     )?;
+    if let Some(s) = fs.csi_drivers {
+        check_csi_drivers(&s)?;
+        cfg.csi_drivers = s.value;
+    }
     Ok(cfg)
 }
 
@@ -758,6 +777,39 @@ fn parallel_bounds(
             Ok(())
         }
     }
+}
+
+/// `csiDrivers`: names as the CSI spec wants them (GetPluginInfo's rule),
+/// sockets as absolute paths, each name once.
+fn check_csi_drivers(s: &Setting<Vec<CsiDriverConfig>>) -> Result<(), ConfigError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, d) in s.value.iter().enumerate() {
+        if !crate::csi::is_driver_name(&d.name) {
+            return Err(invalid(
+                s.origin.clone(),
+                "csiDrivers",
+                format!("[{i}].name {:?}", d.name),
+                "must be a CSI driver name: at most 63 characters, letters, digits, '-' and '.', starting and ending with a letter or digit",
+            ));
+        }
+        if crate::csi::socket_path(&d.endpoint).is_none() {
+            return Err(invalid(
+                s.origin.clone(),
+                "csiDrivers",
+                format!("[{i}].endpoint {:?}", d.endpoint),
+                "must be an absolute unix socket path: unix:///path/csi.sock or /path/csi.sock",
+            ));
+        }
+        if !seen.insert(d.name.as_str()) {
+            return Err(invalid(
+                s.origin.clone(),
+                "csiDrivers",
+                format!("[{i}].name {:?}", d.name),
+                "is listed twice",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn invalid(origin: Origin, field: &'static str, value: String, reason: &str) -> ConfigError {
@@ -1043,6 +1095,49 @@ impl DocCtx<'_> {
         }
     }
 
+    /// minilet `csiDrivers`: a list of `{name, endpoint}` mappings of
+    /// strings; `None` for null. Checked further by `check_csi_drivers`.
+    fn csi_drivers(&self, v: &Value) -> Result<Option<Setting<Vec<CsiDriverConfig>>>, ConfigError> {
+        const FIELD: &str = "csiDrivers";
+        const SHAPE: &str = "must be a list of {name, endpoint} mappings";
+        let items = match v {
+            Value::Null => return Ok(None),
+            Value::Array(items) => items,
+            _ => return Err(self.invalid(FIELD, v, SHAPE)),
+        };
+        let mut list = Vec::with_capacity(items.len());
+        for item in items {
+            let Value::Object(m) = item else {
+                return Err(self.invalid(FIELD, item, SHAPE));
+            };
+            let mut entry = CsiDriverConfig {
+                name: String::new(),
+                endpoint: String::new(),
+            };
+            for (k, field_value) in m {
+                let slot = match k.as_str() {
+                    "name" => &mut entry.name,
+                    "endpoint" => &mut entry.endpoint,
+                    _ => {
+                        return Err(self.invalid(
+                            FIELD,
+                            item,
+                            &format!("unknown key {k:?} (an entry has name and endpoint)"),
+                        ));
+                    }
+                };
+                match field_value {
+                    Value::String(s) => slot.clone_from(s),
+                    _ => {
+                        return Err(self.invalid(FIELD, item, &format!("{k} must be a string")));
+                    }
+                }
+            }
+            list.push(entry);
+        }
+        Ok(Some(self.setting(list)))
+    }
+
     /// A Go duration string ("1m30s"), greater than zero; `None` for null.
     fn duration(&self, field: &'static str, v: &Value) -> Result<Option<Duration>, ConfigError> {
         let s = match v {
@@ -1131,6 +1226,7 @@ fn read_minilet_field(
         "maxParallelRuntimeRequests" => {
             fs.max_parallel_runtime_requests = ctx.count("maxParallelRuntimeRequests", v, 2)?;
         }
+        "csiDrivers" => fs.csi_drivers = ctx.csi_drivers(v)?,
         _ => return Err(ctx.unknown_field(field.to_string())),
     }
     Ok(())
@@ -1523,6 +1619,28 @@ mod tests {
 
     /// Every error displays as one line naming the file (or flag) and field.
     #[test]
+    fn csi_drivers_are_read_from_the_minilet_document() {
+        let text = format!(
+            "{KUBELET}---\n{MINILET}csiDrivers:\n- name: hostpath.csi.k8s.io\n  endpoint: unix:///var/lib/kubelet/plugins/hostpath/csi.sock\n- name: b.csi\n  endpoint: /run/b.sock\n"
+        );
+        let c = from_text(&flags(), &text).unwrap();
+        assert_eq!(
+            c.csi_drivers,
+            vec![
+                CsiDriverConfig {
+                    name: "hostpath.csi.k8s.io".into(),
+                    endpoint: "unix:///var/lib/kubelet/plugins/hostpath/csi.sock".into(),
+                },
+                CsiDriverConfig {
+                    name: "b.csi".into(),
+                    endpoint: "/run/b.sock".into(),
+                },
+            ]
+        );
+        assert!(from_text(&flags(), KUBELET).unwrap().csi_drivers.is_empty());
+    }
+
+    #[test]
     fn errors_name_the_file_and_field() {
         let k = |body: &str| format!("{KUBELET}{body}");
         let m = |body: &str| format!("{KUBELET}---\n{MINILET}{body}");
@@ -1700,6 +1818,30 @@ mod tests {
                 String::new(),
                 with(|f| f.hostname_override = Some("bad_name".into())),
                 "flag --hostname-override: invalid nodeName \"bad_name\": must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', at most 253 characters)".into(),
+            ),
+            (
+                "csiDrivers: empty name",
+                m("csiDrivers:\n- name: ''\n  endpoint: /csi.sock\n"),
+                flags(),
+                format!("{F} (document 2): invalid csiDrivers [0].name \"\": must be a CSI driver name: at most 63 characters, letters, digits, '-' and '.', starting and ending with a letter or digit"),
+            ),
+            (
+                "csiDrivers: relative endpoint",
+                m("csiDrivers:\n- name: a.csi\n  endpoint: unix://run/csi.sock\n"),
+                flags(),
+                format!("{F} (document 2): invalid csiDrivers [0].endpoint \"unix://run/csi.sock\": must be an absolute unix socket path: unix:///path/csi.sock or /path/csi.sock"),
+            ),
+            (
+                "csiDrivers: a name twice",
+                m("csiDrivers:\n- {name: a.csi, endpoint: /a.sock}\n- {name: a.csi, endpoint: /b.sock}\n"),
+                flags(),
+                format!("{F} (document 2): invalid csiDrivers [1].name \"a.csi\": is listed twice"),
+            ),
+            (
+                "csiDrivers: unknown key",
+                m("csiDrivers:\n- {name: a.csi, socket: /a.sock}\n"),
+                flags(),
+                format!("{F} (document 2): invalid csiDrivers (a mapping): unknown key \"socket\" (an entry has name and endpoint)"),
             ),
         ];
         for (name, text, f, want) in cases {

@@ -1,10 +1,13 @@
 //! `minilet doctor`: checks that this node can run pods and says what is
 //! wrong in one line per finding: the runtime, the host's known traps
 //! (negative oom_score_adj refused, a Docker engine's FORWARD policy DROP),
-//! the CNI configs and plugins, the delegating plugin's install, and the
-//! running agent.
+//! the CNI configs and plugins, the delegating plugin's install, the CSI
+//! drivers (from `csiDrivers` and the registration sockets in
+//! `<stateDir>/plugins_registry/`), and the running agent.
 //!
-//! Side effects: reads files, dials the runtime and the agent, runs
+//! Side effects: reads files, dials the runtime, the CSI drivers (their
+//! Identity and Node info calls only; registration sockets get GetInfo and
+//! no status, so the agent's registrations are left alone) and the agent, runs
 //! `iptables-save -t filter` (read only), and briefly writes this process's
 //! own oom_score_adj (then restores it).
 
@@ -452,6 +455,99 @@ fn check_static_pods(cfg: &Config) -> Finding {
     }
 }
 
+/// Timeouts for doctor's CSI calls: a healthy driver answers at once.
+const CSI_TIMEOUTS: crate::csi::Timeouts = crate::csi::Timeouts {
+    connect: Duration::from_secs(2),
+    info: Duration::from_secs(3),
+    operation: Duration::from_secs(3),
+};
+
+/// One line per CSI driver: where it is, whether it answers, its version
+/// and capabilities.
+async fn check_csi(cfg: &Config) -> Vec<Finding> {
+    use crate::csi::{self, CsiClient, registration};
+    // (name, endpoint, where it comes from)
+    let mut drivers: Vec<(String, String, String)> = cfg
+        .csi_drivers
+        .iter()
+        .map(|d| (d.name.clone(), d.endpoint.clone(), "csiDrivers".to_string()))
+        .collect();
+    let mut out = vec![];
+    let dir = csi::registry_dir(&cfg.state_dir);
+    if dir.is_dir() {
+        match registration::peek(&dir, CSI_TIMEOUTS).await {
+            Ok(found) => {
+                for (socket, info) in found {
+                    match info {
+                        Ok(i) if i.r#type == registration::CSI_PLUGIN_TYPE => drivers.push((
+                            i.name,
+                            i.endpoint,
+                            format!("registered by {}", socket.display()),
+                        )),
+                        Ok(_) => {} // a device plugin: not ours
+                        Err(e) => out.push(finding(
+                            Level::Warn,
+                            "csi registration",
+                            crate::error_chain(&e),
+                        )),
+                    }
+                }
+            }
+            Err(e) => out.push(finding(
+                Level::Warn,
+                "csi registration",
+                crate::error_chain(&e),
+            )),
+        }
+    }
+    if drivers.is_empty() && out.is_empty() {
+        out.push(finding(
+            Level::Ok,
+            "csi driver",
+            "none configured (csiDrivers) or registered",
+        ));
+    }
+    for (name, endpoint, from) in drivers {
+        let found = match CsiClient::new(&name, &endpoint, CSI_TIMEOUTS) {
+            Ok(client) => csi::discover(&client).await,
+            Err(e) => Err(e),
+        };
+        out.push(match found {
+            Ok(info) => {
+                let caps = info.capability_names();
+                finding(
+                    if info.ready { Level::Ok } else { Level::Warn },
+                    "csi driver",
+                    format!(
+                        "{name} {} at {endpoint} ({from}): {}, node {}, capabilities {}",
+                        info.vendor_version,
+                        if info.ready {
+                            "ready"
+                        } else {
+                            "not ready (Probe)"
+                        },
+                        info.node_id,
+                        if caps.is_empty() {
+                            "none".to_string()
+                        } else {
+                            caps.join(",")
+                        },
+                    ),
+                )
+            }
+            Err(e) => finding(
+                Level::Fail,
+                "csi driver",
+                format!(
+                    "{name} at {endpoint} ({from}): unreachable: {}",
+                    crate::error_chain(&e)
+                ),
+            ),
+        });
+    }
+    out
+}
+
 /// Every check, in the order they are printed.
 pub async fn run(cfg: &Config) -> Vec<Finding> {
     let mut out = vec![check_runtime(cfg).await, check_oom()];
@@ -459,6 +555,7 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
     out.extend(check_forward(cfg).await);
     out.extend(check_delegate(cfg));
     out.push(check_static_pods(cfg));
+    out.extend(check_csi(cfg).await);
     out.push(check_agent(cfg).await);
     out
 }
@@ -491,6 +588,71 @@ mod tests {
             "{rt_conf}"
         );
         assert_eq!(by("agent").level, Level::Warn);
+        for f in &report {
+            assert_eq!(f.to_string().lines().count(), 1, "{f}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_each_csi_driver() {
+        use crate::csi::fake::{FakeDriver, FakeRegistrar, serve_driver, serve_registrar};
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default_for("n1");
+        cfg.state_dir = tmp.path().join("state");
+        assert_eq!(
+            check_csi(&cfg).await,
+            [finding(
+                Level::Ok,
+                "csi driver",
+                "none configured (csiDrivers) or registered"
+            )]
+        );
+        let a_dir = tmp.path().join("a");
+        let b_dir = tmp.path().join("b");
+        std::fs::create_dir_all(&a_dir).unwrap();
+        std::fs::create_dir_all(&b_dir).unwrap();
+        let a_sock = serve_driver(&a_dir, FakeDriver::block_storage("a.csi")).await;
+        let b_sock = serve_driver(&b_dir, FakeDriver::node_only("b.csi")).await;
+        let reg_dir = crate::csi::registry_dir(&cfg.state_dir);
+        std::fs::create_dir_all(&reg_dir).unwrap();
+        let registrar = FakeRegistrar::csi("b.csi", &b_sock);
+        let _server = serve_registrar(&reg_dir.join("b.csi-reg.sock"), registrar.clone());
+        cfg.csi_drivers = vec![
+            crate::config::CsiDriverConfig {
+                name: "a.csi".into(),
+                endpoint: format!("unix://{}", a_sock.display()),
+            },
+            crate::config::CsiDriverConfig {
+                name: "gone.csi".into(),
+                endpoint: tmp.path().join("gone.sock").display().to_string(),
+            },
+        ];
+        let report = check_csi(&cfg).await;
+        assert_eq!(report.len(), 3, "{report:?}");
+        assert_eq!(report[0].level, Level::Ok);
+        assert_eq!(
+            report[0].detail,
+            format!(
+                "a.csi 0.1.0 at unix://{} (csiDrivers): ready, node node-1, capabilities CONTROLLER_SERVICE,VOLUME_ACCESSIBILITY_CONSTRAINTS,STAGE_UNSTAGE_VOLUME,GET_VOLUME_STATS,CREATE_DELETE_VOLUME,PUBLISH_UNPUBLISH_VOLUME",
+                a_sock.display()
+            )
+        );
+        assert_eq!(report[1].level, Level::Fail);
+        assert!(
+            report[1].detail.starts_with("gone.csi at "),
+            "{}",
+            report[1]
+        );
+        assert!(report[1].detail.contains("unreachable"), "{}", report[1]);
+        assert_eq!(report[2].level, Level::Ok);
+        assert!(
+            report[2].detail.starts_with("b.csi 0.1.0 at "),
+            "{}",
+            report[2]
+        );
+        assert!(report[2].detail.contains("registered by"), "{}", report[2]);
+        // doctor only looks: the registrar was told nothing.
+        assert!(registrar.statuses().is_empty());
         for f in &report {
             assert_eq!(f.to_string().lines().count(), 1, "{f}");
         }

@@ -12,6 +12,7 @@ pub mod cni;
 pub mod config;
 pub mod control;
 pub mod cri;
+pub mod csi;
 pub mod doctor;
 pub mod eviction;
 pub mod locks;

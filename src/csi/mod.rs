@@ -1,0 +1,42 @@
+//! CSI: the gRPC client minilet uses to talk to CSI drivers, the typed
+//! errors their answers map to, the registry of known drivers, and kubelet's
+//! plugin registration (a watcher on `<root>/plugins_registry/`).
+//!
+//! The wire types are generated from `proto/csi.proto` (CSI v1.12.0) and
+//! `proto/pluginregistration.proto` (kubelet's registration API v1) by
+//! build.rs, with clients and servers, as [`proto`]; the test driver crate
+//! (integration/csi-driver) serves them too.
+//!
+//! - `client`: `CsiClient`, one driver's typed calls with timeouts.
+//! - `error`: `CsiError` and `Call`; gRPC codes mapped once, `retryable()`.
+//! - `drivers`: `Registry` of known drivers and `discover`.
+//! - `registration`: the `plugins_registry/` watcher and its handshake.
+
+pub mod client;
+pub mod drivers;
+pub mod error;
+#[cfg(test)]
+pub(crate) mod fake;
+pub mod registration;
+
+pub use client::{CsiClient, Timeouts, socket_path};
+pub use drivers::{
+    ControllerCapabilities, Driver, DriverInfo, NodeCapabilities, Origin, PluginCapabilities,
+    Registry, discover, is_driver_name,
+};
+pub use error::{Call, CsiError};
+pub use registration::{RegistrationError, registry_dir};
+
+/// Generated code (prost messages, tonic clients and servers).
+pub mod proto {
+    /// CSI v1 (`package csi.v1`): Identity, Controller and Node services.
+    #[allow(clippy::all, clippy::pedantic, missing_docs)]
+    pub mod csi {
+        tonic::include_proto!("csi.v1");
+    }
+    /// kubelet's plugin registration API v1 (`package pluginregistration`).
+    #[allow(clippy::all, clippy::pedantic, missing_docs)]
+    pub mod registration {
+        tonic::include_proto!("pluginregistration");
+    }
+}
