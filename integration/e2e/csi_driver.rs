@@ -160,8 +160,12 @@ impl CsiDriver {
             cmd.arg("--registration-dir").arg(reg);
         }
         self.child = Some(cmd.spawn().expect("spawn minilet-test-csi"));
+        // The registration socket is bound right after the CSI socket.
+        let listening = |d: &CsiDriver| {
+            d.endpoint().exists() && d.registration_socket().is_none_or(|r| r.exists())
+        };
         let start = Instant::now();
-        while !self.endpoint().exists() {
+        while !listening(self) {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "minilet-test-csi did not listen on {}:\n{}",

@@ -86,8 +86,26 @@ pub async fn serve<B: Backend>(
     let name = driver.config.name.clone();
     let csi = Arc::new(Csi::new(Arc::new(driver), recorder.clone()));
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
-    let mut sockets = vec![endpoint.to_path_buf()];
+    // The CSI socket first: a registrar advertises a driver that is up.
     let listener = bind(endpoint)?;
+    let mut sockets = vec![endpoint.to_path_buf()];
+    let registration = match registration_dir {
+        Some(dir) => {
+            let path = registration_socket(dir, &name);
+            match bind(&path) {
+                Ok(l) => {
+                    sockets.push(path.clone());
+                    Some((path, l))
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(endpoint);
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
     let mut rx = stop.subscribe();
     let csi_server = tonic::transport::Server::builder()
         .add_service(IdentityServer::from_arc(csi.clone()))
@@ -96,25 +114,21 @@ pub async fn serve<B: Backend>(
         .serve_with_incoming_shutdown(incoming(listener), async move {
             let _ = rx.recv().await;
         });
-    let mut tasks = tokio::task::JoinSet::new();
     let path = endpoint.to_path_buf();
     tasks.spawn(async move {
         csi_server
             .await
             .map_err(|source| ServeError::Serve { path, source })
     });
-    if let Some(dir) = registration_dir {
-        let path = registration_socket(dir, &name);
-        let listener = bind(&path)?;
-        sockets.push(path.clone());
-        let registration = Registration {
+    if let Some((path, listener)) = registration {
+        let service = Registration {
             name,
             endpoint: endpoint.display().to_string(),
             recorder,
         };
         let mut rx = stop.subscribe();
         let server = tonic::transport::Server::builder()
-            .add_service(RegistrationServer::new(registration))
+            .add_service(RegistrationServer::new(service))
             .serve_with_incoming_shutdown(incoming(listener), async move {
                 let _ = rx.recv().await;
             });

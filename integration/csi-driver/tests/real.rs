@@ -61,7 +61,7 @@ impl Driver {
             .unwrap();
         self.child = Some(child);
         let start = Instant::now();
-        while !self.socket().exists() {
+        while !self.socket().exists() || !self.path("registry/csi.minilet.test-reg.sock").exists() {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "driver did not listen: {}",
