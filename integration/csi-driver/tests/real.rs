@@ -461,6 +461,24 @@ async fn faults_fail_and_hang_calls_on_command_and_ephemeral_volumes_leave_nothi
     .await;
     assert!(r.is_err(), "NodeGetInfo should hang");
 
+    // Read-only: a second ephemeral volume whose target refuses writes.
+    let ro_target = d.path("pods/e/ro");
+    let ro = pb::NodePublishVolumeRequest {
+        volume_context: [(
+            "csi.storage.k8s.io/ephemeral".to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+        readonly: true,
+        ..publish("csi-eph-ro", Path::new(""), &ro_target)
+    };
+    node.node_publish_volume(ro).await.unwrap();
+    let err = std::fs::write(ro_target.join("f"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{err}");
+    node.node_unpublish_volume(unpublish("csi-eph-ro", &ro_target))
+        .await
+        .unwrap();
+
     for _ in 0..2 {
         node.node_unpublish_volume(unpublish("csi-eph-1", &target))
             .await
