@@ -41,6 +41,29 @@ struct Ids {
     target_path: String,
 }
 
+impl Ids {
+    fn volume(mut self, id: &str) -> Ids {
+        self.volume_id = id.to_string();
+        self
+    }
+    fn name(mut self, name: &str) -> Ids {
+        self.name = name.to_string();
+        self
+    }
+    fn node(mut self, node: &str) -> Ids {
+        self.node_id = node.to_string();
+        self
+    }
+    fn staging(mut self, path: &str) -> Ids {
+        self.staging_path = path.to_string();
+        self
+    }
+    fn target(mut self, path: &str) -> Ids {
+        self.target_path = path.to_string();
+        self
+    }
+}
+
 /// Records the call as Cancelled if it is dropped unanswered (the client
 /// gave up, e.g. on a hung call).
 struct Pending {
@@ -247,10 +270,7 @@ impl<B: Backend> pb::controller_server::Controller for Csi<B> {
             .iter()
             .map(|c| capability(Some(c)))
             .collect();
-        let ids = Ids {
-            name: r.name.clone(),
-            ..Ids::default()
-        };
+        let ids = Ids::default().name(&r.name);
         self.call("CreateVolume", ids, move |d| {
             if caps.iter().any(Option::is_none) {
                 return Err(DriverError::Missing {
@@ -291,10 +311,7 @@ impl<B: Backend> pb::controller_server::Controller for Csi<B> {
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: r.volume_id.clone(),
-            ..Ids::default()
-        };
+        let ids = Ids::default().volume(&r.volume_id);
         self.call("DeleteVolume", ids, move |d| {
             d.delete_volume(&r.volume_id)?;
             Ok(pb::DeleteVolumeResponse {})
@@ -307,11 +324,7 @@ impl<B: Backend> pb::controller_server::Controller for Csi<B> {
         req: Request<pb::ControllerPublishVolumeRequest>,
     ) -> Result<Response<pb::ControllerPublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: r.volume_id.clone(),
-            node_id: r.node_id.clone(),
-            ..Ids::default()
-        };
+        let ids = Ids::default().volume(&r.volume_id).node(&r.node_id);
         let enabled = self.driver.config.publish_unpublish;
         self.call("ControllerPublishVolume", ids, move |d| {
             if !enabled {
@@ -337,11 +350,7 @@ impl<B: Backend> pb::controller_server::Controller for Csi<B> {
         req: Request<pb::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<pb::ControllerUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: r.volume_id.clone(),
-            node_id: r.node_id.clone(),
-            ..Ids::default()
-        };
+        let ids = Ids::default().volume(&r.volume_id).node(&r.node_id);
         let enabled = self.driver.config.publish_unpublish;
         self.call("ControllerUnpublishVolume", ids, move |d| {
             if !enabled {
@@ -385,11 +394,9 @@ impl<B: Backend> pb::node_server::Node for Csi<B> {
         req: Request<pb::NodeStageVolumeRequest>,
     ) -> Result<Response<pb::NodeStageVolumeResponse>, Status> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: r.volume_id.clone(),
-            staging_path: r.staging_target_path.clone(),
-            ..Ids::default()
-        };
+        let ids = Ids::default()
+            .volume(&r.volume_id)
+            .staging(&r.staging_target_path);
         self.call("NodeStageVolume", ids, move |d| {
             d.node_stage(&StageRequest {
                 capability: capability(r.volume_capability.as_ref()),
@@ -407,11 +414,9 @@ impl<B: Backend> pb::node_server::Node for Csi<B> {
         req: Request<pb::NodeUnstageVolumeRequest>,
     ) -> Result<Response<pb::NodeUnstageVolumeResponse>, Status> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: r.volume_id.clone(),
-            staging_path: r.staging_target_path.clone(),
-            ..Ids::default()
-        };
+        let ids = Ids::default()
+            .volume(&r.volume_id)
+            .staging(&r.staging_target_path);
         self.call("NodeUnstageVolume", ids, move |d| {
             d.node_unstage(&r.volume_id, &path_str(&r.staging_target_path))?;
             Ok(pb::NodeUnstageVolumeResponse {})
@@ -424,12 +429,10 @@ impl<B: Backend> pb::node_server::Node for Csi<B> {
         req: Request<pb::NodePublishVolumeRequest>,
     ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: r.volume_id.clone(),
-            staging_path: r.staging_target_path.clone(),
-            target_path: r.target_path.clone(),
-            ..Ids::default()
-        };
+        let ids = Ids::default()
+            .volume(&r.volume_id)
+            .staging(&r.staging_target_path)
+            .target(&r.target_path);
         self.call("NodePublishVolume", ids, move |d| {
             d.node_publish(&PublishRequest {
                 capability: capability(r.volume_capability.as_ref()),
@@ -449,11 +452,7 @@ impl<B: Backend> pb::node_server::Node for Csi<B> {
         req: Request<pb::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: r.volume_id.clone(),
-            target_path: r.target_path.clone(),
-            ..Ids::default()
-        };
+        let ids = Ids::default().volume(&r.volume_id).target(&r.target_path);
         self.call("NodeUnpublishVolume", ids, move |d| {
             d.node_unpublish(&r.volume_id, &path_str(&r.target_path))?;
             Ok(pb::NodeUnpublishVolumeResponse {})
@@ -467,11 +466,7 @@ impl<B: Backend> pb::node_server::Node for Csi<B> {
     ) -> Result<Response<pb::NodeGetVolumeStatsResponse>, Status> {
         use pb::volume_usage::Unit;
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: r.volume_id.clone(),
-            target_path: r.volume_path.clone(),
-            ..Ids::default()
-        };
+        let ids = Ids::default().volume(&r.volume_id).target(&r.volume_path);
         self.call("NodeGetVolumeStats", ids, move |d| {
             let u = d.volume_stats(&r.volume_id, &path_str(&r.volume_path))?;
             let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
