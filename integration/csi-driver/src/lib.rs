@@ -11,6 +11,7 @@ pub mod backend;
 pub mod client;
 pub mod driver;
 pub mod faults;
+pub mod harness;
 pub mod proto;
 pub mod record;
 pub mod serve;

@@ -2,11 +2,11 @@
 //! ext4, bind mounts. Needs root; FAILS (never skips) without it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use minilet_test_csi::backend::mount_points;
 use minilet_test_csi::client::connect;
+use minilet_test_csi::harness::{CsiDriver, CsiOptions};
 use minilet_test_csi::proto::csi::{
     self as pb, controller_client::ControllerClient, identity_client::IdentityClient,
     node_client::NodeClient,
@@ -17,93 +17,24 @@ use minilet_test_csi::proto::registration::{
 use minilet_test_csi::record::read_calls;
 use tonic::transport::Channel;
 
-/// A driver process on a temp dir; on drop it is killed and anything it
-/// left mounted or attached under the dir is undone, so a failed test
-/// leaks nothing.
-struct Driver {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+fn start() -> (CsiDriver, tempfile::TempDir) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the real driver test needs root (loop devices, mounts)"
+    );
+    let registry = tempfile::tempdir().unwrap();
+    let mut options = CsiOptions::new("node-t");
+    options.registration_dir = Some(registry.path().to_path_buf());
+    options.binary = Some(env!("CARGO_BIN_EXE_minilet-test-csi").into());
+    (CsiDriver::start_with(options), registry)
 }
 
-impl Driver {
-    fn start() -> Driver {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the real driver test needs root (loop devices, mounts)"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("minilet-test-csi-")
-            .tempdir()
-            .unwrap();
-        let mut d = Driver { dir, child: None };
-        d.spawn();
-        d
-    }
+fn path(d: &CsiDriver, p: &str) -> PathBuf {
+    d.dir.path().join(p)
+}
 
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path("driver.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_minilet-test-csi"))
-            .arg("--endpoint")
-            .arg(self.socket())
-            .arg("--state-dir")
-            .arg(self.state())
-            .arg("--registration-dir")
-            .arg(self.path("registry"))
-            .args(["--node-id", "node-t"])
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let start = Instant::now();
-        while !self.socket().exists() || !self.path("registry/csi.minilet.test-reg.sock").exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "driver did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-    fn socket(&self) -> PathBuf {
-        self.path("csi.sock")
-    }
-    fn state(&self) -> PathBuf {
-        self.path("state")
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.path("driver.log")).unwrap_or_default()
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(start.elapsed() < Duration::from_secs(10), "SIGTERM ignored");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        connect(&self.socket()).await.unwrap()
-    }
+async fn channel(d: &CsiDriver) -> Channel {
+    connect(&d.endpoint()).await.unwrap()
 }
 
 /// Mount points under `dir`.
@@ -114,39 +45,6 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
         .into_iter()
         .filter(|m| m.starts_with(&dir))
         .collect()
-}
-
-/// Loop devices whose backing file is under `dir` (`losetup -a`).
-fn loops_under(dir: &Path) -> Vec<String> {
-    let out = Command::new("losetup").arg("-a").output().unwrap();
-    let dir = dir.display().to_string();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&dir))
-        .map(str::to_string)
-        .collect()
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("---- driver log ----\n{}", self.log());
-        }
-        let mut mounts = mounts_under(self.dir.path());
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-        for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        for l in loops_under(self.dir.path()) {
-            if let Some((dev, _)) = l.split_once(':') {
-                let _ = Command::new("losetup").args(["-d", dev]).status();
-            }
-        }
-    }
 }
 
 fn mount_cap() -> pb::VolumeCapability {
@@ -199,8 +97,8 @@ fn unstage(id: &str, staging: &Path) -> pb::NodeUnstageVolumeRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_keeps_its_data_across_unstage_and_restage_and_leaves_nothing() {
-    let mut d = Driver::start();
-    let ch = d.channel().await;
+    let (mut d, _registry) = start();
+    let ch = channel(&d).await;
     let mut identity = IdentityClient::new(ch.clone());
     let mut controller = ControllerClient::new(ch.clone());
     let mut node = NodeClient::new(ch);
@@ -220,12 +118,12 @@ async fn a_volume_keeps_its_data_across_unstage_and_restage_and_leaves_nothing()
     assert_eq!(node_id, "node-t");
 
     // The registration socket answers like node-driver-registrar's.
-    let reg_sock = d.path("registry/csi.minilet.test-reg.sock");
+    let reg_sock = d.registration_socket().unwrap();
     let mut reg = RegistrationClient::new(connect(&reg_sock).await.unwrap());
     let plugin = reg.get_info(InfoRequest {}).await.unwrap().into_inner();
     assert_eq!(plugin.r#type, "CSIPlugin");
     assert_eq!(plugin.name, "csi.minilet.test");
-    assert_eq!(PathBuf::from(&plugin.endpoint), d.socket());
+    assert_eq!(PathBuf::from(&plugin.endpoint), d.endpoint());
     assert_eq!(plugin.supported_versions, ["1.0.0"]);
     reg.notify_registration_status(RegistrationStatus {
         plugin_registered: true,
@@ -274,14 +172,14 @@ async fn a_volume_keeps_its_data_across_unstage_and_restage_and_leaves_nothing()
         .publish_context;
 
     // Publish before stage: refused.
-    let staging_a = d.path("plugins/stage-a");
-    let staging_b = d.path("plugins/stage-b");
+    let staging_a = path(&d, "plugins/stage-a");
+    let staging_b = path(&d, "plugins/stage-b");
     std::fs::create_dir_all(&staging_a).unwrap();
     std::fs::create_dir_all(&staging_b).unwrap();
-    std::fs::create_dir_all(d.path("pods/1")).unwrap();
-    std::fs::create_dir_all(d.path("pods/2")).unwrap();
-    let target1 = d.path("pods/1/mount");
-    let target2 = d.path("pods/2/mount");
+    std::fs::create_dir_all(path(&d, "pods/1")).unwrap();
+    std::fs::create_dir_all(path(&d, "pods/2")).unwrap();
+    let target1 = path(&d, "pods/1/mount");
+    let target2 = path(&d, "pods/2/mount");
     let err = node
         .node_publish_volume(publish(&id, &staging_a, &target1))
         .await
@@ -294,7 +192,7 @@ async fn a_volume_keeps_its_data_across_unstage_and_restage_and_leaves_nothing()
             .await
             .unwrap();
     }
-    assert_eq!(loops_under(d.dir.path()).len(), 1);
+    assert_eq!(d.loop_devices().len(), 1);
     for _ in 0..2 {
         node.node_publish_volume(publish(&id, &staging_a, &target1))
             .await
@@ -332,12 +230,12 @@ async fn a_volume_keeps_its_data_across_unstage_and_restage_and_leaves_nothing()
             .unwrap();
     }
     assert_eq!(mounts_under(d.dir.path()), Vec::<PathBuf>::new());
-    assert_eq!(loops_under(d.dir.path()), Vec::<String>::new());
+    assert_eq!(d.loop_devices(), Vec::<String>::new());
 
     // A driver restart in between: state is on disk.
-    assert!(d.terminate().success());
+    assert!(d.terminate().unwrap().success());
     d.spawn();
-    let ch = d.channel().await;
+    let ch = channel(&d).await;
     let mut controller = ControllerClient::new(ch.clone());
     let mut node = NodeClient::new(ch);
 
@@ -375,15 +273,17 @@ async fn a_volume_keeps_its_data_across_unstage_and_restage_and_leaves_nothing()
         .unwrap();
 
     assert_eq!(mounts_under(d.dir.path()), Vec::<PathBuf>::new());
-    assert_eq!(loops_under(d.dir.path()), Vec::<String>::new());
+    assert_eq!(d.loop_devices(), Vec::<String>::new());
     assert_eq!(
-        std::fs::read_dir(d.state().join("disks")).unwrap().count(),
+        std::fs::read_dir(d.state_dir().join("disks"))
+            .unwrap()
+            .count(),
         0,
         "the disk file is gone"
     );
 
     // The call log tells the order.
-    let calls = read_calls(&d.state().join("calls.jsonl"));
+    let calls = read_calls(&d.state_dir().join("calls.jsonl"));
     let node_calls: Vec<(&str, &str)> = calls
         .iter()
         .filter(|c| c.method.starts_with("Node") && c.volume_id == id)
@@ -414,26 +314,26 @@ async fn a_volume_keeps_its_data_across_unstage_and_restage_and_leaves_nothing()
             .iter()
             .any(|c| c.method == "NotifyRegistrationStatus" && c.message == "registered")
     );
-    assert!(d.terminate().success());
+    d.terminate();
     assert!(
-        !d.socket().exists() && !reg_sock.exists(),
+        !d.endpoint().exists() && !reg_sock.exists(),
         "sockets removed"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_fail_and_hang_calls_on_command_and_ephemeral_volumes_leave_nothing() {
-    let d = Driver::start();
-    let mut node = NodeClient::new(d.channel().await);
+    let (d, _registry) = start();
+    let mut node = NodeClient::new(channel(&d).await);
     std::fs::write(
-        d.state().join("faults.json"),
+        d.state_dir().join("faults.json"),
         r#"{"NodePublishVolume": {"code": "Unavailable", "times": 1},
             "NodeGetInfo": {"hang_ms": 3000}}"#,
     )
     .unwrap();
 
-    std::fs::create_dir_all(d.path("pods/e")).unwrap();
-    let target = d.path("pods/e/vol");
+    std::fs::create_dir_all(path(&d, "pods/e")).unwrap();
+    let target = path(&d, "pods/e/vol");
     let req = pb::NodePublishVolumeRequest {
         volume_context: [
             (
@@ -450,7 +350,7 @@ async fn faults_fail_and_hang_calls_on_command_and_ephemeral_volumes_leave_nothi
     assert_eq!(mounts_under(d.dir.path()), Vec::<PathBuf>::new());
     node.node_publish_volume(req).await.unwrap();
     std::fs::write(target.join("f"), "x").unwrap();
-    assert_eq!(loops_under(d.dir.path()).len(), 1);
+    assert_eq!(d.loop_devices().len(), 1);
 
     // A hung call: the client gives up, the driver records it cancelled.
     let mut hung = node.clone();
@@ -462,7 +362,7 @@ async fn faults_fail_and_hang_calls_on_command_and_ephemeral_volumes_leave_nothi
     assert!(r.is_err(), "NodeGetInfo should hang");
 
     // Read-only: a second ephemeral volume whose target refuses writes.
-    let ro_target = d.path("pods/e/ro");
+    let ro_target = path(&d, "pods/e/ro");
     let ro = pb::NodePublishVolumeRequest {
         volume_context: [(
             "csi.storage.k8s.io/ephemeral".to_string(),
@@ -485,12 +385,12 @@ async fn faults_fail_and_hang_calls_on_command_and_ephemeral_volumes_leave_nothi
             .unwrap();
     }
     assert_eq!(mounts_under(d.dir.path()), Vec::<PathBuf>::new());
-    assert_eq!(loops_under(d.dir.path()), Vec::<String>::new());
+    assert_eq!(d.loop_devices(), Vec::<String>::new());
     assert!(!target.exists());
 
     let start = Instant::now();
     let calls = loop {
-        let calls = read_calls(&d.state().join("calls.jsonl"));
+        let calls = read_calls(&d.state_dir().join("calls.jsonl"));
         if calls.iter().any(|c| c.method == "NodeGetInfo") {
             break calls;
         }
