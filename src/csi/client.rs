@@ -306,6 +306,16 @@ mod rpc_tests {
         }
     }
 
+    /// A fake block-storage driver in a temp dir and a client for it.
+    async fn start(operation: Duration) -> (tempfile::TempDir, FakeDriver, CsiClient) {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeDriver::block_storage("a.csi");
+        let sock = serve_driver(dir.path(), fake.clone()).await;
+        let endpoint = format!("unix://{}", sock.display());
+        let client = CsiClient::new("a.csi", &endpoint, quick(operation)).unwrap();
+        (dir, fake, client)
+    }
+
     fn stage_request() -> csi::NodeStageVolumeRequest {
         csi::NodeStageVolumeRequest {
             volume_id: "vol-1".into(),
@@ -317,15 +327,7 @@ mod rpc_tests {
 
     #[tokio::test]
     async fn calls_reach_the_driver_and_answers_come_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = FakeDriver::block_storage("a.csi");
-        let sock = serve_driver(dir.path(), fake.clone()).await;
-        let client = CsiClient::new(
-            "a.csi",
-            &format!("unix://{}", sock.display()),
-            quick(Duration::from_secs(2)),
-        )
-        .unwrap();
+        let (_dir, fake, client) = start(Duration::from_secs(2)).await;
         client.node_stage_volume(stage_request()).await.unwrap();
         let stats = client
             .node_get_volume_stats(csi::NodeGetVolumeStatsRequest::default())
@@ -348,15 +350,7 @@ mod rpc_tests {
 
     #[tokio::test]
     async fn driver_errors_map_to_typed_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = FakeDriver::block_storage("a.csi");
-        let sock = serve_driver(dir.path(), fake.clone()).await;
-        let client = CsiClient::new(
-            "a.csi",
-            sock.to_str().unwrap(),
-            quick(Duration::from_secs(2)),
-        )
-        .unwrap();
+        let (_dir, fake, client) = start(Duration::from_secs(2)).await;
         fake.fault(
             "NodePublishVolume",
             Fault::Fail(Code::FailedPrecondition, "not staged"),
@@ -386,15 +380,7 @@ mod rpc_tests {
 
     #[tokio::test]
     async fn a_hanging_driver_times_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = FakeDriver::block_storage("a.csi");
-        let sock = serve_driver(dir.path(), fake.clone()).await;
-        let client = CsiClient::new(
-            "a.csi",
-            sock.to_str().unwrap(),
-            quick(Duration::from_millis(300)),
-        )
-        .unwrap();
+        let (_dir, fake, client) = start(Duration::from_millis(300)).await;
         fake.fault("NodeStageVolume", Fault::Hang);
         let started = Instant::now();
         let e = client.node_stage_volume(stage_request()).await.unwrap_err();

@@ -356,6 +356,13 @@ impl Registry {
         ours
     }
 
+    /// What `name` said at its last discovery, without calling it (`None`:
+    /// unknown, or not discovered yet). For synchronous checks such as
+    /// "can this driver provision".
+    pub fn info(&self, name: &str) -> Option<Arc<DriverInfo>> {
+        self.lock().get(name).and_then(|d| d.info.clone())
+    }
+
     /// The client for `name`, without discovery.
     pub fn client(&self, name: &str) -> Result<CsiClient, CsiError> {
         self.lock()
@@ -476,6 +483,7 @@ mod tests {
         );
         let (client, got) = registry.driver("test.csi.minilet.io").await.unwrap();
         assert_eq!(got, info);
+        assert_eq!(registry.info("test.csi.minilet.io"), Some(info.clone()));
         assert_eq!(client.driver(), "test.csi.minilet.io");
         // Another socket's disappearance does not remove it; its own does.
         assert!(!registry.deregister("test.csi.minilet.io", Path::new("/other.sock")));
@@ -538,6 +546,7 @@ mod tests {
             }])
             .unwrap();
         // Not started yet: unavailable, retryable, recorded.
+        assert!(registry.info("late.csi").is_none());
         let err = registry.driver("late.csi").await.unwrap_err();
         assert!(matches!(err, CsiError::Unavailable { .. }), "{err}");
         assert!(err.retryable());

@@ -27,6 +27,23 @@ pub use drivers::{
 pub use error::{Call, CsiError};
 pub use registration::{RegistrationError, registry_dir};
 
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the registration watcher rescans `plugins_registry/` besides
+/// its inotify events (and so retries failed handshakes).
+pub const REGISTRATION_RESCAN: Duration = Duration::from_secs(10);
+
+/// The agent's registry: the config's `csiDrivers`, undiscovered (each is
+/// discovered on first use). The lead's wiring runs, beside it,
+/// `registration::watch(registry_dir(&cfg.state_dir), registry.clone(),
+/// REGISTRATION_RESCAN, cancel)`.
+pub fn registry_for(cfg: &crate::config::Config) -> Result<Arc<Registry>, CsiError> {
+    let registry = Registry::new(Timeouts::default());
+    registry.add_static(&cfg.csi_drivers)?;
+    Ok(Arc::new(registry))
+}
+
 /// Generated code (prost messages, tonic clients and servers).
 pub mod proto {
     /// CSI v1 (`package csi.v1`): Identity, Controller and Node services.

@@ -385,7 +385,8 @@ mod tests {
     async fn a_refused_plugin_is_told_why() {
         let dir = tempfile::tempdir().unwrap();
         let endpoint = serve_driver(dir.path(), FakeDriver::block_storage("a.csi")).await;
-        let cases: Vec<(&str, Box<dyn Fn(&mut reg::PluginInfo)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut reg::PluginInfo)>;
+        let cases: Vec<(&str, Edit, &str)> = vec![
             (
                 "device plugin",
                 Box::new(|i| i.r#type = "DevicePlugin".into()),
