@@ -64,6 +64,10 @@ pub enum AgentError {
     /// refused, since it names volumes that exist on the drivers.
     #[error("loading the claims state")]
     Claims(#[source] crate::volume::provision::ProvisionError),
+    /// `csiDrivers` that cannot be used (checked again here; config
+    /// validation catches them first).
+    #[error("the CSI drivers of the config")]
+    Csi(#[source] crate::csi::CsiError),
 }
 
 /// Answers the CNI server's questions (host ports, network annotations)
@@ -232,6 +236,25 @@ fn local_address_towards(server: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Discover a driver of the config's `csiDrivers` once it answers
+/// (retried with backoff; a driver often starts after the agent).
+async fn discover_static(registry: &crate::csi::Registry, name: &str) {
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        match registry.refresh(name).await {
+            Ok(info) => {
+                info!(driver = name, version = %info.vendor_version, "CSI driver found");
+                return;
+            }
+            Err(e) => {
+                warn!(driver = name, error = %crate::error_chain(&e), retry_in = ?delay, "CSI driver not reachable yet");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+    }
+}
+
 /// Run the agent until `cancel` fires. Pods keep running afterwards.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentError> {
     // API server mode: credentials checked before anything starts; the
@@ -363,18 +386,48 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         path: control_socket.clone(),
         source,
     })?;
-    // Standalone PV/PVC (issue 8): the claim controller binds the manifest
-    // dir's claims and provisions through the CSI drivers. None in API
-    // server mode: the cluster's controllers do it there.
-    // TODO(lead): pass the CSI controller adapter instead of `None`, and
-    // hand the CSI volume plugin `claims` (standalone) or
-    // `volume::resolve::LookupResolver { objects }` (API mode) as its
-    // `volume::resolve::ClaimResolver`.
+    // CSI drivers (issue 8): the config's `csiDrivers`, discovered at
+    // start (retried until they answer), and those that register through
+    // kubelet's plugin registration dir.
+    let csi_registry = crate::csi::registry_for(&cfg).map_err(AgentError::Csi)?;
+    {
+        let (dir, registry) = (
+            crate::csi::registry_dir(&cfg.state_dir),
+            csi_registry.clone(),
+        );
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(e) =
+                crate::csi::registration::watch(dir, registry, crate::csi::REGISTRATION_RESCAN, c)
+                    .await
+            {
+                warn!(error = %crate::error_chain(&e), "CSI plugin registration is off");
+            }
+        });
+    }
+    for d in &cfg.csi_drivers {
+        let (registry, name, c) = (csi_registry.clone(), d.name.clone(), cancel.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = discover_static(&registry, &name) => {}
+            }
+        });
+    }
+    // Standalone PV/PVC: the claim controller binds the manifest dir's
+    // claims and provisions through the CSI drivers. Not in API server
+    // mode: the cluster's controllers do it there, and claims are read
+    // through the object lookup.
+    let mut claim_resolver: Option<Arc<dyn crate::volume::resolve::ClaimResolver>> = None;
     let volumes_view = if api.is_none() {
+        let controller = Arc::new(crate::csi::controller::Controller::new(
+            csi_registry.clone(),
+        ));
         let claims = Arc::new(
-            crate::volume::provision::Claims::open(&cfg.state_dir, None)
+            crate::volume::provision::Claims::open(&cfg.state_dir, Some(controller))
                 .map_err(AgentError::Claims)?,
         );
+        claim_resolver = Some(claims.clone());
         let view = claims.view();
         tasks.spawn(crate::volume::provision::run(
             claims,

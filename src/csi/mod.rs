@@ -10,9 +10,12 @@
 //! - `client`: `CsiClient`, one driver's typed calls with timeouts.
 //! - `error`: `CsiError` and `Call`; gRPC codes mapped once, `retryable()`.
 //! - `drivers`: `Registry` of known drivers and `discover`.
+//! - `controller`: the drivers' controller calls as `volume::provision`'s
+//!   `Provisioner`.
 //! - `registration`: the `plugins_registry/` watcher and its handshake.
 
 pub mod client;
+pub mod controller;
 pub mod drivers;
 pub mod error;
 #[cfg(test)]
