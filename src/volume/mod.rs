@@ -13,6 +13,7 @@
 //! again, and running it again picks up changed objects.
 
 pub mod atomic;
+pub mod csi;
 pub mod payload;
 
 use std::collections::HashMap;
@@ -51,6 +52,15 @@ pub enum VolumeError {
     /// "x" : secret "y" not found`).
     #[error("MountVolume.SetUp failed for volume {volume:?} : {reason}")]
     SetUp { volume: String, reason: String },
+    /// kubelet's message for the other steps of an external volume
+    /// (`MountVolume.MountDevice failed for volume "x" : …`, also
+    /// `UnmountVolume.TearDown`, `UnmountDevice`).
+    #[error("{op} failed for volume {volume:?} : {reason}")]
+    Operation {
+        op: &'static str,
+        volume: String,
+        reason: String,
+    },
     /// A file system operation failed.
     #[error("volume {volume:?}: {action} {path}")]
     Io {
