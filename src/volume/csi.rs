@@ -603,20 +603,9 @@ impl CsiPlugin {
             volume_id: rec.volume_handle.clone(),
             target_path: target.clone(),
         };
-        match self.drivers.node_unpublish(&rec.driver_name, &req).await {
-            Err(e) if !e.is_not_found() => return Err(failed(TEAR_DOWN, name, e)),
-            _ => {}
-        }
-        if self.host.is_mount_point(&target) {
-            return Err(failed(
-                TEAR_DOWN,
-                name,
-                format!(
-                    "{} is still mounted after NodeUnpublishVolume",
-                    target.display()
-                ),
-            ));
-        }
+        let r = self.drivers.node_unpublish(&rec.driver_name, &req).await;
+        self.undone(r, &target)
+            .map_err(|e| failed(TEAR_DOWN, name, e))?;
         state::remove(&target).map_err(err)?;
 
         if !rec.staging_target_path.is_empty() {
@@ -626,7 +615,8 @@ impl CsiPlugin {
                 .filter(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()) != me)
                 .count();
             if others == 0 {
-                self.unstage(name, &rec, Path::new(&rec.staging_target_path))
+                let staging = Path::new(&rec.staging_target_path);
+                self.unstage(name, &rec.driver_name, &rec.volume_handle, staging)
                     .await?;
             } else {
                 tracing::debug!(
@@ -649,12 +639,27 @@ impl CsiPlugin {
         Ok(())
     }
 
+    /// Whether an undo call (unpublish, unstage) left `path` free to
+    /// remove: the call succeeded or found nothing (NotFound), and the path
+    /// is no mount point any more. `Err(reason)` otherwise.
+    fn undone(&self, r: Result<(), NodeError>, path: &Path) -> Result<(), String> {
+        match r {
+            Err(e) if !e.is_not_found() => Err(e.to_string()),
+            _ if self.host.is_mount_point(path) => Err(format!(
+                "{} is still mounted after the driver undid it",
+                path.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// NodeUnstageVolume and the global dir's removal; done already when
     /// neither the global record nor the staging dir is there.
     async fn unstage(
         &self,
         name: &str,
-        rec: &PublishData,
+        driver: &str,
+        handle: &str,
         staging: &Path,
     ) -> Result<(), VolumeError> {
         let err = |e: state::StateError| failed(UNMOUNT_DEVICE, name, chain(&e));
@@ -663,28 +668,37 @@ impl CsiPlugin {
             return Ok(());
         }
         let req = UnstageRequest {
-            volume_id: rec.volume_handle.clone(),
+            volume_id: handle.to_string(),
             staging_target_path: staging.to_path_buf(),
         };
-        match self.drivers.node_unstage(&rec.driver_name, &req).await {
-            Err(e) if !e.is_not_found() => return Err(failed(UNMOUNT_DEVICE, name, e)),
-            _ => {}
-        }
-        if self.host.is_mount_point(staging) {
-            return Err(failed(
-                UNMOUNT_DEVICE,
-                name,
-                format!(
-                    "{} is still mounted after NodeUnstageVolume",
-                    staging.display()
-                ),
-            ));
-        }
+        let r = self.drivers.node_unstage(driver, &req).await;
+        self.undone(r, staging)
+            .map_err(|e| failed(UNMOUNT_DEVICE, name, e))?;
         state::remove(staging).map_err(err)?;
         state::remove(&gdir.join(state::VOL_DATA)).map_err(err)?;
         // The per-driver dir above stays: another volume's set up may be
         // making its global dir in it right now.
         state::remove(gdir).map_err(err)
+    }
+}
+
+impl CsiPlugin {
+    /// Unstage every staged volume no pod's record names (a pod dir
+    /// removed behind the agent's back; teardown itself never leaves one).
+    /// For the agent's start, after orphaned pods are torn down; safe
+    /// beside set ups, which record their pod before staging under the
+    /// same per-volume lock. Returns how many it unstaged.
+    pub async fn sweep(&self) -> Result<usize, VolumeError> {
+        let mut done = 0;
+        for (driver, handle) in state::staged_volumes(&self.root) {
+            let _guard = self.locks.lock(&driver, &handle).await;
+            if state::publishers(&self.root, &driver, &handle).is_empty() {
+                let staging = state::staging_path(&self.root, &driver, &handle);
+                self.unstage(&handle, &driver, &handle, &staging).await?;
+                done += 1;
+            }
+        }
+        Ok(done)
     }
 }
 

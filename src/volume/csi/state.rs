@@ -221,6 +221,28 @@ pub fn publishers(root: &Path, driver: &str, handle: &str) -> Vec<PathBuf> {
     out
 }
 
+/// The (driver, handle) of every global record under
+/// `<root>/plugins/kubernetes.io/csi/*/*/`; unreadable ones are skipped
+/// (without a handle there is nothing to ask a driver).
+pub fn staged_volumes(root: &Path) -> Vec<(String, String)> {
+    let Ok(drivers) = fs::read_dir(root.join("plugins/kubernetes.io/csi")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for driver in drivers.flatten() {
+        let Ok(vols) = fs::read_dir(driver.path()) else {
+            continue;
+        };
+        for vol in vols.flatten() {
+            if let Ok(Some(d)) = read::<StageData>(&vol.path()) {
+                out.push((d.driver_name, d.volume_handle));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -517,3 +517,35 @@ async fn unknown_volumes_and_recordless_dirs() {
     assert!(e.to_string().contains("cannot tell which driver"), "{e}");
     assert!(dir.join("mount").exists());
 }
+
+#[tokio::test]
+async fn sweep_unstages_only_volumes_no_pod_record_names() {
+    let w = world(STAGING);
+    w.bind("c1", PV);
+    w.bind(
+        "c2",
+        "metadata: {name: pv2}\nspec:\n  csi: {driver: d.example, volumeHandle: vol-2}\n",
+    );
+    let plugin = w.plugin();
+    w.set_up(&plugin, &claim_pod("ua")).await.unwrap();
+    let p2 = pod(
+        "ub",
+        "",
+        "{name: data, persistentVolumeClaim: {claimName: c2}}",
+    );
+    w.set_up(&plugin, &p2).await.unwrap();
+    // Pod ub's dir vanishes behind the agent's back.
+    crate::locks::lock(&w.host.mounts).remove(&w.vol_dir("ub", "pv2").join("mount"));
+    std::fs::remove_dir_all(w.pod_dir("ub")).unwrap();
+    assert_eq!(w.plugin().sweep().await.unwrap(), 1);
+    let unstaged: Vec<_> = crate::locks::lock(&w.driver.calls)
+        .iter()
+        .filter_map(|(_, r)| match r {
+            fake::Recorded::Unstage(u) => Some(u.volume_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unstaged, ["vol-2"]);
+    assert!(staging(&w).exists(), "vol-1 is still used by pod ua");
+    assert_eq!(w.plugin().sweep().await.unwrap(), 0);
+}
