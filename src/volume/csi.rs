@@ -319,12 +319,18 @@ fn failed(op: &'static str, volume: &str, reason: impl std::fmt::Display) -> Vol
     }
 }
 
+fn tear_down_failed(volume: &str, reason: impl std::fmt::Display) -> VolumeError {
+    VolumeError::TearDown {
+        volume: volume.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
 fn chain(e: &state::StateError) -> String {
     crate::error_chain(e)
 }
 
 const MOUNT_DEVICE: &str = "MountVolume.MountDevice";
-const TEAR_DOWN: &str = "UnmountVolume.TearDown";
 const UNMOUNT_DEVICE: &str = "UnmountDevice";
 
 impl CsiPlugin {
@@ -405,7 +411,9 @@ impl CsiPlugin {
         let target = vol_dir.join(state::MOUNT);
         let recorded =
             state::read::<PublishData>(&vol_dir).map_err(|e| set_up_failed(name, chain(&e)))?;
-        if recorded.as_ref().is_some_and(|r| r.published) && self.host.is_mount_point(&target) {
+        // A mount table we cannot read: set up again (every step is idempotent).
+        if recorded.as_ref().is_some_and(|r| r.published) && self.mounted(&target).unwrap_or(false)
+        {
             return Ok(target);
         }
 
@@ -533,7 +541,7 @@ impl CsiPlugin {
         let err = |e: state::StateError| failed(MOUNT_DEVICE, name, chain(&e));
         let gdir = staging.parent().unwrap_or(staging);
         let recorded = state::read::<StageData>(gdir).map_err(err)?;
-        if recorded.as_ref().is_some_and(|r| r.staged) && self.host.is_mount_point(staging) {
+        if recorded.as_ref().is_some_and(|r| r.staged) && self.mounted(staging).unwrap_or(false) {
             return Ok(());
         }
         let mut record = StageData {
@@ -579,21 +587,24 @@ impl CsiPlugin {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let name = name.as_str();
-        let err = |e: state::StateError| failed(TEAR_DOWN, name, chain(&e));
+        let err = |e: state::StateError| tear_down_failed(name, chain(&e));
         let target = volume_dir.join(state::MOUNT);
         let Some(rec) = state::read::<PublishData>(volume_dir).map_err(err)? else {
             // No record: nothing was asked of a driver here (or all but the
             // dirs is undone already).
-            if self.host.is_mount_point(&target) {
-                return Err(failed(
-                    TEAR_DOWN,
-                    name,
-                    format!(
-                        "{} is mounted but has no {}: cannot tell which driver to ask",
-                        target.display(),
-                        state::VOL_DATA
-                    ),
-                ));
+            match self.mounted(&target) {
+                Ok(false) => {}
+                Ok(true) => {
+                    return Err(tear_down_failed(
+                        name,
+                        format!(
+                            "{} is mounted but has no {}: cannot tell which driver to ask",
+                            target.display(),
+                            state::VOL_DATA
+                        ),
+                    ));
+                }
+                Err(e) => return Err(tear_down_failed(name, e)),
             }
             state::remove(&target).map_err(err)?;
             return state::remove(volume_dir).map_err(err);
@@ -605,7 +616,7 @@ impl CsiPlugin {
         };
         let r = self.drivers.node_unpublish(&rec.driver_name, &req).await;
         self.undone(r, &target)
-            .map_err(|e| failed(TEAR_DOWN, name, e))?;
+            .map_err(|e| tear_down_failed(name, e))?;
         state::remove(&target).map_err(err)?;
 
         if !rec.staging_target_path.is_empty() {
@@ -645,12 +656,22 @@ impl CsiPlugin {
     fn undone(&self, r: Result<(), NodeError>, path: &Path) -> Result<(), String> {
         match r {
             Err(e) if !e.is_not_found() => Err(e.to_string()),
-            _ if self.host.is_mount_point(path) => Err(format!(
-                "{} is still mounted after the driver undid it",
-                path.display()
-            )),
-            _ => Ok(()),
+            _ => match self.mounted(path)? {
+                true => Err(format!(
+                    "{} is still mounted after the driver undid it",
+                    path.display()
+                )),
+                false => Ok(()),
+            },
         }
+    }
+
+    /// Whether `path` is a mount point; `Err(reason)` when the mount table
+    /// cannot be read (then nothing may be removed).
+    fn mounted(&self, path: &Path) -> Result<bool, String> {
+        self.host
+            .is_mount_point(path)
+            .map_err(|e| format!("check whether {} is a mount point: {e}", path.display()))
     }
 
     /// NodeUnstageVolume and the global dir's removal; done already when

@@ -52,9 +52,11 @@ pub enum VolumeError {
     /// "x" : secret "y" not found`).
     #[error("MountVolume.SetUp failed for volume {volume:?} : {reason}")]
     SetUp { volume: String, reason: String },
-    /// kubelet's message for the other steps of an external volume
-    /// (`MountVolume.MountDevice failed for volume "x" : …`, also
-    /// `UnmountVolume.TearDown`, `UnmountDevice`).
+    /// An external plugin could not take a volume down (kubelet's words).
+    #[error("UnmountVolume.TearDown failed for volume {volume:?} : {reason}")]
+    TearDown { volume: String, reason: String },
+    /// kubelet's message for the device steps of a CSI volume
+    /// (`MountVolume.MountDevice failed for volume "x" : …`, `UnmountDevice`).
     #[error("{op} failed for volume {volume:?} : {reason}")]
     Operation {
         op: &'static str,

@@ -47,8 +47,8 @@ pub struct FakeHost {
 }
 
 impl HostFs for FakeHost {
-    fn is_mount_point(&self, path: &Path) -> bool {
-        lock(&self.mounts).contains(path)
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
+        Ok(lock(&self.mounts).contains(path))
     }
     fn set_ownership(&self, dir: &Path, gid: u32, ro: bool, p: ChangePolicy) -> io::Result<()> {
         lock(&self.ownership).push((dir.to_path_buf(), gid, ro, p));

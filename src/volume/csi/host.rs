@@ -33,7 +33,7 @@ impl ChangePolicy {
 
 /// The narrow host seam.
 pub trait HostFs: Send + Sync {
-    fn is_mount_point(&self, path: &Path) -> bool;
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool>;
     /// Give the tree at `dir` to group `gid`: group read/write (read only
     /// when `readonly`) on every file, plus setgid and group search on
     /// directories, so new files inherit the group. Symlinks are not followed.
@@ -83,8 +83,9 @@ fn change(path: &Path, gid: u32, readonly: bool) -> io::Result<()> {
 }
 
 impl HostFs for Host {
-    fn is_mount_point(&self, path: &Path) -> bool {
-        crate::volume::is_mount_point(path)
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
+        // With vol-stage's Mounter: `mount::HostMounter.is_mount_point(path)`.
+        Ok(crate::volume::is_mount_point(path))
     }
 
     fn set_ownership(

@@ -549,3 +549,35 @@ async fn sweep_unstages_only_volumes_no_pod_record_names() {
     assert!(staging(&w).exists(), "vol-1 is still used by pod ua");
     assert_eq!(w.plugin().sweep().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_failing_unpublish_keeps_everything_for_the_retry() {
+    let w = world(STAGING);
+    w.bind("c1", PV);
+    let plugin = w.plugin();
+    w.set_up(&plugin, &claim_pod("ua")).await.unwrap();
+    crate::locks::lock(&w.driver.fail)
+        .insert(Call::NodeUnpublishVolume, tonic::Code::DeadlineExceeded);
+    let e = plugin
+        .tear_down("ua", &w.vol_dir("ua", "pv1"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().starts_with(
+            "UnmountVolume.TearDown failed for volume \"pv1\" : rpc error: code = DeadlineExceeded"
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        w.driver.count(Call::NodeUnstageVolume),
+        0,
+        "never unstage under a publish"
+    );
+    assert!(w.vol_dir("ua", "pv1").join("vol_data.json").exists());
+    crate::locks::lock(&w.driver.fail).clear();
+    plugin
+        .tear_down("ua", &w.vol_dir("ua", "pv1"))
+        .await
+        .unwrap();
+    assert_eq!(w.driver.names().last(), Some(&Call::NodeUnstageVolume));
+}
