@@ -462,6 +462,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
             Arc::new(crate::api::tokens::Tokens::new(api.client.clone()))
                 as Arc<dyn crate::objects::TokenSource>
         }),
+        mounter: Arc::new(crate::volume::HostMounter),
+        // The lead wires the CSI volume plugin in here.
+        external_volumes: Vec::new(),
     });
     check_adopted(&*shared.runtime, &runner, &board, &cfg.node_name).await;
     {

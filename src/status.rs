@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cni::observe::{CniEvent, CniEvents, CniMetrics, NetworkStatusBoard};
 use crate::locks::{read, write};
-use crate::pod::lifecycle::{self, CState, ContainerObs, Memory, Observed, RestartPolicy};
+use crate::pod::lifecycle::{self, CState, ContainerObs, Memory, Observed, RestartPolicy, Waiting};
 use crate::readiness::{AgentStatus, Readiness};
 use crate::source::SourceError;
 
@@ -116,7 +116,13 @@ fn container_status(cx: &Ctx, c: &Container, init: bool, default_waiting: &str) 
         }),
         ..Default::default()
     };
-    let remembered = cx.mem.waiting.get(name);
+    // Volumes not set up: the container waits ContainerCreating with the
+    // FailedMount message, whatever it waited for before.
+    let volume_wait = cx.mem.volume_error.as_ref().map(|message| Waiting {
+        reason: "ContainerCreating".into(),
+        message: message.clone(),
+    });
+    let remembered = volume_wait.as_ref().or(cx.mem.waiting.get(name));
     let (state, last_state) = match latest {
         Some(o) if o.state == CState::Running => (
             ContainerState {
@@ -435,6 +441,10 @@ mod tests {
     fn obs(p: &Pod, states: &[(&str, bool, CState, i32, i32)]) -> Observed {
         let s = p.spec.as_ref().unwrap();
         Observed {
+            volumes: lifecycle::VolumesObs {
+                set_up: true,
+                on_disk: true,
+            },
             sandboxes: vec![SandboxObs {
                 id: "s".into(),
                 ready: true,

@@ -69,11 +69,22 @@ impl ContainerObs {
     }
 }
 
-/// Everything the runtime holds for one pod.
+/// The pod's volumes as the worker sees them (the runtime knows nothing
+/// of them): whether the volume stage set them up for the pod's current
+/// spec (in this agent's life), and whether anything of the pod is left on
+/// disk (its pod dir).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VolumesObs {
+    pub set_up: bool,
+    pub on_disk: bool,
+}
+
+/// Everything the runtime holds for one pod, and its volumes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
     pub sandboxes: Vec<SandboxObs>,
     pub containers: Vec<ContainerObs>,
+    pub volumes: VolumesObs,
 }
 
 impl Observed {
@@ -180,8 +191,15 @@ pub const START_BACKOFF: Schedule = Schedule {
     start: Duration::from_secs(1),
     max: Duration::from_secs(10),
 };
-/// Repeating a stop or a removal (of a container or a sandbox) that failed,
-/// or that the runtime answered but did not carry out.
+/// Setting up a pod's volumes again after a failure (a missing Secret, a
+/// CSI driver that is down): as START_BACKOFF, kubelet re-syncs a pod
+/// whose volumes are not ready every 10 s.
+pub const VOLUME_BACKOFF: Schedule = Schedule {
+    start: Duration::from_secs(1),
+    max: Duration::from_secs(10),
+};
+/// Repeating a stop or a removal (of a container, a sandbox or the pod's
+/// volumes) that failed, or that the runtime answered but did not carry out.
 pub const RUNTIME_OP_BACKOFF: Schedule = Schedule {
     start: Duration::from_secs(1),
     max: Duration::from_secs(60),
@@ -241,6 +259,8 @@ pub enum Op {
     StartCreated,
     StopSandbox,
     RemoveSandbox,
+    /// The volume stage's tear-down (object id `""`: the pod's volumes).
+    TearDownVolumes,
 }
 
 /// What the worker remembers that the runtime cannot tell it: backoffs and
@@ -264,6 +284,15 @@ pub struct Memory {
     pub waiting: HashMap<String, Waiting>,
     /// Last sandbox failure (shown as the pod's message).
     pub sandbox_error: Option<String>,
+    /// Volume set-up backoff, after a failed `SetUpVolumes`.
+    pub volume_backoff: Option<Backoff>,
+    /// The last volume set-up failure, kubelet's FailedMount text (shown
+    /// on the containers waiting for it); `None` once set up.
+    pub volume_error: Option<String>,
+    /// Tear-down left the pod dir in place because something is still
+    /// mounted under it (logged once): nothing more to do, the worker ends
+    /// without deleting it.
+    pub volumes_left: bool,
 }
 
 impl Memory {
@@ -297,6 +326,7 @@ impl Memory {
             Op::RemoveContainer | Op::StartCreated => container(id).is_some(),
             Op::StopSandbox => sandbox(id).is_some_and(|s| s.ready),
             Op::RemoveSandbox => sandbox(id).is_some(),
+            Op::TearDownVolumes => obs.volumes.on_disk,
         });
     }
 }
@@ -393,6 +423,12 @@ pub enum Action {
     RemoveSandbox {
         id: String,
     },
+    /// The volume stage: set up every volume of the pod (before the
+    /// sandbox; no container starts before it succeeded).
+    SetUpVolumes,
+    /// The volume stage's end, once the sandbox is removed: unmount and
+    /// tear down the pod's volumes and remove its pod dir.
+    TearDownVolumes,
     /// The pod is no longer desired and nothing of it is left: the worker ends.
     Finished,
 }
@@ -552,6 +588,11 @@ fn start_or_wait(
     })
 }
 
+/// `SetUpVolumes`, or `Err(until)` while its backoff holds.
+fn set_up_volumes(mem: &Memory, now: i64) -> Result<Action, i64> {
+    due(mem.volume_backoff.as_ref(), now).map(|()| Action::SetUpVolumes)
+}
+
 /// A container in the current sandbox that was created but never started:
 /// start it if it has the current spec and no start of it failed yet (the
 /// agent died in between), else remove it so a new one can be made.
@@ -599,6 +640,12 @@ pub fn plan(desired: Option<&Pod>, obs: &Observed, mem: &Memory, now: i64) -> Ac
         if let Some(sb) = obs.sandboxes.first() {
             return gate_one(Op::RemoveSandbox, &sb.id, mem, now, remove_sandbox);
         }
+        // Volumes last: nothing of the pod uses them any more.
+        if obs.volumes.on_disk && !mem.volumes_left {
+            return gate_one(Op::TearDownVolumes, "", mem, now, |_| {
+                Action::TearDownVolumes
+            });
+        }
         return Action::Finished;
     };
 
@@ -618,6 +665,11 @@ pub fn plan(desired: Option<&Pod>, obs: &Observed, mem: &Memory, now: i64) -> Ac
         }
         if terminal {
             return Action::Wait { until: None };
+        }
+        // kubelet waits for the pod's volumes before it makes a sandbox.
+        if !obs.volumes.set_up {
+            return set_up_volumes(mem, now)
+                .unwrap_or_else(|until| Action::Wait { until: Some(until) });
         }
         if let Err(until) = due(mem.sandbox_backoff.as_ref(), now) {
             return Action::Wait { until: Some(until) };
@@ -652,13 +704,23 @@ pub fn plan(desired: Option<&Pod>, obs: &Observed, mem: &Memory, now: i64) -> Ac
     let mut wake: Option<i64> = None;
     let mut wait_until = |t: i64| wake = Some(wake.map_or(t, |w: i64| w.min(t)));
 
+    // No container starts before its volumes are set up (again, after an
+    // agent restart); the rest (garbage, a finished pod's sandbox) goes on.
+    let volumes_ready = obs.volumes.set_up;
+    if !volumes_ready && !terminal {
+        match set_up_volumes(mem, now) {
+            Ok(a) => return a,
+            Err(until) => wait_until(until),
+        }
+    }
+
     // Init containers, one by one; each must exit 0 before the next. Once an
     // app container exists in this sandbox, initialisation is over.
     let apps_started = s
         .containers
         .iter()
         .any(|c| obs.latest_in(&current.id, &c.name, false).is_some());
-    if !apps_started && !terminal {
+    if volumes_ready && !apps_started && !terminal {
         for c in s.init_containers.iter().flatten() {
             let prev = obs.latest_in(&current.id, &c.name, true);
             match prev {
@@ -676,7 +738,7 @@ pub fn plan(desired: Option<&Pod>, obs: &Observed, mem: &Memory, now: i64) -> Ac
         }
     }
 
-    if !terminal && initialised(pod, obs, Some(&current.id)) {
+    if volumes_ready && !terminal && initialised(pod, obs, Some(&current.id)) {
         for c in &s.containers {
             let want_hash = spec::container_hash(c);
             let prev = obs.latest_in(&current.id, &c.name, false);
@@ -762,6 +824,11 @@ mod tests {
     use super::*;
 
     const S: i64 = 1_000_000_000;
+    /// Volumes set up, and so on disk.
+    const UP: VolumesObs = VolumesObs {
+        set_up: true,
+        on_disk: true,
+    };
 
     fn pod(policy: &str, inits: &[&str], apps: &[&str]) -> Pod {
         let c = |n: &&str| Container {
@@ -847,15 +914,55 @@ mod tests {
         let now = 100 * S;
         let cases: Vec<(&str, Option<&Pod>, Observed, Action)> = vec![
             (
-                "nothing yet: make a sandbox",
+                "nothing yet: volumes first",
                 Some(&always),
                 Observed::default(),
+                Action::SetUpVolumes,
+            ),
+            (
+                "volumes set up: make a sandbox",
+                Some(&always),
+                Observed {
+                    volumes: UP,
+                    ..Default::default()
+                },
                 Action::CreateSandbox { attempt: 0 },
+            ),
+            (
+                "sandbox up but volumes not set up (agent restarted): volumes before any container",
+                Some(&always),
+                Observed {
+                    sandboxes: vec![sb(&always, "s1", true, S)],
+                    containers: vec![ctr(&always, "s1", "init", true, Exited, 0, 2 * S)],
+                    ..Default::default()
+                },
+                Action::SetUpVolumes,
+            ),
+            (
+                "a crashed container is not restarted before its volumes",
+                Some(&always),
+                Observed {
+                    sandboxes: vec![sb(&always, "s1", true, S)],
+                    containers: vec![ctr(&always, "s1", "app", false, Exited, 1, 3 * S)],
+                    ..Default::default()
+                },
+                Action::SetUpVolumes,
+            ),
+            (
+                "finished pod: no volumes set up for it",
+                Some(&never),
+                Observed {
+                    sandboxes: vec![sb(&never, "s1", false, S)],
+                    containers: vec![ctr(&never, "s1", "app", false, Exited, 0, 3 * S)],
+                    ..Default::default()
+                },
+                Action::Wait { until: None },
             ),
             (
                 "sandbox up: first init container",
                 Some(&always),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", true, S)],
                     containers: vec![],
                 },
@@ -865,6 +972,7 @@ mod tests {
                 "init running: wait for it",
                 Some(&always),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", true, S)],
                     containers: vec![ctr(&always, "s1", "init", true, Running, 0, 2 * S)],
                 },
@@ -874,6 +982,7 @@ mod tests {
                 "init done: app starts",
                 Some(&always),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", true, S)],
                     containers: vec![ctr(&always, "s1", "init", true, Exited, 0, 2 * S)],
                 },
@@ -883,6 +992,7 @@ mod tests {
                 "init failed under Always: restarted",
                 Some(&always),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", true, S)],
                     containers: vec![ctr(&always, "s1", "init", true, Exited, 1, 2 * S)],
                 },
@@ -892,6 +1002,7 @@ mod tests {
                 "app running: converged",
                 Some(&always),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", true, S)],
                     containers: vec![
                         ctr(&always, "s1", "init", true, Exited, 0, 2 * S),
@@ -904,6 +1015,7 @@ mod tests {
                 "app exited under Always: restarted",
                 Some(&always),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", true, S)],
                     containers: vec![ctr(&always, "s1", "app", false, Exited, 0, 3 * S)],
                 },
@@ -913,6 +1025,7 @@ mod tests {
                 "OnFailure and exit 0: done, sandbox stopped",
                 Some(&onfail),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&onfail, "s1", true, S)],
                     containers: vec![ctr(&onfail, "s1", "app", false, Exited, 0, 3 * S)],
                 },
@@ -922,6 +1035,7 @@ mod tests {
                 "OnFailure and exit 2: restarted",
                 Some(&onfail),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&onfail, "s1", true, S)],
                     containers: vec![ctr(&onfail, "s1", "app", false, Exited, 2, 3 * S)],
                 },
@@ -931,6 +1045,7 @@ mod tests {
                 "Never, finished, sandbox stopped: stays done",
                 Some(&never),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&never, "s1", false, S)],
                     containers: vec![ctr(&never, "s1", "app", false, Exited, 1, 3 * S)],
                 },
@@ -940,6 +1055,7 @@ mod tests {
                 "sandbox died under Always: a new one",
                 Some(&always),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", false, S)],
                     containers: vec![ctr(&always, "s1", "app", false, Exited, 137, 3 * S)],
                 },
@@ -949,6 +1065,7 @@ mod tests {
                 "deleted: containers stopped first",
                 None,
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", true, S)],
                     containers: vec![ctr(&always, "s1", "app", false, Running, 0, 3 * S)],
                 },
@@ -960,6 +1077,7 @@ mod tests {
                 "deleted: then the sandbox stops",
                 None,
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", true, S)],
                     containers: vec![ctr(&always, "s1", "app", false, Exited, 0, 3 * S)],
                 },
@@ -969,6 +1087,7 @@ mod tests {
                 "deleted: then containers are removed",
                 None,
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", false, S)],
                     containers: vec![ctr(&always, "s1", "app", false, Exited, 0, 3 * S)],
                 },
@@ -980,6 +1099,7 @@ mod tests {
                 "deleted: then the sandbox is removed",
                 None,
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s1", false, S)],
                     containers: vec![],
                 },
@@ -992,9 +1112,29 @@ mod tests {
                 Action::Finished,
             ),
             (
+                "deleted, sandbox removed, volumes on disk: torn down",
+                None,
+                Observed {
+                    volumes: UP,
+                    ..Default::default()
+                },
+                Action::TearDownVolumes,
+            ),
+            (
+                "deleted: volumes stay until the sandbox is removed",
+                None,
+                Observed {
+                    volumes: UP,
+                    sandboxes: vec![sb(&always, "s1", false, S)],
+                    containers: vec![],
+                },
+                Action::RemoveSandbox { id: "s1".into() },
+            ),
+            (
                 "two ready sandboxes after a crash: the older one is stopped",
                 Some(&always),
                 Observed {
+                    volumes: UP,
                     sandboxes: vec![sb(&always, "s0", true, S), sb(&always, "s1", true, 2 * S)],
                     containers: vec![],
                 },
@@ -1007,11 +1147,73 @@ mod tests {
     }
 
     #[test]
+    fn the_volume_stage_backs_off_and_ends() {
+        let p = pod("Always", &[], &["app"]);
+        let mem = Memory {
+            volume_backoff: Some(Backoff::after(None, VOLUME_BACKOFF, 10 * S)),
+            ..Default::default()
+        };
+        let not_set_up = Observed::default();
+        // A failed set-up waits for its backoff: no sandbox meanwhile.
+        assert_eq!(
+            plan(Some(&p), &not_set_up, &mem, 10 * S),
+            Action::Wait {
+                until: Some(11 * S)
+            }
+        );
+        assert_eq!(
+            plan(Some(&p), &not_set_up, &mem, 11 * S),
+            Action::SetUpVolumes
+        );
+        // With a sandbox, garbage is still collected meanwhile.
+        let dead0 = ctr(&p, "s1", "app", false, CState::Exited, 1, 2 * S);
+        let mut dead1 = ctr(&p, "s1", "app", false, CState::Exited, 1, 3 * S);
+        dead1.restart_count = 1;
+        let mut dead2 = ctr(&p, "s1", "app", false, CState::Exited, 1, 4 * S);
+        dead2.restart_count = 2;
+        let obs = Observed {
+            sandboxes: vec![sb(&p, "s1", true, S)],
+            containers: vec![dead0.clone(), dead1.clone(), dead2],
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(Some(&p), &obs, &mem, 10 * S),
+            Action::RemoveContainers {
+                ids: vec![dead0.id, dead1.id]
+            }
+        );
+        // Tear-down: retried with backoff, then finished once the dir is
+        // gone, or once it was left in place (mounts under it).
+        let on_disk = Observed {
+            volumes: VolumesObs {
+                set_up: false,
+                on_disk: true,
+            },
+            ..Default::default()
+        };
+        let mut mem = Memory::default();
+        assert_eq!(plan(None, &on_disk, &mem, 10 * S), Action::TearDownVolumes);
+        mem.attempted(Op::TearDownVolumes, "", 10 * S);
+        assert_eq!(
+            plan(None, &on_disk, &mem, 10 * S),
+            Action::Wait {
+                until: Some(11 * S)
+            }
+        );
+        assert_eq!(plan(None, &on_disk, &mem, 11 * S), Action::TearDownVolumes);
+        mem.forget_settled(&Observed::default(), 12 * S);
+        assert!(mem.ops.is_empty(), "gone from disk: the backoff goes");
+        mem.volumes_left = true;
+        assert_eq!(plan(None, &on_disk, &mem, 12 * S), Action::Finished);
+    }
+
+    #[test]
     fn spec_change_replaces_only_that_container() {
         let old = pod("Always", &[], &["a", "b"]);
         let mut new = old.clone();
         new.spec.as_mut().unwrap().containers[1].image = Some("img:2".into());
         let obs = Observed {
+            volumes: UP,
             sandboxes: vec![sb(&old, "s1", true, S)],
             containers: vec![
                 ctr(&old, "s1", "a", false, CState::Running, 0, 2 * S),
@@ -1036,6 +1238,7 @@ mod tests {
     fn crash_loop_backoff_waits_then_restarts() {
         let p = pod("Always", &[], &["app"]);
         let mut obs = Observed {
+            volumes: UP,
             sandboxes: vec![sb(&p, "s1", true, S)],
             containers: vec![ctr(&p, "s1", "app", false, CState::Exited, 1, 3 * S)],
         };
@@ -1066,6 +1269,7 @@ mod tests {
     fn pull_backoff_waits() {
         let p = pod("Always", &[], &["app"]);
         let obs = Observed {
+            volumes: UP,
             sandboxes: vec![sb(&p, "s1", true, S)],
             containers: vec![],
         };
@@ -1095,6 +1299,7 @@ mod tests {
         running.restart_count = 2;
         let dead0 = ctr(&p, "s1", "app", false, CState::Exited, 1, 3 * S);
         let obs = Observed {
+            volumes: UP,
             sandboxes: vec![sb(&p, "s1", true, S)],
             containers: vec![dead1.clone(), running.clone()],
         };
@@ -1104,6 +1309,7 @@ mod tests {
             "the previous attempt stays while its successor runs"
         );
         let obs = Observed {
+            volumes: UP,
             sandboxes: vec![sb(&p, "s1", true, S)],
             containers: vec![dead0, dead1, running],
         };
@@ -1123,6 +1329,7 @@ mod tests {
         let mut new = ctr(&p, "s1", "app", false, CState::Running, 0, 6 * S);
         new.restart_count = 1;
         let mut obs = Observed {
+            volumes: UP,
             sandboxes: vec![sb(&p, "s0", false, S), sb(&p, "s1", true, 5 * S)],
             containers: vec![old, new],
         };
@@ -1191,6 +1398,7 @@ mod tests {
         let mut made = ctr(&p, "s1", "app", false, CState::Created, 0, 3 * S);
         made.restart_count = 4;
         let obs = Observed {
+            volumes: UP,
             sandboxes: vec![sb(&p, "s1", true, S)],
             containers: vec![init_done.clone(), made.clone()],
         };
@@ -1210,6 +1418,7 @@ mod tests {
         let mut stale = made.clone();
         stale.hash = "old".into();
         let obs2 = Observed {
+            volumes: UP,
             sandboxes: obs.sandboxes.clone(),
             containers: vec![init_done, stale],
         };
@@ -1217,6 +1426,7 @@ mod tests {
         // An init container is adopted the same way.
         let init_made = ctr(&p, "s1", "init", true, CState::Created, 0, 2 * S);
         let obs3 = Observed {
+            volumes: UP,
             sandboxes: obs.sandboxes.clone(),
             containers: vec![init_made.clone()],
         };
@@ -1234,6 +1444,7 @@ mod tests {
         let p = pod("Always", &[], &["app"]);
         let running = ctr(&p, "s1", "app", false, CState::Running, 0, 3 * S);
         let obs = Observed {
+            volumes: UP,
             sandboxes: vec![sb(&p, "s1", true, S)],
             containers: vec![running.clone()],
         };
@@ -1276,6 +1487,7 @@ mod tests {
         let mut p = pod("Always", &[], &["app"]);
         p.spec.as_mut().unwrap().containers[0].image = None;
         let obs = Observed {
+            volumes: UP,
             sandboxes: vec![sb(&p, "s1", true, S)],
             containers: vec![],
         };

@@ -18,7 +18,12 @@
 //! worker has lived 5 minutes), so a worker that panics on every step
 //! costs little.
 //!
-//! Side effects: ListPodSandbox / ListContainers; spawning worker tasks.
+//! Pod dirs left on disk by pods nothing runs any more (the agent died
+//! between removing the sandbox and tearing the volumes down) get a
+//! terminating worker too, once sources have synced.
+//!
+//! Side effects: ListPodSandbox / ListContainers; listing the pod dirs;
+//! spawning worker tasks.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
@@ -71,6 +76,11 @@ pub struct Manager<R: Runtime> {
     /// Pods being deleted whose worker has finished: not started again
     /// while the source still lists them (until the object is gone).
     terminated: std::collections::HashSet<String>,
+    /// Pods whose worker ended, or whose dir found on disk was given one:
+    /// a pod dir is adopted from disk at most once per agent life, so a
+    /// dir left in place (mounts under it) is not retried and reported
+    /// again on every relist.
+    dirs_handled: std::collections::HashSet<String>,
     cancel: CancellationToken,
 }
 
@@ -86,6 +96,7 @@ impl<R: Runtime> Manager<R> {
             snapshot: Snapshot::default(),
             rejected: Default::default(),
             terminated: Default::default(),
+            dirs_handled: Default::default(),
             cancel,
         }
     }
@@ -150,6 +161,7 @@ impl<R: Runtime> Manager<R> {
         let restart_delay = match done {
             Ok(_) => {
                 debug!(uid = %uid, "worker ended");
+                self.dirs_handled.insert(uid.clone());
                 if self.snapshot.pods.contains_key(&uid) {
                     // Finished while the source still lists it: a pod being
                     // deleted whose object is not gone yet.
@@ -341,6 +353,9 @@ impl<R: Runtime> Manager<R> {
             }
             seen.insert(uid, fp);
         }
+        if self.snapshot.synced() {
+            self.adopt_pod_dirs();
+        }
         // A pod whose objects all vanished also counts as a change.
         for uid in self.fingerprints.keys() {
             if !seen.contains_key(uid)
@@ -354,6 +369,30 @@ impl<R: Runtime> Manager<R> {
             .readiness
             .relisted(seen.keys().cloned().collect::<Vec<_>>());
         self.fingerprints = seen;
+    }
+
+    /// Pod dirs under `<stateDir>/pods` of pods nothing runs and no source
+    /// wants (the agent died after the sandbox went, before the volumes
+    /// did): a terminating worker tears their volumes down from the disk.
+    fn adopt_pod_dirs(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(&self.shared.pods_dir) else {
+            return;
+        };
+        let uids: Vec<String> = dirs
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|uid| {
+                !self.workers.contains_key(uid)
+                    && !self.snapshot.pods.contains_key(uid)
+                    && !self.terminated.contains(uid)
+                    && !self.dirs_handled.contains(uid)
+            })
+            .collect();
+        for uid in uids {
+            info!(uid = %uid, "pod dir on disk with no pod: tearing its volumes down");
+            self.dirs_handled.insert(uid.clone());
+            self.spawn(&uid, Desired::Terminate { grace: None }, None);
+        }
     }
 
     /// Run until cancelled: apply snapshots, relist every `relist_every`,
@@ -524,6 +563,24 @@ mod tests {
         assert_eq!(sh3.board.readiness.status().first_relist_pods, ["b"]);
         cancel3.cancel();
         t3.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pod_dir_left_by_a_dead_agent_gets_its_volumes_torn_down() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        // The agent died after the sandbox went, before the volumes did.
+        let left = tmp
+            .path()
+            .join("pods/gone/volumes/kubernetes.io~empty-dir/x");
+        std::fs::create_dir_all(&left).unwrap();
+        std::fs::write(left.join("f"), "x").unwrap();
+        let (_tx, cancel, task) = run_manager(&shared(rt.clone(), tmp.path()), &["a"]);
+        wait_until("a running", || running_containers(&rt) == 1).await;
+        wait_until("the dir removed", || !tmp.path().join("pods/gone").exists()).await;
+        assert!(tmp.path().join("pods").exists());
+        cancel.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@
 //! view to a `StatusSink`, what happened (kubelet's event reasons) to an
 //! `EventSink`.
 //!
-//! Side effects: CRI calls, pod log and volume directories, tmpfs mounts.
+//! Side effects: CRI calls, pod log directories, and the volume stage
+//! (`volume::set_up` / `tear_down`: volume dirs, mounts, external plugins).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,11 +16,11 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::lifecycle::{
     self, Action, Backoff, CState, ContainerObs, Memory, Observed, Op, PullPolicy, SandboxObs,
-    Schedule, Waiting,
+    Schedule, VolumesObs, Waiting,
 };
 use super::spec::{self, Downward, HostContext};
 use crate::clock::Clock;
@@ -57,6 +58,11 @@ pub struct Shared<R> {
     pub objects: Arc<dyn ObjectLookup>,
     /// Service account tokens for projected volumes (API mode only).
     pub tokens: Option<Arc<dyn crate::objects::TokenSource>>,
+    /// Mounts of the built-in volume kinds (tmpfs), and the mount table.
+    pub mounter: Arc<dyn volume::Mounter>,
+    /// Plugins for the volume kinds set up outside `volume` (CSI); the
+    /// volume stage asks each whether it `handles` a volume.
+    pub external_volumes: Vec<Arc<dyn volume::External>>,
 }
 
 /// Retrying a step that failed before plan could decide (observe, status).
@@ -106,6 +112,8 @@ impl Shared<crate::cri::fake::FakeRuntime> {
             events: sinks,
             objects: Arc::new(crate::objects::ObjectStore::default()),
             tokens: None,
+            mounter: Arc::new(volume::mount::fake::FakeMounter::default()),
+            external_volumes: Vec::new(),
             runtime,
             host: HostContext {
                 node_name: "n1".into(),
@@ -126,8 +134,6 @@ impl Shared<crate::cri::fake::FakeRuntime> {
 pub enum StepError {
     #[error("runtime call failed")]
     Cri(#[from] CriError),
-    #[error("pod volumes")]
-    Volume(#[from] volume::VolumeError),
     #[error("pod spec")]
     Spec(#[from] spec::SpecError),
     #[error("{what} {path}")]
@@ -175,10 +181,19 @@ pub struct Worker<R> {
     /// BackOff events already sent, by container name and reason, so one
     /// back-off is one event (the recorder aggregates repeats anyway).
     backoff_told: HashMap<String, String>,
+    /// The pod's volumes as the volume stage last set them up: for which
+    /// volumes of the spec, and each one's host path (container mounts).
+    volumes: Option<VolumesSetUp>,
     /// Backoff of failed steps (observe and the like); none after a good
     /// one. No step runs before its `until`, even when woken: wake-ups
     /// (relists, manifest rescans) must not shorten it.
     error_backoff: Option<Backoff>,
+}
+
+/// What `Action::SetUpVolumes` made.
+struct VolumesSetUp {
+    spec: Vec<k8s_openapi::api::core::v1::Volume>,
+    paths: HashMap<String, std::path::PathBuf>,
 }
 
 /// What the run loop does after one turn.
@@ -223,6 +238,7 @@ impl<R: Runtime> Worker<R> {
             cache: Cache::default(),
             last_pod,
             backoff_told: HashMap::new(),
+            volumes: None,
             error_backoff: None,
         };
         (worker, Handle { desired: tx, wake })
@@ -314,7 +330,8 @@ impl<R: Runtime> Worker<R> {
         if let Some(d) = desired.filter(|d| self.last_pod.as_ref() != Some(&d.pod)) {
             self.last_pod = Some(d.pod.clone());
         }
-        let obs = self.observe().await?;
+        let mut obs = self.observe().await?;
+        obs.volumes = self.volumes_obs(desired.map(|d| &d.pod));
         let now = self.now();
         self.mem.forget_settled(&obs, now);
         if let Some(pod) = desired.map(|d| &d.pod).or(self.last_pod.as_ref()) {
@@ -472,6 +489,23 @@ impl<R: Runtime> Worker<R> {
         Ok(obs)
     }
 
+    /// The volume stage's observation: set up for this spec (trivially for
+    /// a pod without volumes), and whether the pod dir is on disk.
+    fn volumes_obs(&self, desired: Option<&Pod>) -> VolumesObs {
+        let set_up = desired.is_some_and(|pod| {
+            let want = volume::volumes_of(pod);
+            want.is_empty() || self.volumes.as_ref().is_some_and(|v| v.spec == want)
+        });
+        VolumesObs {
+            set_up,
+            on_disk: self.pod_dir().symlink_metadata().is_ok(),
+        }
+    }
+
+    fn pod_dir(&self) -> std::path::PathBuf {
+        self.shared.pods_dir.join(&self.uid)
+    }
+
     /// The pod's grace period: the deletion's own when the API server gave
     /// one (at least `MIN_GRACE`, as kubelet), else from its spec, else (a
     /// pod adopted after a restart that no source wants) from the
@@ -513,15 +547,24 @@ impl<R: Runtime> Worker<R> {
                 // kubelet's periodic volume sync: a changed ConfigMap or
                 // Secret reaches a running pod's files (atomically).
                 if let Some(d) = desired
+                    && self.volumes.is_some()
                     && lifecycle::current_sandbox(&d.pod, obs).is_some()
-                    && let Err(e) = self.setup_volumes(&d.pod).await
+                    && let Err(e) = self.refresh_volumes(&d.pod).await
                 {
                     debug!(error = %crate::error_chain(&e), "volume refresh failed; files kept");
                 }
                 Ok(())
             }
+            Action::SetUpVolumes => {
+                let pod = &desired.ok_or(StepError::NotDesired("set up volumes"))?.pod;
+                self.set_up_volumes(pod).await;
+                Ok(())
+            }
+            Action::TearDownVolumes => {
+                self.tear_down_volumes().await;
+                Ok(())
+            }
             Action::Finished => {
-                volume::cleanup(&self.shared.pods_dir.join(&self.uid))?;
                 if let Some(t) = &self.shared.tokens {
                     t.forget_pod(&self.uid);
                 }
@@ -616,7 +659,6 @@ impl<R: Runtime> Worker<R> {
 
     async fn create_sandbox(&mut self, pod: &Pod, attempt: u32) {
         let result = async {
-            self.setup_volumes(pod).await?;
             let config = spec::sandbox_config(pod, &self.shared.host, attempt);
             std::fs::create_dir_all(&config.log_directory).map_err(|source| StepError::Io {
                 what: "create log directory",
@@ -650,19 +692,12 @@ impl<R: Runtime> Worker<R> {
                     lifecycle::SANDBOX_BACKOFF,
                     self.now(),
                 );
-                if let StepError::Volume(e) = &e {
-                    // kubelet waits for volumes before any sandbox: the
-                    // pod stays ContainerCreating, FailedMount says why.
-                    warn!(error = %msg, retry_in = ?b.delay, "volume setup failed");
-                    self.event(EventType::Warning, "FailedMount", crate::error_chain(e));
-                } else {
-                    warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
-                    self.event(
-                        EventType::Warning,
-                        "FailedCreatePodSandBox",
-                        format!("Failed to create pod sandbox: {msg}"),
-                    );
-                }
+                warn!(error = %msg, retry_in = ?b.delay, "sandbox creation failed");
+                self.event(
+                    EventType::Warning,
+                    "FailedCreatePodSandBox",
+                    format!("Failed to create pod sandbox: {msg}"),
+                );
                 self.mem.sandbox_error = Some(msg);
                 self.mem.sandbox_backoff = Some(b);
             }
@@ -808,13 +843,12 @@ impl<R: Runtime> Worker<R> {
                 message,
             );
         }
-        let paths = match self.setup_volumes(pod).await {
-            Ok(paths) => paths,
-            Err(e) => {
-                self.mount_failed(name, e);
-                return Ok(());
-            }
-        };
+        // `plan` starts no container before the volume stage set them up.
+        let paths = self
+            .volumes
+            .as_ref()
+            .map(|v| v.paths.clone())
+            .unwrap_or_default();
         let built = Ok::<_, StepError>(paths).and_then(|paths| {
             Ok(spec::container_config(
                 pod,
@@ -910,22 +944,24 @@ impl<R: Runtime> Worker<R> {
         );
     }
 
-    /// Fetch what the pod's volumes reference and set every volume up
-    /// (again: an unchanged volume is left as is, a changed object is
-    /// written anew, atomically).
-    async fn setup_volumes(
+    /// What the pod's API data volumes are made of (the objects they
+    /// reference, fetched now).
+    async fn volume_objects(
         &self,
         pod: &Pod,
-    ) -> Result<std::collections::HashMap<String, std::path::PathBuf>, volume::VolumeError> {
-        let objects = super::objects::resolve_volumes(
+    ) -> Result<super::objects::Resolved, volume::VolumeError> {
+        super::objects::resolve_volumes(
             pod,
             self.shared.objects.as_ref(),
             self.shared.tokens.as_deref(),
         )
-        .await?;
+        .await
+    }
+
+    fn volume_inputs<'a>(&self, objects: &'a super::objects::Resolved) -> volume::Inputs<'a> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as i64);
-        let inputs = volume::Inputs {
-            objects: &objects,
+        volume::Inputs {
+            objects,
             node: volume::Allocatable {
                 cpu_millis: cpus * 1000,
                 memory_bytes: self.shared.host.memory_capacity,
@@ -933,29 +969,83 @@ impl<R: Runtime> Worker<R> {
             },
             now: jiff::Timestamp::from_nanosecond(i128::from(self.now()))
                 .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
-        };
-        volume::prepare(&self.shared.pods_dir.join(&self.uid), pod, &inputs)
+        }
     }
 
-    /// Volumes failed before a container start: kubelet's FailedMount
-    /// event, the container stays ContainerCreating, retried with backoff.
-    fn mount_failed(&mut self, name: &str, e: volume::VolumeError) {
-        let b = Backoff::after(
-            self.mem.start_backoff.get(name).copied(),
-            lifecycle::START_BACKOFF,
-            self.now(),
-        );
-        let message = crate::error_chain(&e);
-        warn!(container = name, error = %message, retry_in = ?b.delay, "volume setup failed");
-        self.event(EventType::Warning, "FailedMount", message.clone());
-        self.mem.start_backoff.insert(name.to_string(), b);
-        self.mem.waiting.insert(
-            name.to_string(),
-            Waiting {
-                reason: "ContainerCreating".into(),
-                message,
-            },
-        );
+    /// `Action::SetUpVolumes`: every volume of the pod, built-in and
+    /// external. A failure is kubelet's FailedMount (event, and the
+    /// containers' waiting message), retried with `VOLUME_BACKOFF`.
+    async fn set_up_volumes(&mut self, pod: &Pod) {
+        let result = async {
+            let objects = self.volume_objects(pod).await?;
+            let inputs = self.volume_inputs(&objects);
+            volume::set_up(
+                &self.pod_dir(),
+                pod,
+                &inputs,
+                self.shared.mounter.as_ref(),
+                &self.shared.external_volumes,
+            )
+            .await
+        }
+        .await;
+        match result {
+            Ok(paths) => {
+                debug!(volumes = paths.len(), "volumes set up");
+                self.mem.volume_backoff = None;
+                self.mem.volume_error = None;
+                self.volumes = Some(VolumesSetUp {
+                    spec: volume::volumes_of(pod).to_vec(),
+                    paths,
+                });
+            }
+            Err(e) => {
+                let b = Backoff::after(
+                    self.mem.volume_backoff,
+                    lifecycle::VOLUME_BACKOFF,
+                    self.now(),
+                );
+                let message = crate::error_chain(&e);
+                warn!(error = %message, retry_in = ?b.delay, "volume setup failed");
+                self.event(EventType::Warning, "FailedMount", message.clone());
+                self.mem.volume_backoff = Some(b);
+                self.mem.volume_error = Some(message);
+            }
+        }
+    }
+
+    /// The periodic refresh of a running pod's API data volumes.
+    async fn refresh_volumes(&self, pod: &Pod) -> Result<(), volume::VolumeError> {
+        let objects = self.volume_objects(pod).await?;
+        let inputs = self.volume_inputs(&objects);
+        volume::refresh(&self.pod_dir(), pod, &inputs, self.shared.mounter.as_ref())
+    }
+
+    /// `Action::TearDownVolumes`, retried with backoff while it fails. A
+    /// pod dir that still holds mounts is left in place, said once; the
+    /// worker may then end (`Memory::volumes_left`).
+    async fn tear_down_volumes(&mut self) {
+        let b = self.mem.attempted(Op::TearDownVolumes, "", self.now());
+        let result = volume::tear_down(
+            &self.pod_dir(),
+            &self.uid,
+            self.shared.mounter.as_ref(),
+            &self.shared.external_volumes,
+        )
+        .await;
+        match result {
+            Ok(()) => {
+                debug!("volumes torn down");
+                self.volumes = None;
+            }
+            Err(e @ volume::VolumeError::StillPresent { .. }) => {
+                error!(error = %e, "pod dir left in place: nothing under a mount is deleted");
+                self.mem.volumes_left = true;
+            }
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), retry_in = ?b.delay, "volume teardown failed");
+            }
+        }
     }
 
     /// Tell the event sink about this pod.
@@ -1712,6 +1802,140 @@ spec:
         rt.sandboxes_die_after(Duration::from_secs(3600));
         simulate(&mut w, Some(&d), Duration::from_secs(120), RELIST, || false).await;
         assert!(w.mem.sandbox_backoff.is_none());
+    }
+
+    /// Shared state with a fake external volume plugin and a fake mounter
+    /// the test can reach.
+    fn shared_with_volumes(
+        rt: &Arc<FakeRuntime>,
+        dir: &std::path::Path,
+        external: &Arc<volume::fake::FakeExternal>,
+        mounter: &Arc<volume::mount::fake::FakeMounter>,
+    ) -> Arc<Shared<FakeRuntime>> {
+        let mut s = Shared::for_tests(rt.clone(), dir);
+        s.external_volumes = vec![external.clone()];
+        s.mounter = mounter.clone();
+        Arc::new(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn external_volumes_are_set_up_before_any_container_and_torn_down_after_the_sandbox() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let ext = Arc::new(volume::fake::FakeExternal::default());
+        let mounter = Arc::new(volume::mount::fake::FakeMounter::default());
+        // Each plugin call, with the runtime calls made before it.
+        type Seen = Vec<(String, Vec<String>)>;
+        let seen: Arc<std::sync::Mutex<Seen>> = Arc::default();
+        let (rt2, seen2) = (rt.clone(), seen.clone());
+        ext.witness(Box::new(move |call| {
+            seen2.lock().unwrap().push((call.to_string(), rt2.calls()));
+        }));
+        let d = desired(
+            "metadata: {name: p-n1, namespace: default, uid: u1}\nspec:\n  terminationGracePeriodSeconds: 1\n  volumes: [{name: data, csi: {driver: d}}, {name: tmp, emptyDir: {medium: Memory}}]\n  containers: [{name: app, image: \"img:1\", volumeMounts: [{name: data, mountPath: /data}]}]\n",
+        );
+        ext.fail_set_up("driver d: NodePublishVolume: unavailable");
+        let (mut w, _h) = Worker::new(
+            "u1".into(),
+            shared_with_volumes(&rt, tmp.path(), &ext, &mounter),
+            Desired::Run(d.clone()),
+            None,
+        );
+        simulate(&mut w, Some(&d), Duration::from_secs(10), RELIST, || false).await;
+        assert_eq!(
+            rt.count("RunPodSandbox"),
+            0,
+            "no sandbox before the volumes"
+        );
+        let st = app_status(&w);
+        let waiting = st.state.as_ref().unwrap().waiting.as_ref().unwrap();
+        let failed = "MountVolume.SetUp failed for volume \"data\" : driver d: NodePublishVolume: unavailable";
+        assert_eq!(waiting.reason.as_deref(), Some("ContainerCreating"));
+        assert_eq!(waiting.message.as_deref(), Some(failed));
+        let board = w.shared.board.view("");
+        assert!(
+            board
+                .events
+                .iter()
+                .any(|e| e.event.reason == "FailedMount" && e.event.message == failed)
+        );
+        // Retried with backoff: at 0, 1, 3, 7 s.
+        assert_eq!(ext.calls().len(), 4, "{:?}", ext.calls());
+
+        ext.fail_set_up("");
+        simulate(&mut w, Some(&d), Duration::from_secs(20), RELIST, || {
+            rt.count("StartContainer") >= 1
+        })
+        .await;
+        let (call, before) = seen.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(call, "set_up data");
+        assert!(
+            before
+                .iter()
+                .all(|c| !c.starts_with("RunPodSandbox") && !c.starts_with("StartContainer")),
+            "{before:?}"
+        );
+        w.step(&want(Some(&d))).await.unwrap();
+        assert!(app_status(&w).state.unwrap().running.is_some());
+        assert!(w.mem.volume_error.is_none());
+        let data = tmp.path().join("pods/u1/volumes/fake~csi/data/mount");
+        assert_eq!(w.volumes.as_ref().unwrap().paths["data"], data);
+
+        // Deleted: the plugin tears down after the sandbox is removed, and
+        // our tmpfs is unmounted before the pod dir goes.
+        simulate(&mut w, None, Duration::from_secs(30), RELIST, || false).await;
+        let (call, before) = seen.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(call, "tear_down u1 data");
+        assert!(
+            before.iter().any(|c| c.starts_with("RemovePodSandbox")),
+            "{before:?}"
+        );
+        assert!(mounter.mounts().is_empty());
+        assert!(!tmp.path().join("pods/u1").exists());
+        assert!(rt.sandboxes().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_dir_still_holding_a_mount_is_left_and_said_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let ext = Arc::new(volume::fake::FakeExternal::default());
+        let mounter = Arc::new(volume::mount::fake::FakeMounter::default());
+        let shared = shared_with_volumes(&rt, tmp.path(), &ext, &mounter);
+        let d = desired(
+            "metadata: {name: p-n1, namespace: default, uid: u1}\nspec:\n  terminationGracePeriodSeconds: 1\n  volumes: [{name: tmp, emptyDir: {}}]\n  containers: [{name: app, image: \"img:1\"}]\n",
+        );
+        let (mut w, _h) = Worker::new("u1".into(), shared.clone(), Desired::Run(d.clone()), None);
+        simulate(&mut w, Some(&d), Duration::from_secs(5), RELIST, || {
+            rt.count("StartContainer") >= 1
+        })
+        .await;
+        // Something not ours mounted under the pod dir, holding data.
+        let foreign = tmp
+            .path()
+            .join("pods/u1/volumes/kubernetes.io~empty-dir/tmp/mnt");
+        std::fs::create_dir_all(&foreign).unwrap();
+        std::fs::write(foreign.join("data"), "precious").unwrap();
+        mounter.add_mount(&foreign);
+        let turns = simulate(&mut w, None, Duration::from_secs(600), RELIST, || false).await;
+        assert!(turns < 20, "{turns} turns: the worker must not spin");
+        assert!(w.mem.volumes_left);
+        assert_eq!(
+            std::fs::read_to_string(foreign.join("data")).unwrap(),
+            "precious"
+        );
+        assert!(rt.sandboxes().is_empty());
+        // The worker finished: a new one (the manager's adoption of the
+        // dir after a restart) tries once more, and leaves it too.
+        let (mut w2, _h2) = Worker::new(
+            "u1".into(),
+            shared,
+            Desired::Terminate { grace: None },
+            None,
+        );
+        let acts = drive(&mut w2, None, 5).await;
+        assert_eq!(acts, vec![Action::TearDownVolumes, Action::Finished]);
+        assert!(foreign.join("data").exists());
     }
 
     #[tokio::test(start_paused = true)]

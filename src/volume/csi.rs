@@ -46,32 +46,6 @@ use state::{Lifecycle, PublishData, StageData};
 use super::VolumeError;
 use crate::objects::ObjectLookup;
 
-// ---- TEMPORARY: the seam sketch from /work/wt/seams.md, until vol-stage's
-// `volume::External` lands. Lead: delete this trait and write
-// `impl super::External for CsiPlugin` below instead. ----
-/// A volume kind set up outside this module (CSI), asynchronously.
-pub trait External: Send + Sync {
-    /// kubelet's plugin dir name under pods/<uid>/volumes/ ("kubernetes.io~csi").
-    fn plugin_dir(&self) -> &'static str;
-    /// Whether this volume of the pod is this plugin's.
-    fn handles(&self, pod: &Pod, volume: &Volume) -> bool;
-    /// Make the volume available at (and return) the host path containers
-    /// mount. Idempotent: called again on every sync.
-    fn set_up<'a>(
-        &'a self,
-        pod: &'a Pod,
-        volume: &'a Volume,
-        pod_dir: &'a Path,
-    ) -> BoxFuture<'a, Result<PathBuf, VolumeError>>;
-    /// Undo set_up for a volume dir found on disk, with no pod spec. Idempotent.
-    fn tear_down<'a>(
-        &'a self,
-        pod_uid: &'a str,
-        volume_dir: &'a Path,
-    ) -> BoxFuture<'a, Result<(), VolumeError>>;
-}
-// ---- end TEMPORARY ----
-
 /// Where a claim's PersistentVolume comes from (the standalone binder or
 /// the API server; wired by the agent).
 pub trait ClaimResolver: Send + Sync {
@@ -723,7 +697,7 @@ impl CsiPlugin {
     }
 }
 
-impl External for CsiPlugin {
+impl super::External for CsiPlugin {
     fn plugin_dir(&self) -> &'static str {
         state::PLUGIN_DIR
     }

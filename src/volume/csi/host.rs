@@ -84,8 +84,7 @@ fn change(path: &Path, gid: u32, readonly: bool) -> io::Result<()> {
 
 impl HostFs for Host {
     fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
-        // With vol-stage's Mounter: `mount::HostMounter.is_mount_point(path)`.
-        Ok(crate::volume::is_mount_point(path))
+        crate::volume::Mounter::is_mount_point(&crate::volume::HostMounter, path)
     }
 
     fn set_ownership(
