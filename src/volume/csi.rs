@@ -441,6 +441,22 @@ impl CsiPlugin {
                 .unwrap_or_default(),
             published: false,
         };
+        // Never overwrite the record of another volume (a PV recreated under
+        // the same name with another handle): its teardown would be lost.
+        if let Some(r) = recorded.as_ref().filter(|r| {
+            (r.driver_name.as_str(), r.volume_handle.as_str())
+                != (src.driver.as_str(), src.handle.as_str())
+        }) {
+            return Err(set_up_failed(
+                name,
+                format!(
+                    "{} still holds volume {:?} of driver {:?}: it must be torn down first",
+                    vol_dir.display(),
+                    r.volume_handle,
+                    r.driver_name
+                ),
+            ));
+        }
         if recorded.as_ref() != Some(&record) {
             state::write(&vol_dir, &record).map_err(|e| set_up_failed(name, chain(&e)))?;
         }

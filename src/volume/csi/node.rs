@@ -42,6 +42,14 @@ pub enum NodeError {
         code: tonic::Code,
         message: String,
     },
+    /// Anything else a client reports without a gRPC status (a bad
+    /// endpoint, an answer the spec does not allow).
+    #[error("{reason} ({call} to driver {driver:?})")]
+    Other {
+        driver: String,
+        call: Call,
+        reason: String,
+    },
     /// No driver of that name is registered with the agent (kubelet's words).
     #[error("driver name {driver} not found in the list of registered CSI drivers")]
     NotRegistered { driver: String, call: Call },

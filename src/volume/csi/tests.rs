@@ -581,3 +581,18 @@ async fn a_failing_unpublish_keeps_everything_for_the_retry() {
         .unwrap();
     assert_eq!(w.driver.names().last(), Some(&Call::NodeUnstageVolume));
 }
+
+#[tokio::test]
+async fn a_record_of_another_volume_is_never_overwritten() {
+    let w = world(STAGING);
+    w.bind("c1", PV);
+    let plugin = w.plugin();
+    w.set_up(&plugin, &claim_pod("ua")).await.unwrap();
+    // The PV is recreated under its name with another handle.
+    w.bind("c1", &PV.replace("vol-1", "vol-9"));
+    crate::locks::lock(&w.host.mounts).clear();
+    let e = w.set_up(&plugin, &claim_pod("ua")).await.unwrap_err();
+    assert!(e.to_string().contains("it must be torn down first"), "{e}");
+    let rec: PublishData = state::read(&w.vol_dir("ua", "pv1")).unwrap().unwrap();
+    assert_eq!(rec.volume_handle, "vol-1");
+}
