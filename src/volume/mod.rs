@@ -23,6 +23,7 @@
 
 pub mod atomic;
 pub mod claims;
+pub mod csi;
 #[cfg(test)]
 pub mod fake;
 pub mod mount;
@@ -111,6 +112,14 @@ pub enum VolumeError {
     /// "x" : secret "y" not found`).
     #[error("MountVolume.SetUp failed for volume {volume:?} : {reason}")]
     SetUp { volume: String, reason: String },
+    /// kubelet's message for the device steps of a CSI volume
+    /// (`MountVolume.MountDevice failed for volume "x" : …`, `UnmountDevice`).
+    #[error("{op} failed for volume {volume:?} : {reason}")]
+    Operation {
+        op: &'static str,
+        volume: String,
+        reason: String,
+    },
     /// A file system or mount operation of a volume's set-up failed.
     #[error("MountVolume.SetUp failed for volume {volume:?} : {action} {path}")]
     Io {
