@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::cni;
 use crate::config::Config;
@@ -255,6 +255,27 @@ async fn discover_static(registry: &crate::csi::Registry, name: &str) {
     }
 }
 
+/// Unstage the staged volumes no pod's record names (`CsiPlugin::sweep`),
+/// retried until it goes through (their drivers may start later).
+async fn sweep_staged(plugin: &crate::volume::csi::CsiPlugin) {
+    let mut delay = std::time::Duration::from_secs(2);
+    loop {
+        match plugin.sweep().await {
+            Ok(n) => {
+                if n > 0 {
+                    info!(volumes = n, "unstaged CSI volumes no pod uses");
+                }
+                return;
+            }
+            Err(e) => {
+                debug!(error = %crate::error_chain(&e), retry_in = ?delay, "CSI sweep incomplete");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(60));
+    }
+}
+
 /// Run the agent until `cancel` fires. Pods keep running afterwards.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentError> {
     // API server mode: credentials checked before anything starts; the
@@ -407,10 +428,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     }
     for d in &cfg.csi_drivers {
         let (registry, name, c) = (csi_registry.clone(), d.name.clone(), cancel.clone());
+        // Node-wide tasks run until the agent stops: this one then idles.
         tasks.spawn(async move {
             tokio::select! {
                 _ = c.cancelled() => {}
-                _ = discover_static(&registry, &name) => {}
+                _ = discover_static(&registry, &name) => c.cancelled().await,
             }
         });
     }
@@ -512,6 +534,33 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         }
         None => Arc::new(local),
     };
+    // The CSI volume plugin: claims from the standalone binder, or read
+    // through the object lookup in API server mode.
+    let claims: Arc<dyn crate::volume::resolve::ClaimResolver> = match claim_resolver {
+        Some(c) => c,
+        None => Arc::new(crate::volume::resolve::LookupResolver {
+            objects: objects.clone(),
+        }),
+    };
+    let csi_plugin = Arc::new(crate::volume::csi::CsiPlugin::new(
+        cfg.state_dir.clone(),
+        cfg.node_name.clone(),
+        Arc::new(crate::csi::node::Nodes::new(csi_registry.clone())),
+        claims,
+        objects.clone(),
+        Arc::new(crate::volume::csi::Host),
+    ));
+    {
+        // Volumes staged by an agent that died before their last pod's
+        // teardown recorded it: unstaged once their driver answers.
+        let (plugin, c) = (csi_plugin.clone(), cancel.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = c.cancelled() => {}
+                _ = sweep_staged(&plugin) => c.cancelled().await,
+            }
+        });
+    }
 
     // One node-wide bound on the calls that make the runtime work, shared by
     // every worker, the GC and adoption (cri::bounded).
@@ -543,8 +592,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
                 as Arc<dyn crate::objects::TokenSource>
         }),
         mounter: Arc::new(crate::volume::HostMounter),
-        // The lead wires the CSI volume plugin in here.
-        external_volumes: Vec::new(),
+        external_volumes: vec![csi_plugin as Arc<dyn crate::volume::External>],
     });
     check_adopted(&*shared.runtime, &runner, &board, &cfg.node_name).await;
     {

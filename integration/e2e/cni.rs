@@ -362,19 +362,6 @@ fn churn_of_100_pods_leaves_nothing_behind() {
     });
 }
 
-/// The fault hook exists only in builds with the `fault-injection` feature
-/// (never the shipped binary): without it the tests that need it fail, and
-/// say how to run them.
-#[cfg(not(feature = "fault-injection"))]
-fn needs_fault_hook() {
-    panic!(
-        "this test needs minilet's fault hook: run the e2e suite with \
-         `cargo test --features fault-injection` (integration/test.sh does)"
-    );
-}
-#[cfg(feature = "fault-injection")]
-fn needs_fault_hook() {}
-
 /// kill -9 of the agent between the plugins' ADD and the cache write (a
 /// fault hook). The runtime tears the failed sandbox down at once, and its
 /// DEL reaches the delegating plugin with no agent behind it: the plugin

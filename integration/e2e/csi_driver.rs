@@ -10,5 +10,4 @@
 //! root does (it is a default workspace member); with `--test e2e` alone,
 //! run `cargo build -p minilet-test-csi` first.
 
-pub use minilet_test_csi::harness::{CSI_DRIVER, CsiDriver, CsiOptions, driver_binary};
-pub use minilet_test_csi::record::Call as DriverCall;
+pub use minilet_test_csi::harness::{CSI_DRIVER, CsiDriver};

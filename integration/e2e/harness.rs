@@ -522,3 +522,16 @@ pub fn http_get(addr: &str) -> Option<String> {
     s.read_to_string(&mut buf).ok()?;
     buf.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
 }
+
+/// The fault hook exists only in builds with the `fault-injection` feature
+/// (never the shipped binary): without it the tests that need it fail, and
+/// say how to run them.
+#[cfg(not(feature = "fault-injection"))]
+pub fn needs_fault_hook() {
+    panic!(
+        "this test needs minilet's fault hook: run the e2e suite with \
+         `cargo test --features fault-injection` (integration/test.sh does)"
+    );
+}
+#[cfg(feature = "fault-injection")]
+pub fn needs_fault_hook() {}

@@ -12,6 +12,8 @@ mod api_volumes;
 mod claims;
 mod cluster;
 mod cni;
+mod csi;
+mod csi_driver;
 mod docker;
 mod harness;
 mod input;

@@ -28,22 +28,9 @@ impl Controller {
     }
 }
 
-/// A Kubernetes access mode as CSI names it (external-provisioner's
-/// mapping; ReadWriteOnce is SINGLE_NODE_WRITER, as for drivers without
-/// SINGLE_NODE_MULTI_WRITER).
-pub fn access_mode(mode: &str) -> csi::volume_capability::access_mode::Mode {
-    use csi::volume_capability::access_mode::Mode;
-    match mode {
-        "ReadWriteOnce" => Mode::SingleNodeWriter,
-        "ReadOnlyMany" => Mode::MultiNodeReaderOnly,
-        "ReadWriteMany" => Mode::MultiNodeMultiWriter,
-        "ReadWriteOncePod" => Mode::SingleNodeSingleWriter,
-        _ => Mode::Unknown,
-    }
-}
-
 /// One VolumeCapability: a block device for `Block` volume mode, else a
-/// mount with the fsType and mount flags.
+/// mount with the fsType and mount flags; the access mode mapped as
+/// kubelet maps it (for a driver without SINGLE_NODE_MULTI_WRITER).
 pub fn capability(
     mode: &str,
     volume_mode: &str,
@@ -63,7 +50,10 @@ pub fn capability(
     csi::VolumeCapability {
         access_type: Some(access_type),
         access_mode: Some(AccessMode {
-            mode: access_mode(mode) as i32,
+            mode: crate::volume::csi::node::AccessMode::from_k8s(mode, false).map_or(
+                csi::volume_capability::access_mode::Mode::Unknown,
+                super::node::proto_mode,
+            ) as i32,
         }),
     }
 }

@@ -12,6 +12,7 @@
 //! - `drivers`: `Registry` of known drivers and `discover`.
 //! - `controller`: the drivers' controller calls as `volume::provision`'s
 //!   `Provisioner`.
+//! - `node`: the drivers' node calls as `volume::csi`'s `NodeService`.
 //! - `registration`: the `plugins_registry/` watcher and its handshake.
 
 pub mod client;
@@ -20,6 +21,7 @@ pub mod drivers;
 pub mod error;
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod node;
 pub mod registration;
 
 pub use client::{CsiClient, Timeouts, socket_path};

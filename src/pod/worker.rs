@@ -190,6 +190,11 @@ pub struct Worker<R> {
     error_backoff: Option<Backoff>,
 }
 
+/// `MINILET_FAULT` value (feature `fault-injection`) that aborts the agent
+/// right after a pod's volumes are set up, before its first container.
+#[cfg(feature = "fault-injection")]
+const FAULT_ABORT_AFTER_VOLUMES: &str = "volume-abort-after-setup";
+
 /// What `Action::SetUpVolumes` made.
 struct VolumesSetUp {
     spec: Vec<k8s_openapi::api::core::v1::Volume>,
@@ -992,6 +997,17 @@ impl<R: Runtime> Worker<R> {
         match result {
             Ok(paths) => {
                 debug!(volumes = paths.len(), "volumes set up");
+                // Test-only: the end-to-end suite's kill -9 between the
+                // volumes' set-up (NodePublishVolume) and the first container.
+                #[cfg(feature = "fault-injection")]
+                if !paths.is_empty()
+                    && std::env::var("MINILET_FAULT").is_ok_and(|v| v == FAULT_ABORT_AFTER_VOLUMES)
+                {
+                    tracing::error!(
+                        "MINILET_FAULT={FAULT_ABORT_AFTER_VOLUMES}: aborting before any container starts"
+                    );
+                    std::process::abort();
+                }
                 self.mem.volume_backoff = None;
                 self.mem.volume_error = None;
                 self.volumes = Some(VolumesSetUp {

@@ -1033,8 +1033,8 @@ mod tests {
                 "volume kinds minilet does not support",
                 format!("{C}  volumes: [{{name: a, nfs: {{server: s, path: /x}}}}, {{name: b, iscsi: {{targetPortal: t, iqn: q, lun: 0}}}}]\n"),
                 &[
-                    "spec.volumes[0].nfs: Unsupported value: \"nfs\": supported values: \"emptyDir\", \"hostPath\", \"secret\", \"configMap\", \"downwardAPI\", \"projected\"",
-                    "spec.volumes[1].iscsi: Unsupported value: \"iscsi\": supported values: \"emptyDir\", \"hostPath\", \"secret\", \"configMap\", \"downwardAPI\", \"projected\"",
+                    "spec.volumes[0].nfs: Unsupported value: \"nfs\": supported values: \"emptyDir\", \"hostPath\", \"secret\", \"configMap\", \"downwardAPI\", \"projected\", \"csi\", \"persistentVolumeClaim\"",
+                    "spec.volumes[1].iscsi: Unsupported value: \"iscsi\": supported values: \"emptyDir\", \"hostPath\", \"secret\", \"configMap\", \"downwardAPI\", \"projected\", \"csi\", \"persistentVolumeClaim\"",
                 ],
             ),
             (

@@ -46,26 +46,7 @@ use state::{Lifecycle, PublishData, StageData};
 use super::VolumeError;
 use crate::objects::ObjectLookup;
 
-/// Where a claim's PersistentVolume comes from (the standalone binder or
-/// the API server; wired by the agent).
-pub trait ClaimResolver: Send + Sync {
-    /// The PersistentVolume bound to `claim` in `namespace`; an error
-    /// (kubelet's FailedMount wording) while it is unbound or missing.
-    fn resolve<'a>(
-        &'a self,
-        namespace: &'a str,
-        claim: &'a str,
-    ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, VolumeError>>;
-    /// The publish_context ControllerPublishVolume returned for this
-    /// volume on this node (standalone provisioning, or the
-    /// VolumeAttachment's attachmentMetadata); empty when nothing attached it.
-    fn publish_context<'a>(
-        &'a self,
-        _pv: &'a PersistentVolume,
-    ) -> BoxFuture<'a, Result<BTreeMap<String, String>, VolumeError>> {
-        Box::pin(async { Ok(BTreeMap::new()) })
-    }
-}
+pub use super::resolve::ClaimResolver;
 
 /// Who a CSI secret reference points at: (namespace, name).
 type SecretRef = (String, String);
@@ -371,10 +352,16 @@ impl CsiPlugin {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         };
-        let pv = match &v.persistent_volume_claim {
-            Some(c) => Some(self.claims.resolve(namespace(pod), &c.claim_name).await?),
+        let resolved = match &v.persistent_volume_claim {
+            Some(c) => Some(
+                self.claims
+                    .resolve(namespace(pod), &c.claim_name, c.read_only.unwrap_or(false))
+                    .await
+                    .map_err(|e| set_up_failed(&v.name, e))?,
+            ),
             None => None,
         };
+        let pv = resolved.as_ref().map(|r| r.volume.clone());
         let src =
             Source::of(pod, &pod_uid, v, pv.as_deref()).map_err(|r| set_up_failed(&v.name, r))?;
         let name = src.spec_name.as_str();
@@ -401,10 +388,7 @@ impl CsiPlugin {
             .policy(&src.driver)
             .await
             .map_err(|e| set_up_failed(name, e))?;
-        let publish_context = match &pv {
-            Some(pv) => self.claims.publish_context(pv).await?,
-            None => BTreeMap::new(),
-        };
+        let publish_context = resolved.map(|r| r.publish_context).unwrap_or_default();
         let staging = (caps.stage_unstage && src.lifecycle == Lifecycle::Persistent)
             .then(|| state::staging_path(&self.root, &src.driver, &src.handle));
         let security = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());

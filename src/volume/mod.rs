@@ -160,8 +160,10 @@ const PROJECTED: &str = "kubernetes.io~projected";
 /// The plugin dirs of the built-in kinds: ours to unmount and remove.
 const BUILT_IN_DIRS: &[&str] = &[EMPTY_DIR, SECRET, CONFIG_MAP, DOWNWARD_API, PROJECTED];
 
-/// The volume kinds this module sets up, as the API names them; the static
-/// pod source refuses pods with any other kind.
+/// The volume kinds a pod may use, as the API names them: those this
+/// module sets up, and `csi` and `persistentVolumeClaim`, which the CSI
+/// plugin (`csi`, an `External` the agent always has) sets up. The static
+/// pod source and the API source refuse pods with any other kind.
 pub const SUPPORTED_KINDS: &[&str] = &[
     "emptyDir",
     "hostPath",
@@ -169,13 +171,9 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "configMap",
     "downwardAPI",
     "projected",
+    "csi",
+    "persistentVolumeClaim",
 ];
-
-/// Kinds an `External` plugin may handle. Hook for the sources: once the
-/// agent has a plugin for them, validation should accept these too (today
-/// `source::validate` refuses them); a pod that gets through with one no
-/// plugin handles waits with `VolumeError::Unsupported` as its FailedMount.
-pub const EXTERNAL_KINDS: &[&str] = &["csi", "persistentVolumeClaim"];
 
 /// The plugin dir of an API data volume, and whether it lives on a tmpfs.
 fn api_data_dir(v: &Volume) -> Option<(&'static str, bool)> {

@@ -16,8 +16,9 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::PersistentVolume;
 
 use super::node::*;
-use super::{ChangePolicy, ClaimResolver, HostFs, VolumeError};
+use super::{ChangePolicy, ClaimResolver, HostFs};
 use crate::locks::lock;
+use crate::volume::resolve::{ClaimError, ResolvedClaim};
 
 /// One recorded call.
 #[derive(Clone, Debug, PartialEq)]
@@ -229,21 +230,20 @@ impl ClaimResolver for FakeClaims {
         &'a self,
         ns: &'a str,
         claim: &'a str,
-    ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, VolumeError>> {
+        _readonly: bool,
+    ) -> BoxFuture<'a, Result<ResolvedClaim, ClaimError>> {
         let r = lock(&self.bound)
             .get(&(ns.to_string(), claim.to_string()))
             .cloned()
-            .ok_or_else(|| VolumeError::SetUp {
-                volume: claim.into(),
-                reason: format!("persistentvolumeclaim {claim:?} not found"),
+            .map(|volume| ResolvedClaim {
+                claim: Default::default(),
+                volume,
+                publish_context: lock(&self.publish_context).clone(),
+            })
+            .ok_or_else(|| ClaimError::NotFound {
+                namespace: ns.into(),
+                name: claim.into(),
             });
         Box::pin(async move { r })
-    }
-    fn publish_context<'a>(
-        &'a self,
-        _pv: &'a PersistentVolume,
-    ) -> BoxFuture<'a, Result<BTreeMap<String, String>, VolumeError>> {
-        let c = lock(&self.publish_context).clone();
-        Box::pin(async move { Ok(c) })
     }
 }
