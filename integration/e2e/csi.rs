@@ -303,6 +303,12 @@ fn kill9_during_teardown_then_restart_completes_unpublish_and_unstage() {
             },
         )
         .await;
+        assert_eq!(
+            driver.ok_count("NodeUnstageVolume"),
+            0,
+            "the unstage hangs: {:?}",
+            ok_methods(&driver)
+        );
         agent.kill9();
         driver.clear_faults();
         agent.restart();

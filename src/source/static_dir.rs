@@ -1649,7 +1649,7 @@ mod tests {
             s.errors,
             [SourceError {
                 file: bad.display().to_string(),
-                message: "document 1: pod default/bad-node1 is invalid: spec.volumes[0].nfs: Unsupported value: \"nfs\": supported values: \"emptyDir\", \"hostPath\", \"secret\", \"configMap\", \"downwardAPI\", \"projected\"; spec.containers[0].image: Required value; spec.containers[0].volumeMounts[0].name: Not found: \"data\"; spec.terminationGracePeriodSeconds: Invalid value: -5: must be greater than or equal to 0".into(),
+                message: "document 1: pod default/bad-node1 is invalid: spec.volumes[0].nfs: Unsupported value: \"nfs\": supported values: \"emptyDir\", \"hostPath\", \"secret\", \"configMap\", \"downwardAPI\", \"projected\", \"csi\", \"persistentVolumeClaim\"; spec.containers[0].image: Required value; spec.containers[0].volumeMounts[0].name: Not found: \"data\"; spec.terminationGracePeriodSeconds: Invalid value: -5: must be greater than or equal to 0".into(),
             }]
         );
     }
