@@ -53,6 +53,7 @@ const KUBELET_SUPPORTED: &[&str] = &[
     "runtimeRequestTimeout",
     "fileCheckFrequency",
     "syncFrequency",
+    "volumeStatsAggPeriod",
     "resolvConf",
     "clusterDNS",
     "clusterDomain",
@@ -243,6 +244,9 @@ pub struct Config {
     pub file_check_frequency: Duration,
     /// kubelet `syncFrequency`, default 1m: periodic resync of every pod.
     pub sync_frequency: Duration,
+    /// kubelet `volumeStatsAggPeriod`, default 1m: how often the volume
+    /// stats (`kubelet_volume_stats_*`) are collected.
+    pub volume_stats_agg_period: Duration,
     /// kubelet `resolvConf`, default /etc/resolv.conf.
     pub resolv_conf: PathBuf,
     /// kubelet `clusterDNS`, default empty.
@@ -338,6 +342,7 @@ impl Config {
             runtime_request_timeout: Duration::from_secs(120),
             file_check_frequency: Duration::from_secs(20),
             sync_frequency: Duration::from_secs(60),
+            volume_stats_agg_period: Duration::from_secs(60),
             resolv_conf: "/etc/resolv.conf".into(),
             cluster_dns: Vec::new(),
             cluster_domain: String::new(),
@@ -537,6 +542,7 @@ struct FileSettings {
     runtime_request_timeout: Option<Duration>,
     file_check_frequency: Option<Duration>,
     sync_frequency: Option<Duration>,
+    volume_stats_agg_period: Option<Duration>,
     resolv_conf: Option<Setting<String>>,
     cluster_dns: Option<Setting<Vec<String>>>,
     cluster_domain: Option<Setting<String>>,
@@ -635,6 +641,9 @@ fn resolve(
     }
     if let Some(v) = fs.sync_frequency {
         cfg.sync_frequency = v;
+    }
+    if let Some(v) = fs.volume_stats_agg_period {
+        cfg.volume_stats_agg_period = v;
     }
     // kubelet: with only nodeStatusUpdateFrequency set, the report
     // frequency defaults to it (the behaviour before the lease existed).
@@ -1178,6 +1187,9 @@ fn read_kubelet_field(
             fs.file_check_frequency = ctx.duration("fileCheckFrequency", v)?;
         }
         "syncFrequency" => fs.sync_frequency = ctx.duration("syncFrequency", v)?,
+        "volumeStatsAggPeriod" => {
+            fs.volume_stats_agg_period = ctx.duration("volumeStatsAggPeriod", v)?
+        }
         "resolvConf" => fs.resolv_conf = ctx.string("resolvConf", v)?,
         "clusterDNS" => fs.cluster_dns = ctx.strings("clusterDNS", v)?,
         "clusterDomain" => fs.cluster_domain = ctx.string("clusterDomain", v)?,
