@@ -1440,7 +1440,7 @@ mod tests {
             "{KUBELET}staticPodPath: /etc/kubernetes/manifests\n\
              containerRuntimeEndpoint: unix:///run/crio/crio.sock\n\
              podLogsDir: /logs\nmaxPods: 5\nruntimeRequestTimeout: 1m30s\n\
-             fileCheckFrequency: 500ms\nsyncFrequency: 1h\nresolvConf: /run/resolv.conf\n\
+             fileCheckFrequency: 500ms\nsyncFrequency: 1h\nvolumeStatsAggPeriod: 2s\nresolvConf: /run/resolv.conf\n\
              clusterDNS: [10.96.0.10, 'fd00::a']\nclusterDomain: cluster.local\n\
              ---\n{MINILET}stateDir: /srv/minilet\ncniConfDir: /a\ncniBinDirs: [/b]\n\
              runtimeCNIConfDir: /c\nruntimeCNIBinDir: /d\ncniPluginTimeout: 5s\n"
@@ -1466,6 +1466,7 @@ mod tests {
                 assert_eq!(c.runtime_request_timeout, Duration::from_secs(90));
                 assert_eq!(c.file_check_frequency, Duration::from_millis(500));
                 assert_eq!(c.sync_frequency, Duration::from_secs(3600));
+                assert_eq!(c.volume_stats_agg_period, Duration::from_secs(2));
                 assert_eq!(c.resolv_conf, PathBuf::from("/run/resolv.conf"));
                 assert_eq!(c.cluster_dns, ["10.96.0.10", "fd00::a"]);
                 assert_eq!(c.cluster_domain, "cluster.local");
@@ -1782,6 +1783,12 @@ mod tests {
                 String::new(),
                 with(|f| f.pod_manifest_path = Some("manifests".into())),
                 "flag --pod-manifest-path: invalid staticPodPath \"manifests\": must be an absolute path".into(),
+            ),
+            (
+                "zero stats period",
+                k("volumeStatsAggPeriod: 0s\n"),
+                flags(),
+                format!("{F} (document 1): invalid volumeStatsAggPeriod \"0s\": must be greater than zero"),
             ),
             (
                 "zero duration",
