@@ -70,7 +70,8 @@ spec:
             ),
         );
         running_container(&cri, &agent, "writer", "app").await;
-        let claim = "kubelet_volume_stats_used_bytes{namespace=\"default\",persistentvolumeclaim=\"data\"}";
+        let claim =
+            "kubelet_volume_stats_used_bytes{namespace=\"default\",persistentvolumeclaim=\"data\"}";
         let scratch = format!(
             "minilet_volume_stats_used_bytes{{namespace=\"default\",pod=\"writer-{}\",volume=\"scratch\"}}",
             agent.node
@@ -80,8 +81,7 @@ spec:
             Duration::from_secs(60),
             || async {
                 let (_, text, _) = agent.cli(&["get", "metrics"]);
-                (sample(&text, claim)? >= MIB5 && sample(&text, &scratch)? >= MIB5)
-                    .then_some(text)
+                (sample(&text, claim)? >= MIB5 && sample(&text, &scratch)? >= MIB5).then_some(text)
             },
         )
         .await;
@@ -118,11 +118,9 @@ spec:
         )
         .await;
         agent.remove_manifest("storage.yaml");
-        eventually(
-            "the volume is deleted",
-            Duration::from_secs(60),
-            || async { (driver.ok_count("DeleteVolume") >= 1).then_some(()) },
-        )
+        eventually("the volume is deleted", Duration::from_secs(60), || async {
+            (driver.ok_count("DeleteVolume") >= 1).then_some(())
+        })
         .await;
         driver.assert_nothing_left();
     });

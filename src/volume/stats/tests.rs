@@ -281,3 +281,29 @@ async fn run_collects_each_period_until_cancelled() {
     cancel.cancel();
     task.await.unwrap();
 }
+
+/// Real mount (tests run as root in CI): a tmpfs mounted below the dir
+/// is not entered.
+#[test]
+fn walk_does_not_cross_a_mount_point() {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("mnt");
+    std::fs::create_dir(&sub).unwrap();
+    mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("size=4m"),
+    )
+    .expect("needs root: tests run as root in CI");
+    let written = std::fs::write(sub.join("big"), vec![1u8; 1024 * 1024]);
+    let walked = walk(dir.path(), WALK_BUDGET);
+    umount2(&sub, MntFlags::MNT_DETACH).unwrap();
+    written.unwrap();
+    let (bytes, inodes, complete) = walked.unwrap();
+    assert!(complete);
+    assert_eq!(inodes, 1, "the mount point itself is not ours");
+    assert!(bytes < 1024 * 1024, "{bytes}");
+}
