@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::csi_driver::{CSI_DRIVER, CsiDriver};
+use crate::csi_driver::CsiDriver;
 use crate::harness::*;
 use crate::{BUSYBOX, on_stack, running_container};
 
@@ -33,23 +33,7 @@ fn volume_stats_of_a_claim_and_an_empty_dir_are_in_get_metrics() {
             },
         );
         let cri = agent.stack.cri().await;
-        agent.write_manifest(
-            "storage.yaml",
-            &format!(
-                "apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {{name: test-csi}}
-provisioner: {CSI_DRIVER}
-reclaimPolicy: Delete
-volumeBindingMode: Immediate
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: data}}
-spec: {{storageClassName: test-csi, accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 32Mi}}}}}}
-"
-            ),
-        );
+        agent.write_manifest("storage.yaml", &crate::csi::storage("data"));
         agent.write_manifest(
             "writer.yaml",
             &format!(
