@@ -461,6 +461,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         watch::channel(Default::default()).1
     };
     let logs_dir = cfg.pod_logs_dir.to_string_lossy().into_owned();
+    let stats_claims: Option<Arc<dyn crate::volume::stats::ClaimVolumes>> =
+        api.is_none().then(|| Arc::new(volumes_view.clone()) as _);
     tasks.spawn(control::serve(
         listener,
         board.clone(),
@@ -561,6 +563,18 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
             }
         });
     }
+    // Volume stats (kubelet_volume_stats_*), every volumeStatsAggPeriod.
+    tasks.spawn(crate::volume::stats::run(
+        board.clone(),
+        cfg.state_dir.clone(),
+        Arc::new(crate::volume::stats::HostProbe {
+            registry: csi_registry.clone(),
+        }),
+        stats_claims
+            .unwrap_or_else(|| Arc::new(crate::volume::stats::LookupClaims(objects.clone()))),
+        cfg.volume_stats_agg_period,
+        cancel.clone(),
+    ));
 
     // One node-wide bound on the calls that make the runtime work, shared by
     // every worker, the GC and adoption (cri::bounded).

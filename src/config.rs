@@ -53,6 +53,7 @@ const KUBELET_SUPPORTED: &[&str] = &[
     "runtimeRequestTimeout",
     "fileCheckFrequency",
     "syncFrequency",
+    "volumeStatsAggPeriod",
     "resolvConf",
     "clusterDNS",
     "clusterDomain",
@@ -243,6 +244,9 @@ pub struct Config {
     pub file_check_frequency: Duration,
     /// kubelet `syncFrequency`, default 1m: periodic resync of every pod.
     pub sync_frequency: Duration,
+    /// kubelet `volumeStatsAggPeriod`, default 1m: how often the volume
+    /// stats (`kubelet_volume_stats_*`) are collected.
+    pub volume_stats_agg_period: Duration,
     /// kubelet `resolvConf`, default /etc/resolv.conf.
     pub resolv_conf: PathBuf,
     /// kubelet `clusterDNS`, default empty.
@@ -338,6 +342,7 @@ impl Config {
             runtime_request_timeout: Duration::from_secs(120),
             file_check_frequency: Duration::from_secs(20),
             sync_frequency: Duration::from_secs(60),
+            volume_stats_agg_period: Duration::from_secs(60),
             resolv_conf: "/etc/resolv.conf".into(),
             cluster_dns: Vec::new(),
             cluster_domain: String::new(),
@@ -537,6 +542,7 @@ struct FileSettings {
     runtime_request_timeout: Option<Duration>,
     file_check_frequency: Option<Duration>,
     sync_frequency: Option<Duration>,
+    volume_stats_agg_period: Option<Duration>,
     resolv_conf: Option<Setting<String>>,
     cluster_dns: Option<Setting<Vec<String>>>,
     cluster_domain: Option<Setting<String>>,
@@ -635,6 +641,9 @@ fn resolve(
     }
     if let Some(v) = fs.sync_frequency {
         cfg.sync_frequency = v;
+    }
+    if let Some(v) = fs.volume_stats_agg_period {
+        cfg.volume_stats_agg_period = v;
     }
     // kubelet: with only nodeStatusUpdateFrequency set, the report
     // frequency defaults to it (the behaviour before the lease existed).
@@ -1178,6 +1187,9 @@ fn read_kubelet_field(
             fs.file_check_frequency = ctx.duration("fileCheckFrequency", v)?;
         }
         "syncFrequency" => fs.sync_frequency = ctx.duration("syncFrequency", v)?,
+        "volumeStatsAggPeriod" => {
+            fs.volume_stats_agg_period = ctx.duration("volumeStatsAggPeriod", v)?
+        }
         "resolvConf" => fs.resolv_conf = ctx.string("resolvConf", v)?,
         "clusterDNS" => fs.cluster_dns = ctx.strings("clusterDNS", v)?,
         "clusterDomain" => fs.cluster_domain = ctx.string("clusterDomain", v)?,
@@ -1428,7 +1440,7 @@ mod tests {
             "{KUBELET}staticPodPath: /etc/kubernetes/manifests\n\
              containerRuntimeEndpoint: unix:///run/crio/crio.sock\n\
              podLogsDir: /logs\nmaxPods: 5\nruntimeRequestTimeout: 1m30s\n\
-             fileCheckFrequency: 500ms\nsyncFrequency: 1h\nresolvConf: /run/resolv.conf\n\
+             fileCheckFrequency: 500ms\nsyncFrequency: 1h\nvolumeStatsAggPeriod: 2s\nresolvConf: /run/resolv.conf\n\
              clusterDNS: [10.96.0.10, 'fd00::a']\nclusterDomain: cluster.local\n\
              ---\n{MINILET}stateDir: /srv/minilet\ncniConfDir: /a\ncniBinDirs: [/b]\n\
              runtimeCNIConfDir: /c\nruntimeCNIBinDir: /d\ncniPluginTimeout: 5s\n"
@@ -1454,6 +1466,7 @@ mod tests {
                 assert_eq!(c.runtime_request_timeout, Duration::from_secs(90));
                 assert_eq!(c.file_check_frequency, Duration::from_millis(500));
                 assert_eq!(c.sync_frequency, Duration::from_secs(3600));
+                assert_eq!(c.volume_stats_agg_period, Duration::from_secs(2));
                 assert_eq!(c.resolv_conf, PathBuf::from("/run/resolv.conf"));
                 assert_eq!(c.cluster_dns, ["10.96.0.10", "fd00::a"]);
                 assert_eq!(c.cluster_domain, "cluster.local");
@@ -1770,6 +1783,12 @@ mod tests {
                 String::new(),
                 with(|f| f.pod_manifest_path = Some("manifests".into())),
                 "flag --pod-manifest-path: invalid staticPodPath \"manifests\": must be an absolute path".into(),
+            ),
+            (
+                "zero stats period",
+                k("volumeStatsAggPeriod: 0s\n"),
+                flags(),
+                format!("{F} (document 1): invalid volumeStatsAggPeriod \"0s\": must be greater than zero"),
             ),
             (
                 "zero duration",

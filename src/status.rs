@@ -367,6 +367,8 @@ pub struct Board {
     inner: Arc<RwLock<BoardInner>>,
     pub cni: CniBoards,
     pub readiness: Arc<Readiness>,
+    /// The last volume stats round (`volume::stats`).
+    pub volume_stats: Arc<crate::volume::stats::StatsBoard>,
 }
 
 #[derive(Default)]
@@ -384,6 +386,14 @@ impl Board {
     }
     pub fn set_errors(&self, errors: Vec<SourceError>) {
         write(&self.inner).errors = errors;
+    }
+    /// The pods on the board, by uid.
+    pub fn pods(&self) -> Vec<(String, Pod)> {
+        read(&self.inner)
+            .pods
+            .iter()
+            .map(|(uid, p)| (uid.clone(), p.clone()))
+            .collect()
     }
     /// Uids of the pods on the board.
     pub fn uids(&self) -> Vec<String> {
@@ -417,7 +427,7 @@ impl Board {
             errors: inner.errors.clone(),
             pod_logs_dir: pod_logs_dir.to_string(),
             events,
-            metrics: self.cni.metrics.render(),
+            metrics: self.cni.metrics.render() + &self.volume_stats.render(),
             agent: self.readiness.status(),
         }
     }

@@ -18,7 +18,7 @@ use crate::harness::*;
 use crate::{BUSYBOX, on_stack, running_container};
 
 /// A class of the test driver (Immediate binding, Delete) and a claim of it.
-fn storage(claim: &str) -> String {
+pub(crate) fn storage(claim: &str) -> String {
     format!(
         "apiVersion: storage.k8s.io/v1
 kind: StorageClass

@@ -18,6 +18,7 @@ mod docker;
 mod harness;
 mod input;
 mod lifecycle;
+mod volume_stats;
 
 use std::time::Duration;
 

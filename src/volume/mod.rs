@@ -30,6 +30,7 @@ pub mod mount;
 pub mod payload;
 pub mod provision;
 pub mod resolve;
+pub mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
