@@ -769,6 +769,38 @@ fn driver_ms_per_pod(
         .collect()
 }
 
+/// Per pod, ms between the set-up calls of its volume (CreateVolume end →
+/// ControllerPublishVolume start → … → NodePublishVolume start, the first
+/// OK call of each): the agent's own time on the volume path between the
+/// driver's calls, free of the other pods' place in the start queue.
+fn gaps_ms_per_pod(
+    calls: &[Call],
+    volumes: &HashMap<String, (String, String)>,
+    n: usize,
+) -> BTreeMap<usize, [f64; 3]> {
+    (0..n)
+        .filter_map(|i| {
+            let (pv, handle) = volumes.get(&format!("bv-{i:03}"))?;
+            let steps: Vec<&Call> = SETUP
+                .iter()
+                .map(|m| {
+                    calls.iter().find(|c| {
+                        c.code == "OK"
+                            && c.method == *m
+                            && if *m == "CreateVolume" {
+                                c.name == *pv
+                            } else {
+                                c.volume_id == *handle
+                            }
+                    })
+                })
+                .collect::<Option<_>>()?;
+            let gap = |k: usize| steps[k + 1].start_ms.saturating_sub(steps[k].end_ms) as f64;
+            Some((i, [gap(0), gap(1), gap(2)]))
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------- output
 
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
@@ -934,6 +966,8 @@ struct MiniletRuns {
     with: BTreeMap<usize, f64>,
     /// Per pod, ms inside its volume's set-up calls.
     driver_ms: BTreeMap<usize, f64>,
+    /// Per pod, ms between its volume's driver calls (Create → CP → Stage → Publish).
+    gaps_ms: BTreeMap<usize, [f64; 3]>,
     /// Per call kind, the durations (ms) of minilet's calls.
     call_ms: BTreeMap<String, Vec<f64>>,
     stage_publish_in_flight: usize,
@@ -1048,6 +1082,7 @@ async fn measure_minilet(
         without,
         with,
         driver_ms,
+        gaps_ms: gaps_ms_per_pod(&calls, &volumes, n),
         call_ms,
         stage_publish_in_flight: max_overlap(&calls, &["NodeStageVolume", "NodePublishVolume"]),
         create_in_flight: max_overlap(&calls, &["CreateVolume"]),
@@ -1140,6 +1175,38 @@ fn report(
         &overhead,
         "ms",
     );
+    row(
+        "  between a volume's driver calls (Create..Publish)",
+        None,
+        &m.gaps_ms
+            .values()
+            .map(|g| g.iter().sum())
+            .collect::<Vec<_>>(),
+        "ms",
+    );
+    let gap = |k: usize| m.gaps_ms.values().map(|g| g[k]).collect::<Vec<f64>>();
+    println!(
+        "between the calls, p50/max: CreateVolume -> ControllerPublish {}/{}, -> NodeStage {}/{}, -> NodePublish {}/{}",
+        fmt(common::pct(&sorted(gap(0)), 50.0), "ms"),
+        fmt(sorted(gap(0)).last().copied(), "ms"),
+        fmt(common::pct(&sorted(gap(1)), 50.0), "ms"),
+        fmt(sorted(gap(1)).last().copied(), "ms"),
+        fmt(common::pct(&sorted(gap(2)), 50.0), "ms"),
+        fmt(sorted(gap(2)).last().copied(), "ms"),
+    );
+    let p50 = |v: Vec<f64>| common::pct(&sorted(v), 50.0);
+    let of_p50s = match (
+        p50(per_s(&m.with)),
+        p50(per_s(&m.without)),
+        p50(m.driver_ms.values().copied().collect()),
+    ) {
+        (Some(w), Some(wo), Some(d)) => Some((w - wo) * 1000.0 - d),
+        _ => None,
+    };
+    println!(
+        "overhead from the p50s (with − without − driver calls): {}",
+        fmt(of_p50s, "ms")
+    );
     println!(
         "(direct per volume: CreateVolume start -> NodePublishVolume end, CreateVolume + ControllerPublishVolume + NodeStageVolume + NodePublishVolume; minilet per pod: manifest write -> container seen RUNNING)"
     );
@@ -1221,6 +1288,11 @@ fn report(
         "added_per_pod": stats_json(&added, "ms"),
         "driver_calls_per_pod": stats_json(&m.driver_ms.values().copied().collect::<Vec<_>>(), "ms"),
         "overhead_per_pod": stats_json(&overhead, "ms"),
+        "overhead_of_p50s_ms": of_p50s.map(common::round3),
+        "between_calls_per_pod": stats_json(&m.gaps_ms.values().map(|g| g.iter().sum()).collect::<Vec<f64>>(), "ms"),
+        "between_create_and_controller_publish": stats_json(&gap(0), "ms"),
+        "between_controller_publish_and_stage": stats_json(&gap(1), "ms"),
+        "between_stage_and_publish": stats_json(&gap(2), "ms"),
         "overhead_all_ms": overhead.iter().map(|v| common::round3(*v)).collect::<Vec<_>>(),
         "minilet_calls_ms": m.call_ms.iter().map(|(k, v)| (k.clone(), stats_json(v, "ms"))).collect::<serde_json::Map<_, _>>(),
         "in_flight": {
