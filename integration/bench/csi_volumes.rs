@@ -14,6 +14,7 @@
 //! pass/fail test: it prints a table, whether each target is met, and JSON.
 
 mod common;
+mod stack;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -23,13 +24,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use minilet::cri::remote::RemoteRuntime;
-use minilet::cri::{Labels, Runtime, api};
+use minilet::cri::{Runtime, api};
 use minilet::csi::proto::csi;
 use minilet::csi::{CsiClient, Timeouts};
 use minilet::labels;
 use minilet_test_csi::harness::{CSI_DRIVER, CsiDriver, CsiOptions};
 use minilet_test_csi::record::Call;
 use serde_json::{Value, json};
+use stack::{Stack, leftovers, load_stack, node_label, teardown_node};
 
 /// Node name minilet runs under (`--hostname-override`), and the driver's node id.
 const NODE: &str = "bench-csi";
@@ -88,45 +90,6 @@ fn main() -> ExitCode {
 
 // ---------------------------------------------------------------- setup
 
-/// What the stack's env file says.
-struct Stack {
-    sock: String,
-    runtime_conf_dir: String,
-    runtime_bin_dir: String,
-    busybox: String,
-    plugin_dir: String,
-}
-
-fn load_stack() -> Result<Stack> {
-    let path = std::env::var_os("MINILET_STACK_DIR")
-        .map_or_else(|| common::repo().join("integration/.run"), PathBuf::from)
-        .join("env");
-    let text = fs::read_to_string(&path).map_err(|e| {
-        anyhow!(
-            "stack not up: cannot read {} ({e}); run `integration/stack.sh up` first",
-            path.display()
-        )
-    })?;
-    let vars: HashMap<&str, &str> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
-        .collect();
-    let get = |k: &str| {
-        vars.get(k)
-            .map(|v| v.to_string())
-            .ok_or_else(|| anyhow!("{} has no {k}", path.display()))
-    };
-    Ok(Stack {
-        sock: get("CONTAINERD_SOCK")?,
-        runtime_conf_dir: get("RUNTIME_CNI_CONF_DIR")?,
-        runtime_bin_dir: get("RUNTIME_CNI_BIN_DIR")?,
-        busybox: get("BUSYBOX_IMAGE")?,
-        plugin_dir: get("CNI_PLUGIN_DIR").unwrap_or_else(|_| "/usr/lib/cni".into()),
-    })
-}
-
 /// The e2e lock, held for the whole run (None with BENCH_NO_LOCK=1).
 fn take_lock() -> Result<Option<nix::fcntl::Flock<fs::File>>> {
     if std::env::var_os("BENCH_NO_LOCK").is_some() {
@@ -179,30 +142,6 @@ fn driver_binary() -> Result<PathBuf> {
         bail!("{} missing after the build", bin.display());
     }
     Ok(bin)
-}
-
-fn node_label() -> Labels {
-    Labels::from([(labels::MANAGED_BY_NODE.to_string(), NODE.to_string())])
-}
-
-fn ok_gone(r: minilet::cri::Result<()>) -> Result<()> {
-    match r {
-        Err(e) if e.is_not_found() => Ok(()),
-        other => Ok(other?),
-    }
-}
-
-/// Stop and remove every container and sandbox of the bench's node.
-async fn teardown_node(rt: &RemoteRuntime) -> Result<()> {
-    for c in rt.list_containers(node_label()).await? {
-        ok_gone(rt.stop_container(&c.id, 0).await)?;
-        ok_gone(rt.remove_container(&c.id).await)?;
-    }
-    for s in rt.list_pod_sandboxes(node_label()).await? {
-        ok_gone(rt.stop_pod_sandbox(&s.id).await)?;
-        ok_gone(rt.remove_pod_sandbox(&s.id).await)?;
-    }
-    Ok(())
 }
 
 /// Mount points under `root` (/proc/self/mountinfo).
@@ -497,9 +436,9 @@ runtimeCNIBinDir: {rbin}
                 logs = work.join("logs").display(),
                 state = work.join("state").display(),
                 net_d = net_d.display(),
-                plugins = stack.plugin_dir,
-                rconf = stack.runtime_conf_dir,
-                rbin = stack.runtime_bin_dir,
+                plugins = stack.plugin_dir.display(),
+                rconf = stack.runtime_conf_dir.display(),
+                rbin = stack.runtime_bin_dir.display(),
                 driver = driver.config_line(),
             ),
         )?;
@@ -679,7 +618,7 @@ async fn write_and_wait(
     let mut seen = BTreeMap::new();
     let mut next = t0;
     loop {
-        let list = rt.list_containers(node_label()).await;
+        let list = rt.list_containers(node_label(NODE)).await;
         let at = t0.elapsed().as_secs_f64();
         for c in list.into_iter().flatten() {
             if c.state == api::ContainerState::ContainerRunning as i32
@@ -736,7 +675,7 @@ where
 }
 
 async fn sandboxes_gone(rt: &RemoteRuntime) -> bool {
-    rt.list_pod_sandboxes(node_label())
+    rt.list_pod_sandboxes(node_label(NODE))
         .await
         .is_ok_and(|s| s.is_empty())
 }
@@ -877,9 +816,9 @@ async fn run() -> Result<bool> {
         .tempdir()
         .context("creating a work dir")?;
     let work_path = work.path().to_path_buf();
-    if !rt.list_pod_sandboxes(node_label()).await?.is_empty() {
+    if !rt.list_pod_sandboxes(node_label(NODE)).await?.is_empty() {
         eprintln!("csi_volumes: removing pods an earlier run left with {NODE:?}");
-        teardown_node(&rt).await?;
+        teardown_node(&rt, NODE).await?;
     }
     let mut problems: Vec<String> = vec![];
     let options = |binary: &Path| CsiOptions {
@@ -933,11 +872,9 @@ async fn run() -> Result<bool> {
     if !agent.stop().await {
         problems.push("minilet did not exit within 30 s of SIGTERM (killed)".into());
     }
-    if !rt.list_pod_sandboxes(node_label()).await?.is_empty()
-        || !rt.list_containers(node_label()).await?.is_empty()
-    {
+    if leftovers(&rt, NODE).await? != (0, 0) {
         problems.push("sandboxes or containers left after stop; removed by the bench".into());
-        teardown_node(&rt).await?;
+        teardown_node(&rt, NODE).await?;
     }
     let agent_mounts = mounts_under(&work_path);
     if !agent_mounts.is_empty() {
