@@ -194,10 +194,11 @@ pub const START_BACKOFF: Schedule = Schedule {
     max: Duration::from_secs(10),
 };
 /// Setting up a pod's volumes again after a failure (a missing Secret, a
-/// CSI driver that is down): as START_BACKOFF, kubelet re-syncs a pod
-/// whose volumes are not ready every 10 s.
+/// CSI driver that is down, a claim not bound yet): kubelet's volume
+/// operations back off from 500 ms (`initialDurationBeforeRetry`), and it
+/// re-syncs a pod whose volumes are not ready every 10 s.
 pub const VOLUME_BACKOFF: Schedule = Schedule {
-    start: Duration::from_secs(1),
+    start: Duration::from_millis(500),
     max: Duration::from_secs(10),
 };
 /// Repeating a stop or a removal (of a container, a sandbox or the pod's

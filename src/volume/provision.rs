@@ -314,6 +314,9 @@ pub fn state_path(state_dir: &Path) -> PathBuf {
     state_dir.join("volumes").join("claims.json")
 }
 
+/// At most this many CreateVolume (and DeleteVolume) calls at once.
+const PARALLEL_VOLUME_CALLS: usize = 16;
+
 impl Claims {
     /// Load `<stateDir>/volumes/claims.json` (none yet: empty).
     pub fn open(
@@ -387,18 +390,31 @@ impl Claims {
         now: jiff::Timestamp,
     ) -> Result<(), ProvisionError> {
         let plan = self.decide(objects, used, hold_deletes, now)?;
-        let mut changed = false;
-        for (name, req) in self.records(|r| match r {
+        // Volumes are made and deleted side by side (each call's record is
+        // written on its own, under the state lock), so 30 claims written
+        // at once do not wait for each other's CreateVolume.
+        use futures::StreamExt;
+        let creating = self.records(|r| match r {
             VolumeRecord::Creating { request } => Some((**request).clone()),
             _ => None,
-        }) {
-            changed |= self.create(&name, &req, now).await?;
-        }
-        for (name, pv) in self.records(|r| match r {
+        });
+        let created: Vec<Result<bool, ProvisionError>> = futures::stream::iter(creating)
+            .map(|(name, req)| async move { self.create(&name, &req, now).await })
+            .buffer_unordered(PARALLEL_VOLUME_CALLS)
+            .collect()
+            .await;
+        let deleting = self.records(|r| match r {
             VolumeRecord::Deleting { pv } => Some(pv.clone()),
             _ => None,
-        }) {
-            changed |= self.delete(&name, &pv).await?;
+        });
+        let deleted: Vec<Result<bool, ProvisionError>> = futures::stream::iter(deleting)
+            .map(|(name, pv)| async move { self.delete(&name, &pv).await })
+            .buffer_unordered(PARALLEL_VOLUME_CALLS)
+            .collect()
+            .await;
+        let mut changed = false;
+        for r in created.into_iter().chain(deleted) {
+            changed |= r?;
         }
         let plan = if changed {
             self.decide(objects, used, hold_deletes, now)?
