@@ -18,7 +18,7 @@ use crate::harness::*;
 use crate::{BUSYBOX, on_stack, running_container};
 
 /// A class of the test driver (Immediate binding, Delete) and a claim of it.
-fn storage(claim: &str) -> String {
+pub(crate) fn storage(claim: &str) -> String {
     format!(
         "apiVersion: storage.k8s.io/v1
 kind: StorageClass
@@ -36,7 +36,7 @@ spec: {{storageClassName: test-csi, accessModes: [ReadWriteOnce], resources: {{r
 }
 
 /// A pod running `script` (then END, then sleeping) with `volume` at /data.
-fn pod(name: &str, volume: &str, script: &str) -> String {
+pub(crate) fn pod(name: &str, volume: &str, script: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
@@ -53,12 +53,12 @@ spec:
     )
 }
 
-fn claim_volume(claim: &str) -> String {
+pub(crate) fn claim_volume(claim: &str) -> String {
     format!("persistentVolumeClaim: {{claimName: {claim}}}")
 }
 
 /// What container `app` of static pod `name` printed up to `END`.
-async fn printed(agent: &Agent, name: &str) -> Vec<String> {
+pub(crate) async fn printed(agent: &Agent, name: &str) -> Vec<String> {
     let prefix = format!("default_{name}-{}_", agent.node);
     eventually(
         &format!("{name} printed END"),
@@ -80,7 +80,7 @@ async fn printed(agent: &Agent, name: &str) -> Vec<String> {
 }
 
 /// The methods the driver answered OK, in order.
-fn ok_methods(driver: &CsiDriver) -> Vec<String> {
+pub(crate) fn ok_methods(driver: &CsiDriver) -> Vec<String> {
     driver
         .calls()
         .into_iter()
@@ -98,7 +98,7 @@ fn position(calls: &[String], method: &str) -> Vec<usize> {
         .collect()
 }
 
-async fn wait_ok(driver: &CsiDriver, method: &str, n: usize) {
+pub(crate) async fn wait_ok(driver: &CsiDriver, method: &str, n: usize) {
     eventually(
         &format!("{n} × {method} OK"),
         Duration::from_secs(60),
@@ -108,7 +108,7 @@ async fn wait_ok(driver: &CsiDriver, method: &str, n: usize) {
 }
 
 /// No mount of the agent's state dir is left (pods' and staging paths).
-fn agent_mounts(agent: &Agent) -> Vec<String> {
+pub(crate) fn agent_mounts(agent: &Agent) -> Vec<String> {
     let root = agent.dir.path().to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
@@ -118,7 +118,7 @@ fn agent_mounts(agent: &Agent) -> Vec<String> {
         .collect()
 }
 
-fn agent_with(driver: &CsiDriver, node: &str) -> Agent {
+pub(crate) fn agent_with(driver: &CsiDriver, node: &str) -> Agent {
     Agent::start_with(
         node,
         Options {
@@ -358,7 +358,7 @@ fn inline_ephemeral_volume_comes_and_goes_with_its_pod() {
 }
 
 /// The first container's waiting state of static pod `name`.
-fn waiting(agent: &Agent, name: &str) -> Option<(String, String)> {
+pub(crate) fn waiting(agent: &Agent, name: &str) -> Option<(String, String)> {
     let pods: Value = agent.pods_json();
     let full = format!("{name}-{}", agent.node);
     let p = pods["items"]
