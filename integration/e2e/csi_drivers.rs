@@ -179,7 +179,12 @@ fn a_driver_killed_under_a_running_pod_holds_its_teardown_until_it_returns() {
                 agent
                     .log()
                     .lines()
-                    .any(|l| l.contains("NodeUnpublishVolume") && l.contains(CSI_DRIVER))
+                    .any(|l| {
+                        l.contains("volume teardown failed")
+                            && l.contains("retry_in")
+                            && l.contains("NodeUnpublishVolume")
+                            && l.contains(CSI_DRIVER)
+                    })
                     .then_some(())
             },
         )
