@@ -64,7 +64,11 @@ async fn inline_pod_runs_and_goes(agent: &Agent, driver: &CsiDriver, name: &str,
     let file = format!("{name}.yaml");
     agent.write_manifest(
         &file,
-        &pod(name, &inline_volume(), "echo x > /data/x && echo W=$(cat /data/x)"),
+        &pod(
+            name,
+            &inline_volume(),
+            "echo x > /data/x && echo W=$(cat /data/x)",
+        ),
     );
     running_container(&cri, agent, name, "app").await;
     let out = printed(agent, name).await;
@@ -98,7 +102,11 @@ fn a_driver_found_through_plugin_registration_serves_pods_and_shows_in_doctor() 
         let d = driver.insert(CsiDriver::start_with(registration_options(&agent)));
         registered(d, 1).await;
         let calls = ok_methods(d);
-        assert_eq!(calls.first().map(String::as_str), Some("GetInfo"), "{calls:?}");
+        assert_eq!(
+            calls.first().map(String::as_str),
+            Some("GetInfo"),
+            "{calls:?}"
+        );
         inline_pod_runs_and_goes(&agent, d, "e1", 1).await;
         let (_, out, err) = agent.cli(&["doctor"]);
         let line = out
@@ -192,7 +200,11 @@ fn a_driver_killed_under_a_running_pod_holds_its_teardown_until_it_returns() {
         // Held, not forced: the containers may be gone, the volume is not.
         agent.wait_relists(2).await;
         assert!(pod_dir.is_dir(), "the pod dir stays");
-        assert!(mounted(&mount), "the publish stays: {:?}", agent_mounts(&agent));
+        assert!(
+            mounted(&mount),
+            "the publish stays: {:?}",
+            agent_mounts(&agent)
+        );
         assert_eq!(
             std::fs::read_to_string(mount.join("f")).unwrap(),
             "precious\n",
@@ -209,7 +221,11 @@ fn a_driver_killed_under_a_running_pod_holds_its_teardown_until_it_returns() {
         agent.remove_manifest("storage.yaml");
         wait_ok(&driver, "DeleteVolume", 1).await;
         driver.assert_nothing_left();
-        assert!(agent_mounts(&agent).is_empty(), "{:?}", agent_mounts(&agent));
+        assert!(
+            agent_mounts(&agent).is_empty(),
+            "{:?}",
+            agent_mounts(&agent)
+        );
     });
 }
 

@@ -10,7 +10,9 @@ use crate::harness::*;
 use crate::{BUSYBOX, on_stack, running_container};
 
 fn config_map(n: u32) -> String {
-    format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: pair}}\ndata: {{a: \"{n}\", b: \"{n}\"}}\n")
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: pair}}\ndata: {{a: \"{n}\", b: \"{n}\"}}\n"
+    )
 }
 
 /// Reads a and b from one resolution of `..data` (cd into it: the
