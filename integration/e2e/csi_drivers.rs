@@ -15,7 +15,8 @@ use std::time::Duration;
 use minilet_test_csi::harness::CsiOptions;
 
 use crate::csi::{
-    agent_mounts, agent_with, claim_volume, ok_methods, pod, printed, storage, wait_ok, waiting,
+    agent_mounts, agent_with, claim_volume, faulted_pod_waits_then_runs, ok_methods, pod, printed,
+    storage, storage_gone, wait_ok,
 };
 use crate::csi_driver::{CSI_DRIVER, CsiDriver};
 use crate::harness::*;
@@ -218,14 +219,7 @@ fn a_driver_killed_under_a_running_pod_holds_its_teardown_until_it_returns() {
             (!pod_dir.exists()).then_some(())
         })
         .await;
-        agent.remove_manifest("storage.yaml");
-        wait_ok(&driver, "DeleteVolume", 1).await;
-        driver.assert_nothing_left();
-        assert!(
-            agent_mounts(&agent).is_empty(),
-            "{:?}",
-            agent_mounts(&agent)
-        );
+        storage_gone(&agent, &driver).await;
     });
 }
 
@@ -243,35 +237,19 @@ fn a_publish_slower_than_the_call_timeout_keeps_the_pod_creating_then_it_runs() 
                 ..Default::default()
             },
         );
-        let cri = agent.stack.cri().await;
-        driver.set_faults(serde_json::json!({"NodePublishVolume": {"hang_ms": 60000}}));
-        agent.write_manifest("storage.yaml", &storage("s"));
-        agent.write_manifest("p.yaml", &pod("p", &claim_volume("s"), "true"));
-        let (reason, message) = eventually(
-            "the pod waits naming the publish",
-            Duration::from_secs(60),
-            || async { waiting(&agent, "p").filter(|(_, m)| m.contains("NodePublishVolume")) },
+        let message = faulted_pod_waits_then_runs(
+            &agent,
+            &driver,
+            serde_json::json!({"NodePublishVolume": {"hang_ms": 60000}}),
+            "NodePublishVolume",
         )
         .await;
-        assert_eq!(reason, "ContainerCreating");
+        // No retry of a publish the agent gave up on left a target of
+        // this driver mounted (faulted_pod_waits_then_runs checked).
         assert!(
-            message.contains("DeadlineExceeded") && message.contains(CSI_DRIVER),
+            message.contains("MountVolume.SetUp failed")
+                && message.contains("code = DeadlineExceeded"),
             "{message}"
         );
-        assert_eq!(driver.ok_count("NodePublishVolume"), 0);
-        driver.clear_faults();
-        running_container(&cri, &agent, "p", "app").await;
-        agent.remove_manifest("p.yaml");
-        wait_ok(&driver, "NodeUnstageVolume", 1).await;
-        // Every publish the agent gave up on was unpublished or redone:
-        // no target of this driver is mounted any more.
-        assert!(
-            driver.mounts().is_empty(),
-            "half-mounted: {:?}",
-            driver.mounts()
-        );
-        agent.remove_manifest("storage.yaml");
-        wait_ok(&driver, "DeleteVolume", 1).await;
-        driver.assert_nothing_left();
     });
 }
