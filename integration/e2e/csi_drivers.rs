@@ -3,8 +3,9 @@
 //! (`<stateDir>/plugins_registry`, no `csiDrivers`), started after the
 //! agent made the dir and before the agent runs, serves an inline volume
 //! and shows in `minilet doctor`; a driver killed while a pod uses its
-//! volume leaves the pod running and its teardown waiting (pod dir and data
-//! kept, the driver named in the log) until it returns; a NodePublishVolume
+//! volume (configured, or registered and then registering again) leaves the
+//! pod running and its teardown waiting (pod dir and data kept, the driver
+//! named in the log) until it returns; a NodePublishVolume
 //! that outlives `csiOperationTimeout` keeps the pod ContainerCreating with
 //! the driver, the call and DeadlineExceeded named, until the driver
 //! answers in time.
@@ -156,70 +157,109 @@ fn mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
 }
 
-/// kill -9 of the driver while a pod uses its volume: the pod keeps
-/// running; its teardown waits (pod dir, mount and data kept, the driver
-/// named in the agent's log) and completes once the driver is back.
+/// Pod `name` (manifest `<name>.yaml`, already written) runs and wrote
+/// "kept" to /data/f; then the driver is killed -9 under it: the container
+/// keeps running; the pod removed, its teardown is held, not forced (the
+/// agent logs the retry naming the driver and NodeUnpublishVolume; the pod
+/// dir, the mount and the data stay). Returns the pod dir.
+async fn kill_the_driver_under(agent: &Agent, driver: &mut CsiDriver, name: &str) -> PathBuf {
+    let cri = agent.stack.cri().await;
+    let before = running_container(&cri, agent, name, "app").await;
+    printed(agent, name).await;
+    let (pod_dir, mount) = csi_mount_dir(agent).expect("the pod's CSI mount dir");
+    assert!(mounted(&mount), "{}", mount.display());
+
+    driver.kill9();
+    agent.wait_relists(3).await;
+    let now = running_container(&cri, agent, name, "app").await;
+    assert_eq!(now.id, before.id, "the container kept running");
+
+    agent.remove_manifest(&format!("{name}.yaml"));
+    eventually(
+        "the agent names the driver and the failed unpublish",
+        Duration::from_secs(60),
+        || async {
+            agent
+                .log()
+                .lines()
+                .any(|l| {
+                    l.contains("volume teardown failed")
+                        && l.contains("retry_in")
+                        && l.contains("NodeUnpublishVolume")
+                        && l.contains(CSI_DRIVER)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    agent.wait_relists(2).await;
+    assert!(pod_dir.is_dir(), "the pod dir stays");
+    assert!(
+        mounted(&mount),
+        "the publish stays: {:?}",
+        agent_mounts(agent)
+    );
+    assert_eq!(
+        std::fs::read_to_string(mount.join("f")).unwrap(),
+        "kept\n",
+        "no data deleted"
+    );
+    pod_dir
+}
+
+async fn gone(what: &Path) {
+    eventually(
+        &format!("{} is gone", what.display()),
+        Duration::from_secs(30),
+        || async { (!what.exists()).then_some(()) },
+    )
+    .await;
+}
+
+/// kill -9 of the driver while a pod uses its claim: the pod keeps
+/// running; its teardown waits and completes once the driver is back.
 #[test]
 fn a_driver_killed_under_a_running_pod_holds_its_teardown_until_it_returns() {
     on_stack(async {
         let mut driver = CsiDriver::start("e2e-csigone");
         let agent = agent_with(&driver, "e2e-csigone");
-        let cri = agent.stack.cri().await;
         agent.write_manifest("storage.yaml", &storage("g"));
         agent.write_manifest(
             "p.yaml",
-            &pod("p", &claim_volume("g"), "echo precious > /data/f; sync"),
+            &pod("p", &claim_volume("g"), "echo kept > /data/f; sync"),
         );
-        let before = running_container(&cri, &agent, "p", "app").await;
-        printed(&agent, "p").await;
-        let (pod_dir, mount) = csi_mount_dir(&agent).expect("the pod's CSI mount dir");
-        assert!(mounted(&mount), "{}", mount.display());
-
-        driver.kill9();
-        agent.wait_relists(3).await;
-        let now = running_container(&cri, &agent, "p", "app").await;
-        assert_eq!(now.id, before.id, "the container kept running");
-
-        agent.remove_manifest("p.yaml");
-        eventually(
-            "the agent names the driver and the failed unpublish",
-            Duration::from_secs(60),
-            || async {
-                agent
-                    .log()
-                    .lines()
-                    .any(|l| {
-                        l.contains("volume teardown failed")
-                            && l.contains("retry_in")
-                            && l.contains("NodeUnpublishVolume")
-                            && l.contains(CSI_DRIVER)
-                    })
-                    .then_some(())
-            },
-        )
-        .await;
-        // Held, not forced: the containers may be gone, the volume is not.
-        agent.wait_relists(2).await;
-        assert!(pod_dir.is_dir(), "the pod dir stays");
-        assert!(
-            mounted(&mount),
-            "the publish stays: {:?}",
-            agent_mounts(&agent)
-        );
-        assert_eq!(
-            std::fs::read_to_string(mount.join("f")).unwrap(),
-            "precious\n",
-            "no data deleted"
-        );
-
+        let pod_dir = kill_the_driver_under(&agent, &mut driver, "p").await;
         driver.spawn();
         wait_ok(&driver, "NodeUnpublishVolume", 1).await;
         wait_ok(&driver, "NodeUnstageVolume", 1).await;
-        eventually("the pod dir is gone", Duration::from_secs(30), || async {
-            (!pod_dir.exists()).then_some(())
-        })
-        .await;
+        gone(&pod_dir).await;
         storage_gone(&agent, &driver).await;
+    });
+}
+
+/// The same with an inline volume of a driver found through plugin
+/// registration, restarted as a DaemonSet's would be (kill -9 leaves its
+/// registration socket; the new process binds a new one): the held
+/// teardown completes once the agent registered it again.
+#[test]
+fn a_registered_driver_killed_and_restarted_completes_the_teardown() {
+    on_stack(async {
+        let mut driver: Option<CsiDriver> = None;
+        let agent = Agent::start("e2e-csiregone");
+        let d = driver.insert(CsiDriver::start_with(registration_options(&agent)));
+        registered(d, 1).await;
+        agent.write_manifest("e.yaml", &pod("e", &inline_volume(), "echo kept > /data/f"));
+        let pod_dir = kill_the_driver_under(&agent, d, "e").await;
+        d.spawn();
+        registered(d, 2).await;
+        wait_ok(d, "NodeUnpublishVolume", 1).await;
+        gone(&pod_dir).await;
+        d.assert_nothing_left();
+        assert!(
+            agent_mounts(&agent).is_empty(),
+            "{:?}",
+            agent_mounts(&agent)
+        );
     });
 }
 
