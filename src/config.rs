@@ -74,6 +74,7 @@ const MINILET_SUPPORTED: &[&str] = &[
     "maxParallelSandboxCreations",
     "maxParallelRuntimeRequests",
     "csiDrivers",
+    "csiOperationTimeout",
 ];
 
 /// Every JSON field name of kubelet's `KubeletConfiguration` v1beta1
@@ -298,6 +299,10 @@ pub struct Config {
     /// minilet `csiDrivers`, default empty: CSI drivers known without
     /// kubelet's plugin registration (edge boxes with no node-driver-registrar).
     pub csi_drivers: Vec<CsiDriverConfig>,
+    /// minilet `csiOperationTimeout`, default 2m (kubelet's csiTimeout): the
+    /// deadline of one CSI call that does work (stage, publish, create and
+    /// their undo); the calls that only ask keep their short deadline.
+    pub csi_operation_timeout: Duration,
     /// Warnings found while loading (e.g. kubelet fields minilet ignores),
     /// logged by `main` once tracing is up.
     pub warnings: Vec<String>,
@@ -362,6 +367,7 @@ impl Config {
             node_lease_duration_seconds: 40,
             eviction_hard: Default::default(),
             csi_drivers: Vec::new(),
+            csi_operation_timeout: Duration::from_secs(120),
             warnings: Vec::new(),
         }
     }
@@ -561,6 +567,7 @@ struct FileSettings {
     max_parallel_sandbox_creations: Option<Setting<u32>>,
     max_parallel_runtime_requests: Option<Setting<u32>>,
     csi_drivers: Option<Setting<Vec<CsiDriverConfig>>>,
+    csi_operation_timeout: Option<Duration>,
     /// Kubelet fields present but not implemented, in file order.
     unsupported: Vec<String>,
 }
@@ -752,6 +759,9 @@ fn resolve(
     if let Some(s) = fs.csi_drivers {
         check_csi_drivers(&s)?;
         cfg.csi_drivers = s.value;
+    }
+    if let Some(v) = fs.csi_operation_timeout {
+        cfg.csi_operation_timeout = v;
     }
     Ok(cfg)
 }
@@ -1239,6 +1249,9 @@ fn read_minilet_field(
             fs.max_parallel_runtime_requests = ctx.count("maxParallelRuntimeRequests", v, 2)?;
         }
         "csiDrivers" => fs.csi_drivers = ctx.csi_drivers(v)?,
+        "csiOperationTimeout" => {
+            fs.csi_operation_timeout = ctx.duration("csiOperationTimeout", v)?;
+        }
         _ => return Err(ctx.unknown_field(field.to_string())),
     }
     Ok(())
@@ -1651,6 +1664,19 @@ mod tests {
             ]
         );
         assert!(from_text(&flags(), KUBELET).unwrap().csi_drivers.is_empty());
+    }
+
+    #[test]
+    fn csi_operation_timeout_is_a_duration_defaulting_to_two_minutes() {
+        let m = |body: &str| format!("{KUBELET}---\n{MINILET}{body}");
+        let c = from_text(&flags(), &m("csiOperationTimeout: 1m30s\n")).unwrap();
+        assert_eq!(c.csi_operation_timeout, Duration::from_secs(90));
+        let c = from_text(&flags(), KUBELET).unwrap();
+        assert_eq!(c.csi_operation_timeout, Duration::from_secs(120));
+        for bad in ["csiOperationTimeout: 0s\n", "csiOperationTimeout: 5\n"] {
+            let err = from_text(&flags(), &m(bad)).expect_err(bad).to_string();
+            assert!(err.contains("invalid csiOperationTimeout"), "{err}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ spec: {{storageClassName: test-csi, accessModes: [ReadWriteOnce], resources: {{r
 }
 
 /// A pod running `script` (then END, then sleeping) with `volume` at /data.
-fn pod(name: &str, volume: &str, script: &str) -> String {
+pub(crate) fn pod(name: &str, volume: &str, script: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
@@ -53,12 +53,12 @@ spec:
     )
 }
 
-fn claim_volume(claim: &str) -> String {
+pub(crate) fn claim_volume(claim: &str) -> String {
     format!("persistentVolumeClaim: {{claimName: {claim}}}")
 }
 
 /// What container `app` of static pod `name` printed up to `END`.
-async fn printed(agent: &Agent, name: &str) -> Vec<String> {
+pub(crate) async fn printed(agent: &Agent, name: &str) -> Vec<String> {
     let prefix = format!("default_{name}-{}_", agent.node);
     eventually(
         &format!("{name} printed END"),
@@ -80,7 +80,7 @@ async fn printed(agent: &Agent, name: &str) -> Vec<String> {
 }
 
 /// The methods the driver answered OK, in order.
-fn ok_methods(driver: &CsiDriver) -> Vec<String> {
+pub(crate) fn ok_methods(driver: &CsiDriver) -> Vec<String> {
     driver
         .calls()
         .into_iter()
@@ -98,7 +98,7 @@ fn position(calls: &[String], method: &str) -> Vec<usize> {
         .collect()
 }
 
-async fn wait_ok(driver: &CsiDriver, method: &str, n: usize) {
+pub(crate) async fn wait_ok(driver: &CsiDriver, method: &str, n: usize) {
     eventually(
         &format!("{n} × {method} OK"),
         Duration::from_secs(60),
@@ -107,8 +107,18 @@ async fn wait_ok(driver: &CsiDriver, method: &str, n: usize) {
     .await;
 }
 
+/// The claims (storage.yaml) go, after their pods: the volume is deleted,
+/// and neither the driver nor the agent holds a mount (or loop device) on
+/// the host any more.
+pub(crate) async fn storage_gone(agent: &Agent, driver: &CsiDriver) {
+    agent.remove_manifest("storage.yaml");
+    wait_ok(driver, "DeleteVolume", 1).await;
+    driver.assert_nothing_left();
+    assert!(agent_mounts(agent).is_empty(), "{:?}", agent_mounts(agent));
+}
+
 /// No mount of the agent's state dir is left (pods' and staging paths).
-fn agent_mounts(agent: &Agent) -> Vec<String> {
+pub(crate) fn agent_mounts(agent: &Agent) -> Vec<String> {
     let root = agent.dir.path().to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
@@ -118,7 +128,7 @@ fn agent_mounts(agent: &Agent) -> Vec<String> {
         .collect()
 }
 
-fn agent_with(driver: &CsiDriver, node: &str) -> Agent {
+pub(crate) fn agent_with(driver: &CsiDriver, node: &str) -> Agent {
     Agent::start_with(
         node,
         Options {
@@ -197,14 +207,7 @@ fn csi_claim_is_provisioned_staged_once_for_two_pods_and_keeps_its_data() {
         // nothing is left mounted or attached.
         agent.remove_manifest("again.yaml");
         wait_ok(&driver, "NodeUnstageVolume", 2).await;
-        agent.remove_manifest("storage.yaml");
-        wait_ok(&driver, "DeleteVolume", 1).await;
-        driver.assert_nothing_left();
-        assert!(
-            agent_mounts(&agent).is_empty(),
-            "{:?}",
-            agent_mounts(&agent)
-        );
+        storage_gone(&agent, &driver).await;
     });
 }
 
@@ -257,9 +260,7 @@ fn kill9_between_publish_and_first_container_does_not_stage_twice() {
 
         agent.remove_manifest("p.yaml");
         wait_ok(&driver, "NodeUnstageVolume", 1).await;
-        agent.remove_manifest("storage.yaml");
-        wait_ok(&driver, "DeleteVolume", 1).await;
-        driver.assert_nothing_left();
+        storage_gone(&agent, &driver).await;
     });
 }
 
@@ -319,9 +320,7 @@ fn kill9_during_teardown_then_restart_completes_unpublish_and_unstage() {
             || async { agent_mounts(&agent).is_empty().then_some(()) },
         )
         .await;
-        agent.remove_manifest("storage.yaml");
-        wait_ok(&driver, "DeleteVolume", 1).await;
-        driver.assert_nothing_left();
+        storage_gone(&agent, &driver).await;
     });
 }
 
@@ -372,6 +371,37 @@ fn waiting(agent: &Agent, name: &str) -> Option<(String, String)> {
     ))
 }
 
+/// With `faults` set on the driver, a pod of a claim waits
+/// ContainerCreating with a message naming `call`, and no publish went
+/// through; once they are cleared it runs; then pod and claim go and nothing
+/// is left. Returns the waiting message.
+pub(crate) async fn faulted_pod_waits_then_runs(
+    agent: &Agent,
+    driver: &CsiDriver,
+    faults: Value,
+    call: &str,
+) -> String {
+    let cri = agent.stack.cri().await;
+    driver.set_faults(faults);
+    agent.write_manifest("storage.yaml", &storage("f"));
+    agent.write_manifest("p.yaml", &pod("p", &claim_volume("f"), "true"));
+    let (reason, message) = eventually(
+        &format!("the pod waits naming {call}"),
+        Duration::from_secs(60),
+        || async { waiting(agent, "p").filter(|(_, m)| m.contains(call)) },
+    )
+    .await;
+    assert_eq!(reason, "ContainerCreating", "{message}");
+    assert!(message.contains(CSI_DRIVER), "{message}");
+    assert_eq!(driver.ok_count("NodePublishVolume"), 0);
+    driver.clear_faults();
+    running_container(&cri, agent, "p", "app").await;
+    agent.remove_manifest("p.yaml");
+    wait_ok(driver, "NodeUnstageVolume", 1).await;
+    storage_gone(agent, driver).await;
+    message
+}
+
 /// A driver that answers Unavailable to NodeStageVolume: the pod waits
 /// ContainerCreating with a FailedMount message naming the driver and the
 /// call, is retried, and runs once the driver recovers; nothing is left
@@ -381,32 +411,17 @@ fn a_driver_answering_unavailable_keeps_the_pod_creating_then_it_runs() {
     on_stack(async {
         let driver = CsiDriver::start("e2e-csifail");
         let agent = agent_with(&driver, "e2e-csifail");
-        let cri = agent.stack.cri().await;
-        driver.set_faults(
+        let message = faulted_pod_waits_then_runs(
+            &agent,
+            &driver,
             serde_json::json!({"NodeStageVolume": {"code": "Unavailable", "times": 1000}}),
-        );
-        agent.write_manifest("storage.yaml", &storage("f"));
-        agent.write_manifest("p.yaml", &pod("p", &claim_volume("f"), "true"));
-        let (reason, message) = eventually(
-            "the pod waits naming the driver",
-            Duration::from_secs(60),
-            || async { waiting(&agent, "p").filter(|(_, m)| m.contains("NodeStageVolume")) },
+            "NodeStageVolume",
         )
         .await;
-        assert_eq!(reason, "ContainerCreating");
         assert!(
             message.contains("MountVolume.MountDevice failed")
-                && message.contains("code = Unavailable")
-                && message.contains(CSI_DRIVER),
+                && message.contains("code = Unavailable"),
             "{message}"
         );
-        assert_eq!(driver.ok_count("NodePublishVolume"), 0);
-        driver.clear_faults();
-        running_container(&cri, &agent, "p", "app").await;
-        agent.remove_manifest("p.yaml");
-        wait_ok(&driver, "NodeUnstageVolume", 1).await;
-        agent.remove_manifest("storage.yaml");
-        wait_ok(&driver, "DeleteVolume", 1).await;
-        driver.assert_nothing_left();
     });
 }

@@ -14,11 +14,13 @@ mod cluster;
 mod cni;
 mod csi;
 mod csi_driver;
+mod csi_drivers;
 mod docker;
 mod harness;
 mod input;
 mod lifecycle;
 mod volume_stats;
+mod volume_update;
 
 use std::time::Duration;
 

@@ -44,7 +44,10 @@ pub const REGISTRATION_RESCAN: Duration = Duration::from_secs(10);
 /// `registration::watch(registry_dir(&cfg.state_dir), registry.clone(),
 /// REGISTRATION_RESCAN, cancel)`.
 pub fn registry_for(cfg: &crate::config::Config) -> Result<Arc<Registry>, CsiError> {
-    let registry = Registry::new(Timeouts::default());
+    let registry = Registry::new(Timeouts {
+        operation: cfg.csi_operation_timeout,
+        ..Timeouts::default()
+    });
     registry.add_static(&cfg.csi_drivers)?;
     Ok(Arc::new(registry))
 }

@@ -496,6 +496,13 @@ mod tests {
         let reg_sock = dir.join("a.csi-reg.sock");
         let server = serve_registrar(&reg_sock, registrar.clone());
         wait_for(true).await;
+        // The driver is in the registry before the plugin is told so.
+        for _ in 0..100 {
+            if !registrar.statuses().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(registrar.statuses()[0].plugin_registered);
         // The registrar stops and removes its socket: the driver goes.
         server.abort();
