@@ -1161,11 +1161,11 @@ mod tests {
         assert_eq!(
             plan(Some(&p), &not_set_up, &mem, 10 * S),
             Action::Wait {
-                until: Some(11 * S)
+                until: Some(10 * S + S / 2)
             }
         );
         assert_eq!(
-            plan(Some(&p), &not_set_up, &mem, 11 * S),
+            plan(Some(&p), &not_set_up, &mem, 10 * S + S / 2),
             Action::SetUpVolumes
         );
         // With a sandbox, garbage is still collected meanwhile.

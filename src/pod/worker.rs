@@ -1875,8 +1875,8 @@ spec:
                 .iter()
                 .any(|e| e.event.reason == "FailedMount" && e.event.message == failed)
         );
-        // Retried with backoff: at 0, 1, 3, 7 s.
-        assert_eq!(ext.calls().len(), 4, "{:?}", ext.calls());
+        // Retried with backoff: at 0, 0.5, 1.5, 3.5, 7.5 s.
+        assert_eq!(ext.calls().len(), 5, "{:?}", ext.calls());
 
         ext.fail_set_up("");
         simulate(&mut w, Some(&d), Duration::from_secs(20), RELIST, || {
