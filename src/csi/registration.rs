@@ -206,18 +206,24 @@ async fn register(
     Ok(info.name.clone())
 }
 
-/// A registration socket as last handled: which file it was (a new
-/// registrar binds a new inode), and the driver it registered.
+/// Which file a socket is: its inode and change time. A restarted
+/// registrar binds a new file, but the file system may hand it the inode
+/// number the old one had, so the inode alone does not tell them apart
+/// (kubelet's plugin watcher keys on the event's timestamp likewise).
+type FileId = (u64, i64, i64);
+
+/// A registration socket as last handled: which file it was, and the
+/// driver it registered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Handled {
-    ino: u64,
+    ino: FileId,
     /// `None`: the handshake failed; retried on the next tick.
     driver: Option<String>,
 }
 
-/// The sockets in the registry dir, by path, with their inode. Dot files
-/// are skipped, as kubelet does.
-fn list_sockets(dir: &Path) -> io::Result<BTreeMap<PathBuf, u64>> {
+/// The sockets in the registry dir, by path, with their file id. Dot
+/// files are skipped, as kubelet does.
+fn list_sockets(dir: &Path) -> io::Result<BTreeMap<PathBuf, FileId>> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
@@ -229,7 +235,7 @@ fn list_sockets(dir: &Path) -> io::Result<BTreeMap<PathBuf, u64>> {
             continue; // gone between readdir and stat
         };
         if meta.file_type().is_socket() {
-            out.insert(entry.path(), meta.ino());
+            out.insert(entry.path(), (meta.ino(), meta.ctime(), meta.ctime_nsec()));
         }
     }
     Ok(out)
