@@ -28,10 +28,10 @@ fn script_pod(name: &str, node: &str, spec: &str, mounts: &str, script: &str) ->
 }
 
 /// What container `app` of the pod printed (its first log) up to `END`.
-async fn printed(agent: &Agent, namespace: &str, pod: &str) -> Vec<String> {
+pub(crate) async fn printed(agent: &Agent, namespace: &str, pod: &str) -> Vec<String> {
     eventually(
         &format!("{pod} printed its files"),
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
             let prefix = format!("{namespace}_{pod}_");
             let dir = std::fs::read_dir(agent.logs_dir())

@@ -59,24 +59,7 @@ pub(crate) fn claim_volume(claim: &str) -> String {
 
 /// What container `app` of static pod `name` printed up to `END`.
 pub(crate) async fn printed(agent: &Agent, name: &str) -> Vec<String> {
-    let prefix = format!("default_{name}-{}_", agent.node);
-    eventually(
-        &format!("{name} printed END"),
-        Duration::from_secs(60),
-        || async {
-            let dir = std::fs::read_dir(agent.logs_dir())
-                .ok()?
-                .flatten()
-                .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?;
-            let text = std::fs::read_to_string(dir.path().join("app/0.log")).ok()?;
-            let lines: Vec<String> = text
-                .lines()
-                .filter_map(|l| l.splitn(4, ' ').nth(3).map(str::to_string))
-                .collect();
-            lines.iter().any(|l| l == "END").then_some(lines)
-        },
-    )
-    .await
+    crate::api_volumes::printed(agent, "default", &format!("{name}-{}", agent.node)).await
 }
 
 /// The methods the driver answered OK, in order.

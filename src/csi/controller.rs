@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
+use super::node::hash_map;
 use super::proto::csi;
 use super::{CsiError, Registry};
 use crate::volume::claims::Provision;
@@ -110,11 +111,7 @@ impl Provisioner for Controller {
                             )
                         })
                         .collect(),
-                    parameters: req
-                        .parameters
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
+                    parameters: hash_map(&req.parameters),
                     ..Default::default()
                 })
                 .await
@@ -175,11 +172,7 @@ impl Provisioner for Controller {
                         &req.mount_options,
                     )),
                     readonly: req.readonly,
-                    volume_context: req
-                        .volume_context
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
+                    volume_context: hash_map(&req.volume_context),
                     ..Default::default()
                 })
                 .await

@@ -98,7 +98,8 @@ pub fn proto_capability(c: &VolumeCapability) -> csi::VolumeCapability {
     }
 }
 
-fn hash_map(m: &BTreeMap<String, String>) -> HashMap<String, String> {
+/// A map as prost's `map<string, string>` fields hold it.
+pub(super) fn hash_map(m: &BTreeMap<String, String>) -> HashMap<String, String> {
     m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
