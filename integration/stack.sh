@@ -54,10 +54,12 @@ IMAGE_PATH_ENV=PATH=/bin:/usr/bin:/sbin:/usr/sbin
 CHECK_NS=minilet-stack-check
 
 # protobuf-compiler, gcc and libc6-dev are for building minilet itself (the
-# CRI protos; rustc links with cc, and the static build needs libc.a).
+# CRI protos; rustc links with cc, and the static build needs libc.a);
+# e2fsprogs, util-linux and mount are the test CSI driver's mkfs, losetup
+# and mount.
 PACKAGES=(containerd runc containernetworking-plugins docker-registry skopeo
   umoci busybox-static iproute2 iptables protobuf-compiler curl gcc libc6-dev
-  apache2-utils)
+  apache2-utils e2fsprogs util-linux mount)
 
 CD_DIR=$RUN/containerd
 CD_CONFIG=$CD_DIR/config.toml
@@ -241,7 +243,7 @@ preflight() {
       die "run dir $RUN overlaps a system containerd's root/state" ;;
   esac
   local cmd
-  for cmd in containerd ctr runc containerd-shim-runc-v2 docker-registry skopeo umoci busybox ip iptables protoc curl cc htpasswd; do
+  for cmd in containerd ctr runc containerd-shim-runc-v2 docker-registry skopeo umoci busybox ip iptables protoc curl cc htpasswd mkfs.ext4 losetup; do
     command -v "$cmd" >/dev/null || die "command $cmd not found after installing packages"
   done
   [[ -x $CNI_PLUGIN_DIR/bridge && -x $CNI_PLUGIN_DIR/host-local && -x $CNI_PLUGIN_DIR/loopback ]] ||
