@@ -53,6 +53,8 @@ step fmt;           cargo fmt --all -- --check
 step clippy;        cargo clippy --all-targets -- -D warnings
 # Unit tests in parallel; the end-to-end suite serialises itself. Benches
 # are type-checked by clippy above and run with `cargo bench`, not here.
+# The CSI e2e tests run the test driver's binary (integration/csi-driver).
+step "test driver"; cargo build -p minilet-test-csi
 step tests;         cargo test --features fault-injection --lib --bins --tests  # e2e needs the fault hook
 step "release binary"; integration/build-release.sh >/dev/null  # the shipped binary: fails if test-only code is in it
 step "image test";  integration/image-test.sh  # the Docker image, run against the stack
