@@ -26,17 +26,7 @@ async fn printed_env(agent: &Agent, pod: &str) -> Vec<String> {
         &format!("{pod} printed its env"),
         Duration::from_secs(30),
         || async {
-            let prefix = format!("default_{pod}-{}_", agent.node);
-            let dir = std::fs::read_dir(agent.logs_dir())
-                .ok()?
-                .flatten()
-                .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?;
-            let text = std::fs::read_to_string(dir.path().join("app/0.log")).ok()?;
-            // CRI log lines: `<time> stdout F <text>`.
-            let lines: Vec<String> = text
-                .lines()
-                .filter_map(|l| l.splitn(4, ' ').nth(3).map(str::to_string))
-                .collect();
+            let lines = first_log_lines(agent, "default", &format!("{pod}-{}", agent.node))?;
             lines
                 .iter()
                 .any(|l| l.starts_with("PATH="))

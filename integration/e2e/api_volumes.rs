@@ -33,17 +33,7 @@ pub(crate) async fn printed(agent: &Agent, namespace: &str, pod: &str) -> Vec<St
         &format!("{pod} printed its files"),
         Duration::from_secs(60),
         || async {
-            let prefix = format!("{namespace}_{pod}_");
-            let dir = std::fs::read_dir(agent.logs_dir())
-                .ok()?
-                .flatten()
-                .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?;
-            let text = std::fs::read_to_string(dir.path().join("app/0.log")).ok()?;
-            // CRI log lines: `<time> stdout F <text>`.
-            let lines: Vec<String> = text
-                .lines()
-                .filter_map(|l| l.splitn(4, ' ').nth(3).map(str::to_string))
-                .collect();
+            let lines = first_log_lines(agent, namespace, pod)?;
             lines.iter().any(|l| l == "END").then_some(lines)
         },
     )

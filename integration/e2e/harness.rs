@@ -535,3 +535,20 @@ pub fn needs_fault_hook() {
 }
 #[cfg(feature = "fault-injection")]
 pub fn needs_fault_hook() {}
+
+/// The lines container `app` of pod `namespace`/`pod` printed in its first
+/// log (CRI log lines `<time> stdout F <text>`, text only); `None` before
+/// the log exists.
+pub fn first_log_lines(agent: &Agent, namespace: &str, pod: &str) -> Option<Vec<String>> {
+    let prefix = format!("{namespace}_{pod}_");
+    let dir = std::fs::read_dir(agent.logs_dir())
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?;
+    let text = std::fs::read_to_string(dir.path().join("app/0.log")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.splitn(4, ' ').nth(3).map(str::to_string))
+            .collect(),
+    )
+}

@@ -57,18 +57,7 @@ spec:
 
 /// Every line container `app` of static pod `name` printed so far.
 fn output(agent: &Agent, name: &str) -> Vec<String> {
-    let prefix = format!("default_{name}-{}_", agent.node);
-    let Some(dir) = std::fs::read_dir(agent.logs_dir()).ok().and_then(|d| {
-        d.flatten()
-            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-    }) else {
-        return vec![];
-    };
-    std::fs::read_to_string(dir.path().join("app/0.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.splitn(4, ' ').nth(3).map(str::to_string))
-        .collect()
+    first_log_lines(agent, "default", &format!("{name}-{}", agent.node)).unwrap_or_default()
 }
 
 fn reads(out: &[String]) -> u64 {
