@@ -7,7 +7,9 @@
 //!
 //! Only real changes are written, and a burst of them once: the first
 //! change since the last write waits 250 ms for the rest (a minor one, an IP
-//! or a message, 1 s, unless the phase or a container moves meanwhile).
+//! or a message, 1 s, unless the phase or a container moves meanwhile; 10 s
+//! while the pod is still on its normal way to Running, so a slow start is
+//! written twice, as kubelet writes it).
 //! What the writer compares against is what
 //! the server has: read once (GET) when unknown, then what it last wrote.
 //! The workers recompute the status on every observation, so before the
@@ -68,6 +70,14 @@ const QUIET: Duration = Duration::from_millis(250);
 /// pod's next real step is usually that close, and then one write carries
 /// both (kubelet's own client limit merges them the same way).
 const MINOR_QUIETS: u32 = 4;
+/// A minor change of a pod that is still starting normally (Pending, every
+/// container waiting only to be created) waits this many QUIETs: kubelet
+/// writes such a pod twice (Pending, then Running), because its IP and
+/// start time come out with the next sync that starts the containers; on a
+/// loaded node that takes more than a second, and a third write would
+/// carry nothing a user waits for. A pull that takes longer still shows
+/// the IP after 10 s.
+const STARTING_QUIETS: u32 = 40;
 /// How long a mirror pod that is not there yet waits before the next try.
 const RETRY: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -567,12 +577,14 @@ impl StatusSink for StatusWriter {
             // steps of a quick start (sandbox, IP, container) are one write;
             // a minor one waits longer, unless a real step comes meanwhile.
             let major = is_major(e.server.as_ref().map(|k| &k.status), pod.status.as_ref());
-            let at = Instant::now()
-                + if major {
-                    self.quiet
-                } else {
-                    self.quiet * MINOR_QUIETS
-                };
+            let quiets = if major {
+                1
+            } else if starting(pod.status.as_ref()) {
+                STARTING_QUIETS
+            } else {
+                MINOR_QUIETS
+            };
+            let at = Instant::now() + self.quiet * quiets;
             match e.not_before {
                 None if !e.dirty() => e.not_before = Some(at),
                 Some(nb) if major && at < nb => e.not_before = Some(at),
@@ -597,6 +609,29 @@ impl StatusSink for StatusWriter {
             self.wake.notify_one();
         }
     }
+}
+
+/// Whether the pod is on its normal way to Running: Pending, no pod-level
+/// error, and every container waiting only to be created or initialised.
+fn starting(s: Option<&PodStatus>) -> bool {
+    let Some(s) = s else { return false };
+    s.phase.as_deref() == Some("Pending")
+        && s.reason.is_none()
+        && s.init_container_statuses
+            .iter()
+            .flatten()
+            .chain(s.container_statuses.iter().flatten())
+            .all(|c| {
+                c.state
+                    .as_ref()
+                    .and_then(|st| st.waiting.as_ref())
+                    .is_some_and(|w| {
+                        matches!(
+                            w.reason.as_deref(),
+                            Some("ContainerCreating" | "PodInitializing")
+                        )
+                    })
+            })
 }
 
 /// Whether `new` moves the pod on from `old` (what the server has): its
@@ -843,6 +878,57 @@ mod tests {
         let mut msg = running.clone();
         msg.status.as_mut().unwrap().message = Some("x".into());
         w.publish("u1", &msg);
+        tokio::time::advance(QUIET * MINOR_QUIETS).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_start_is_still_two_writes_but_a_stuck_one_shows_its_ip() {
+        use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus};
+        let api = FakePods::default();
+        api.insert(api_pod("u1", "p"));
+        let w = Arc::new(StatusWriter {
+            entries: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            host_ip: "10.0.0.5".into(),
+            quiet: QUIET,
+        });
+        let waiting = |reason: &str, ip: Option<&str>| {
+            let mut s = status("Pending", vec![]);
+            s.container_statuses = Some(vec![ContainerStatus {
+                name: "app".into(),
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some(reason.into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]);
+            s.pod_ip = ip.map(Into::into);
+            with_status(api_pod("u1", "p"), s)
+        };
+        w.publish("u1", &waiting("ContainerCreating", None));
+        tokio::time::advance(QUIET).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 1);
+        // The sandbox's IP while the container is being created: a loaded
+        // node takes seconds to start it; the IP waits for Running.
+        w.publish("u1", &waiting("ContainerCreating", Some("10.1.0.7")));
+        tokio::time::advance(QUIET * MINOR_QUIETS * 3).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 1, "no third write for a starting pod");
+        // Still not running after 10 s (a long pull): the IP goes out.
+        tokio::time::advance(QUIET * STARTING_QUIETS).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 2);
+        // A pod in trouble is not "starting": its news goes out in 1 s.
+        w.publish("u1", &waiting("ErrImagePull", Some("10.1.0.7")));
+        tokio::time::advance(QUIET).await;
+        settle(&w, &api).await;
+        assert_eq!(api.count("patch"), 2, "minor: waits a moment");
         tokio::time::advance(QUIET * MINOR_QUIETS).await;
         settle(&w, &api).await;
         assert_eq!(api.count("patch"), 3);
