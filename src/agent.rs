@@ -441,6 +441,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     // mode: the cluster's controllers do it there, and claims are read
     // through the object lookup.
     let mut claim_resolver: Option<Arc<dyn crate::volume::resolve::ClaimResolver>> = None;
+    let volume_inputs = crate::objects::Changes::default();
     let volumes_view = if api.is_none() {
         let controller = Arc::new(crate::csi::controller::Controller::new(
             csi_registry.clone(),
@@ -451,6 +452,19 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         );
         claim_resolver = Some(claims.clone());
         let view = claims.view();
+        // A claim bound or its volume provisioned: waiting pods retry now.
+        let (mut bindings, changes, c) = (claims.view(), volume_inputs.clone(), cancel.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => return,
+                    r = bindings.changed() => match r {
+                        Ok(()) => changes.bump(),
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
         tasks.spawn(crate::volume::provision::run(
             claims,
             snap_rx.clone(),
@@ -512,16 +526,20 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     local.replace(snap_rx.borrow().all_objects());
     {
         let (store, rx, c) = (local.clone(), snap_rx.clone(), cancel.clone());
+        let changes = volume_inputs.clone();
         tasks.spawn(async move {
             tokio::select! {
                 _ = c.cancelled() => {}
-                _ = crate::source::feed_objects(store, rx) => {}
+                _ = crate::source::feed_objects(store, rx, changes) => {}
             }
         });
     }
     let objects: Arc<dyn crate::objects::ObjectLookup> = match &api {
         Some(api) => {
-            let watched = Arc::new(crate::api::objects::WatchedObjects::new(api.client.clone()));
+            let watched = Arc::new(
+                crate::api::objects::WatchedObjects::new(api.client.clone())
+                    .with_changes(volume_inputs.clone()),
+            );
             let (w, rx, c) = (watched.clone(), snap_rx.clone(), cancel.clone());
             tasks.spawn(async move {
                 tokio::select! {
@@ -607,6 +625,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         }),
         mounter: Arc::new(crate::volume::HostMounter),
         external_volumes: vec![csi_plugin as Arc<dyn crate::volume::External>],
+        volume_inputs,
     });
     check_adopted(&*shared.runtime, &runner, &board, &cfg.node_name).await;
     {

@@ -20,6 +20,32 @@ use k8s_openapi::api::storage::v1::StorageClass;
 
 use crate::locks::{read, write};
 
+/// A counter bumped each time something a pod's volumes are built from
+/// changes (an object the lookup serves, a standalone claim's binding),
+/// after the change is visible. A worker whose volume set-up failed
+/// retries at once on a bump instead of waiting out its backoff, as
+/// kubelet's volume manager re-evaluates when its inputs change. Cheap to
+/// clone; every clone bumps the same counter.
+#[derive(Clone, Debug)]
+pub struct Changes(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes(Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl Changes {
+    pub fn bump(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every later bump (`changed()`).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
 /// The kinds of object a pod can reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {

@@ -75,6 +75,8 @@ pub struct WatchedObjects {
     client: Client,
     first_list: Duration,
     watches: Mutex<HashMap<ObjectRef, Watch>>,
+    /// Bumped after every change a watch publishes.
+    changes: crate::objects::Changes,
 }
 
 impl WatchedObjects {
@@ -87,7 +89,14 @@ impl WatchedObjects {
             client,
             first_list,
             watches: Mutex::new(HashMap::new()),
+            changes: crate::objects::Changes::default(),
         }
+    }
+
+    /// Bump `changes` after every object change (see `objects::Changes`).
+    pub fn with_changes(mut self, changes: crate::objects::Changes) -> Self {
+        self.changes = changes;
+        self
     }
 
     /// Stop watching what no pod references any more.
@@ -123,24 +132,39 @@ impl WatchedObjects {
         let c = self.client.clone();
         let (ns, name) = (r.namespace.as_str(), r.name.clone());
         let object = r.clone();
+        let ch = &self.changes;
         let task = match r.kind {
-            Kind::ConfigMap => tokio::spawn(run(Api::namespaced(c, ns), name, object, tx, |o| {
-                Object::ConfigMap(Arc::new(o))
-            })),
-            Kind::Secret => tokio::spawn(run(Api::namespaced(c, ns), name, object, tx, |o| {
-                Object::Secret(Arc::new(o))
-            })),
-            Kind::PersistentVolumeClaim => {
-                tokio::spawn(run(Api::namespaced(c, ns), name, object, tx, |o| {
-                    Object::Claim(Arc::new(o))
+            Kind::ConfigMap => tokio::spawn(run(
+                Api::namespaced(c, ns),
+                name,
+                object,
+                (tx, ch.clone()),
+                |o| Object::ConfigMap(Arc::new(o)),
+            )),
+            Kind::Secret => tokio::spawn(run(
+                Api::namespaced(c, ns),
+                name,
+                object,
+                (tx, ch.clone()),
+                |o| Object::Secret(Arc::new(o)),
+            )),
+            Kind::PersistentVolumeClaim => tokio::spawn(run(
+                Api::namespaced(c, ns),
+                name,
+                object,
+                (tx, ch.clone()),
+                |o| Object::Claim(Arc::new(o)),
+            )),
+            Kind::PersistentVolume => {
+                tokio::spawn(run(Api::all(c), name, object, (tx, ch.clone()), |o| {
+                    Object::Volume(Arc::new(o))
                 }))
             }
-            Kind::PersistentVolume => tokio::spawn(run(Api::all(c), name, object, tx, |o| {
-                Object::Volume(Arc::new(o))
-            })),
-            Kind::StorageClass => tokio::spawn(run(Api::all(c), name, object, tx, |o| {
-                Object::Class(Arc::new(o))
-            })),
+            Kind::StorageClass => {
+                tokio::spawn(run(Api::all(c), name, object, (tx, ch.clone()), |o| {
+                    Object::Class(Arc::new(o))
+                }))
+            }
         };
         watches.insert(
             r.clone(),
@@ -189,7 +213,7 @@ async fn run<K>(
     api: Api<K>,
     name: String,
     object: ObjectRef,
-    tx: watch::Sender<State>,
+    (tx, changes): (watch::Sender<State>, crate::objects::Changes),
     wrap: fn(K) -> Object,
 ) where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -205,12 +229,15 @@ async fn run<K>(
             Ok(watcher::Event::InitApply(o)) => listing = Some(o),
             Ok(watcher::Event::InitDone) => {
                 tx.send_replace(State::Synced(listing.take().map(wrap)));
+                changes.bump();
             }
             Ok(watcher::Event::Apply(o)) => {
                 tx.send_replace(State::Synced(Some(wrap(o))));
+                changes.bump();
             }
             Ok(watcher::Event::Delete(_)) => {
                 tx.send_replace(State::Synced(None));
+                changes.bump();
             }
             Err(e) => {
                 let err = classify(&object, &e);

@@ -63,6 +63,9 @@ pub struct Shared<R> {
     /// Plugins for the volume kinds set up outside `volume` (CSI); the
     /// volume stage asks each whether it `handles` a volume.
     pub external_volumes: Vec<Arc<dyn volume::External>>,
+    /// Bumped when what volumes are built from changes (objects, claim
+    /// bindings): a pod waiting on a failed volume set-up retries at once.
+    pub volume_inputs: crate::objects::Changes,
 }
 
 /// Retrying a step that failed before plan could decide (observe, status).
@@ -114,6 +117,7 @@ impl Shared<crate::cri::fake::FakeRuntime> {
             tokens: None,
             mounter: Arc::new(volume::mount::fake::FakeMounter::default()),
             external_volumes: Vec::new(),
+            volume_inputs: crate::objects::Changes::default(),
             runtime,
             host: HostContext {
                 node_name: "n1".into(),
@@ -174,6 +178,8 @@ pub struct Worker<R> {
     shared: Arc<Shared<R>>,
     desired: watch::Receiver<Desired>,
     wake: Arc<Notify>,
+    /// `Shared::volume_inputs`, as this worker has seen it.
+    volume_inputs: watch::Receiver<u64>,
     mem: Memory,
     cache: Cache,
     /// The last desired pod, kept to report status while terminating.
@@ -236,6 +242,7 @@ impl<R: Runtime> Worker<R> {
         let wake = Arc::new(Notify::new());
         let worker = Worker {
             uid,
+            volume_inputs: shared.volume_inputs.subscribe(),
             shared,
             desired: rx,
             wake: wake.clone(),
@@ -282,6 +289,7 @@ impl<R: Runtime> Worker<R> {
                     _ = cancel.cancelled() => return,
                     _ = self.desired.changed() => {}
                     _ = self.wake.notified() => {}
+                    Ok(()) = self.volume_inputs.changed() => self.volume_inputs_changed(),
                     _ = tokio::time::sleep(sleep) => {}
                 }
             }
@@ -1027,6 +1035,15 @@ impl<R: Runtime> Worker<R> {
                 self.mem.volume_backoff = Some(b);
                 self.mem.volume_error = Some(message);
             }
+        }
+    }
+
+    /// What volumes are built from changed (a claim bound, an object
+    /// appeared): a failed set-up is due again now, not after its backoff.
+    fn volume_inputs_changed(&mut self) {
+        self.volume_inputs.borrow_and_update();
+        if self.mem.volume_error.is_some() && self.mem.volume_backoff.take().is_some() {
+            debug!("volume inputs changed: retrying the volume set-up now");
         }
     }
 
@@ -1832,6 +1849,37 @@ spec:
         s.external_volumes = vec![external.clone()];
         s.mounter = mounter.clone();
         Arc::new(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_volume_set_up_retries_at_once_when_its_inputs_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img:1"]));
+        let ext = Arc::new(volume::fake::FakeExternal::default());
+        let mounter = Arc::new(volume::mount::fake::FakeMounter::default());
+        let d = desired(
+            "metadata: {name: p-n1, namespace: default, uid: u1}\nspec:\n  volumes: [{name: data, csi: {driver: d}}]\n  containers: [{name: app, image: \"img:1\"}]\n",
+        );
+        let shared = shared_with_volumes(&rt, tmp.path(), &ext, &mounter);
+        let (mut w, _h) = Worker::new("u1".into(), shared.clone(), want(Some(&d)), None);
+        ext.fail_set_up("claim default/data is not bound yet");
+        w.step(&want(Some(&d))).await.unwrap();
+        assert_eq!(ext.calls().len(), 1);
+        // In backoff: another turn (a relist, say) does not retry.
+        w.step(&want(Some(&d))).await.unwrap();
+        assert_eq!(ext.calls().len(), 1, "backoff holds");
+        // The claim binds: the next turn retries, backoff or not.
+        ext.fail_set_up("");
+        shared.volume_inputs.bump();
+        assert!(w.volume_inputs.has_changed().unwrap());
+        w.volume_inputs_changed();
+        w.step(&want(Some(&d))).await.unwrap();
+        assert_eq!(ext.calls().len(), 2, "{:?}", ext.calls());
+        assert!(w.mem.volume_error.is_none());
+        // A change with nothing failed costs nothing.
+        shared.volume_inputs.bump();
+        w.volume_inputs_changed();
+        assert!(w.mem.volume_backoff.is_none());
     }
 
     #[tokio::test(start_paused = true)]

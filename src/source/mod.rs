@@ -95,16 +95,18 @@ impl Snapshot {
 }
 
 /// Keep `store` holding the objects of the latest snapshot (the manifest
-/// dir's ConfigMaps, Secrets, claims, volumes). Returns when the sender is
-/// gone.
+/// dir's ConfigMaps, Secrets, claims, volumes), bumping `changes` after
+/// each change. Returns when the sender is gone.
 pub async fn feed_objects(
     store: crate::objects::ObjectStore,
     mut snapshots: tokio::sync::watch::Receiver<Snapshot>,
+    changes: crate::objects::Changes,
 ) {
     loop {
         let objects = snapshots.borrow_and_update().all_objects();
         if store.snapshot() != objects {
             store.replace(objects);
+            changes.bump();
         }
         if snapshots.changed().await.is_err() {
             return;
