@@ -612,7 +612,8 @@ impl StatusSink for StatusWriter {
 }
 
 /// Whether the pod is on its normal way to Running: Pending, no pod-level
-/// error, and every container waiting only to be created or initialised.
+/// error, and every container waiting only to be created or initialised,
+/// with no message (a failed mount's message is news: it goes out in 1 s).
 fn starting(s: Option<&PodStatus>) -> bool {
     let Some(s) = s else { return false };
     s.phase.as_deref() == Some("Pending")
@@ -626,10 +627,11 @@ fn starting(s: Option<&PodStatus>) -> bool {
                     .as_ref()
                     .and_then(|st| st.waiting.as_ref())
                     .is_some_and(|w| {
-                        matches!(
-                            w.reason.as_deref(),
-                            Some("ContainerCreating" | "PodInitializing")
-                        )
+                        w.message.is_none()
+                            && matches!(
+                                w.reason.as_deref(),
+                                Some("ContainerCreating" | "PodInitializing")
+                            )
                     })
             })
 }
@@ -925,6 +927,17 @@ mod tests {
         settle(&w, &api).await;
         assert_eq!(api.count("patch"), 2);
         // A pod in trouble is not "starting": its news goes out in 1 s.
+        let mut mount_failed = waiting("ContainerCreating", Some("10.1.0.7"));
+        let st = mount_failed.status.as_mut().unwrap();
+        st.container_statuses.as_mut().unwrap()[0]
+            .state
+            .as_mut()
+            .unwrap()
+            .waiting
+            .as_mut()
+            .unwrap()
+            .message = Some("MountVolume.SetUp failed".into());
+        assert!(!starting(mount_failed.status.as_ref()));
         w.publish("u1", &waiting("ErrImagePull", Some("10.1.0.7")));
         tokio::time::advance(QUIET).await;
         settle(&w, &api).await;
