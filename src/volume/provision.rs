@@ -399,7 +399,16 @@ impl Claims {
             _ => None,
         });
         let created: Vec<Result<bool, ProvisionError>> = futures::stream::iter(creating)
-            .map(|(name, req)| async move { self.create(&name, &req, now).await })
+            .map(|(name, req)| async move {
+                let done = self.create(&name, &req, now).await?;
+                if done {
+                    // Bound and shown at once: its pod does not wait for
+                    // the other claims' CreateVolume calls.
+                    let plan = self.decide(objects, used, hold_deletes, now)?;
+                    self.publish_view(objects, &plan);
+                }
+                Ok(done)
+            })
             .buffer_unordered(PARALLEL_VOLUME_CALLS)
             .collect()
             .await;
@@ -908,6 +917,8 @@ mod tests {
         fail_create: AtomicUsize,
         fail_delete: AtomicUsize,
         publishes: bool,
+        /// CreateVolume of a name containing this waits for the notify.
+        hold: Option<(String, Arc<tokio::sync::Notify>)>,
     }
 
     impl Provisioner for FakeDriver {
@@ -926,7 +937,15 @@ mod tests {
                 .fail_create
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok();
+            let hold = self
+                .hold
+                .as_ref()
+                .filter(|(n, _)| req.name.contains(n.as_str()))
+                .map(|(_, gate)| gate.clone());
             Box::pin(async move {
+                if let Some(gate) = hold {
+                    gate.notified().await;
+                }
                 if fail {
                     return Err(CallError("Unavailable: driver restarting".into()));
                 }
@@ -1057,6 +1076,50 @@ mod tests {
         assert!(claims.view().borrow().volumes.is_empty());
         let e = claims.resolve("default", "data", false).await.unwrap_err();
         assert_eq!(e.to_string(), "persistentvolumeclaim \"data\" not found");
+    }
+
+    #[tokio::test]
+    async fn each_claim_is_bound_as_soon_as_its_own_volume_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let slow = derived_uid("default", "slow", "2026-12-01T10:00:00Z".parse().unwrap());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let driver = Arc::new(FakeDriver {
+            hold: Some((slow, gate.clone())),
+            ..Default::default()
+        });
+        let claims = Arc::new(Claims::open(dir.path(), Some(driver.clone())).unwrap());
+        let mut o = objects(true, serde_json::json!({}));
+        let mut slow_claim = (*o.claims[&("default".to_string(), "data".to_string())]).clone();
+        slow_claim.metadata.name = Some("slow".into());
+        o.claims
+            .insert(("default".into(), "slow".into()), Arc::new(slow_claim));
+        let sync = {
+            let (claims, o) = (claims.clone(), o.clone());
+            tokio::spawn(async move { claims.sync(&o, &BTreeSet::new(), false, t0()).await })
+        };
+        let phase = |v: &VolumesView, name: &str| {
+            v.claims
+                .iter()
+                .find(|c| c.metadata.name.as_deref() == Some(name))
+                .and_then(|c| c.status.as_ref()?.phase.clone())
+        };
+        let mut view = claims.view();
+        let seen = tokio::time::timeout(
+            Duration::from_secs(5),
+            view.wait_for(|v| phase(v, "data").as_deref() == Some("Bound")),
+        )
+        .await
+        .expect("data bound while slow's CreateVolume is still in flight")
+        .unwrap()
+        .clone();
+        assert_eq!(phase(&seen, "slow").as_deref(), Some("Pending"));
+        assert!(claims.resolve("default", "data", false).await.is_ok());
+        gate.notify_one();
+        sync.await.unwrap().unwrap();
+        assert_eq!(
+            phase(&claims.view().borrow(), "slow").as_deref(),
+            Some("Bound")
+        );
     }
 
     #[tokio::test]
