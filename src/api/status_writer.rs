@@ -794,11 +794,16 @@ mod tests {
     }
 
     fn writer() -> Arc<StatusWriter> {
+        writer_quiet(Duration::ZERO)
+    }
+
+    /// A writer on node IP 10.0.0.5 whose first change waits `quiet`.
+    fn writer_quiet(quiet: Duration) -> Arc<StatusWriter> {
         Arc::new(StatusWriter {
             entries: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             host_ip: "10.0.0.5".into(),
-            quiet: Duration::ZERO,
+            quiet,
         })
     }
 
@@ -846,12 +851,7 @@ mod tests {
     async fn a_minor_change_waits_for_the_next_real_step() {
         let api = FakePods::default();
         api.insert(api_pod("u1", "p"));
-        let w = Arc::new(StatusWriter {
-            entries: Mutex::new(HashMap::new()),
-            wake: Notify::new(),
-            host_ip: "10.0.0.5".into(),
-            quiet: QUIET,
-        });
+        let w = writer_quiet(QUIET);
         let pending = || with_status(api_pod("u1", "p"), status("Pending", vec![]));
         w.publish("u1", &pending());
         tokio::time::advance(QUIET).await;
@@ -890,12 +890,7 @@ mod tests {
         use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus};
         let api = FakePods::default();
         api.insert(api_pod("u1", "p"));
-        let w = Arc::new(StatusWriter {
-            entries: Mutex::new(HashMap::new()),
-            wake: Notify::new(),
-            host_ip: "10.0.0.5".into(),
-            quiet: QUIET,
-        });
+        let w = writer_quiet(QUIET);
         let waiting = |reason: &str, ip: Option<&str>| {
             let mut s = status("Pending", vec![]);
             s.container_statuses = Some(vec![ContainerStatus {
@@ -951,13 +946,7 @@ mod tests {
     async fn a_quick_start_is_one_write() {
         let api = FakePods::default();
         api.insert(api_pod("u1", "p"));
-        let w = writer();
-        let w = Arc::new(StatusWriter {
-            entries: Mutex::new(HashMap::new()),
-            wake: Notify::new(),
-            host_ip: w.host_ip.clone(),
-            quiet: QUIET,
-        });
+        let w = writer_quiet(QUIET);
         for phase in ["Pending", "Pending", "Running"] {
             w.publish(
                 "u1",
