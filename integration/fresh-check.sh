@@ -123,6 +123,10 @@ step "netns count (up)";    n=$(netns_count)
 # A runtime netns made before `ip netns` bound /run/netns over itself is
 # hidden below that bind (rm: EBUSY); down must still remove it.
 step "netns under ip's bind"
+# `up` made /run/netns ip's shared bind of itself (here on this namespace's
+# own tmpfs /run), so no later bind hides the stack's netns. Lift it to get
+# the order a machine can still have (a netns first, ip's bind after).
+umount /run/netns
 mkdir -p /run/netns
 touch /run/netns/cni-fresh-check
 mount --bind /proc/self/ns/net /run/netns/cni-fresh-check

@@ -634,6 +634,21 @@ write_env() {
   mv -f "$ENV_FILE.new" "$ENV_FILE"
 }
 
+# Make /run/netns the shared bind of itself that `ip netns add` makes, now,
+# while no runtime netns is mounted under it: the first `ip netns add`
+# later (a root test, the user) would otherwise bind over the pods' netns
+# files and hide them (teardown: umount "not mounted", rm EBUSY). Nothing
+# if it is a mount point already or something is mounted under it.
+bind_netns_dir() {
+  STEP=netns
+  mkdir -p /run/netns
+  if awk '$5 == "/run/netns" || index($5, "/run/netns/") == 1 { f = 1 } END { exit !f }' /proc/self/mountinfo; then
+    return 0
+  fi
+  mount --bind /run/netns /run/netns && mount --make-shared /run/netns ||
+    die "cannot make /run/netns a shared bind of itself (as ip netns does)"
+}
+
 cmd_up() {
   local t0=$SECONDS
   mkdir -p "$RUN"
@@ -646,6 +661,7 @@ cmd_up() {
   images
   auth_image
   write_containerd_config
+  bind_netns_dir
   start_containerd
   check_containerd
   prepull
