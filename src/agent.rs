@@ -562,14 +562,21 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
             objects: objects.clone(),
         }),
     };
-    let csi_plugin = Arc::new(crate::volume::csi::CsiPlugin::new(
+    let mut csi_plugin = crate::volume::csi::CsiPlugin::new(
         cfg.state_dir.clone(),
         cfg.node_name.clone(),
         Arc::new(crate::csi::node::Nodes::new(csi_registry.clone())),
         claims,
         objects.clone(),
         Arc::new(crate::volume::csi::Host),
-    ));
+    );
+    if let Some(api) = &api {
+        // CSIDriver objects and VolumeAttachments, as kubelet reads them.
+        csi_plugin = csi_plugin.with_cluster(Arc::new(crate::api::csi_objects::ApiCsi {
+            client: api.client.clone(),
+        }));
+    }
+    let csi_plugin = Arc::new(csi_plugin);
     {
         // Volumes staged by an agent that died before their last pod's
         // teardown recorded it: unstaged once their driver answers.

@@ -16,6 +16,11 @@
 //!   a condition's status flips; `lastHeartbeatTime` is when it was written.
 //! - `spec.podCIDR(s)`, set by kube-controller-manager, is published to the
 //!   CNI runner (`cni::pod_cidr`).
+//! - Volumes: the Node carries kubelet's `controller-managed-attach-detach`
+//!   annotation (the attach/detach controller makes the VolumeAttachments
+//!   the CSI plugin waits for), and `status.volumesInUse` lists the CSI
+//!   volumes recorded on disk, so the controller never detaches one the
+//!   node still has staged or published.
 //!
 //! Only this node's Node and Lease are touched (the Node authorizer refuses
 //! anything else). Failures are logged once per change of message, retried
@@ -123,7 +128,8 @@ pub struct Sample {
     pub inodes_free: u64,
 }
 
-/// What the conditions say.
+/// What the node reports each period: what the conditions say, and the
+/// volumes it uses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Health {
     pub runtime_ready: bool,
@@ -131,6 +137,8 @@ pub struct Health {
     pub disk_pressure: bool,
     /// kubelet has no default PID threshold on Linux: always false here.
     pub pid_pressure: bool,
+    /// `status.volumesInUse` (`volume::csi::state::volumes_in_use`).
+    pub volumes_in_use: Vec<String>,
 }
 
 /// The conditions from a sample, against the hard eviction thresholds.
@@ -143,7 +151,22 @@ pub fn health(runtime_ready: bool, s: &Sample, e: &EvictionHard) -> Health {
         disk_pressure: e.nodefs_available.breached(s.fs_available, s.fs_capacity)
             || e.nodefs_inodes_free.breached(s.inodes_free, s.inodes),
         pid_pressure: false,
+        volumes_in_use: Vec::new(),
     }
+}
+
+/// kubelet's annotation that the attach/detach controller attaches and
+/// detaches this node's volumes (kubelet's enableControllerAttachDetach,
+/// default true): without it the controller makes no VolumeAttachment.
+pub const CONTROLLER_MANAGED_ATTACH_DETACH: &str =
+    "volumes.kubernetes.io/controller-managed-attach-detach";
+
+/// The annotations minilet keeps on its Node.
+pub fn annotations() -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        CONTROLLER_MANAGED_ATTACH_DETACH.to_string(),
+        "true".to_string(),
+    )])
 }
 
 /// kubelet's labels on its Node (the beta ones are still set by kubelet).
@@ -313,6 +336,7 @@ pub fn status(f: &NodeFacts, h: &Health, prev: &[NodeCondition], now: Timestamp)
         daemon_endpoints: Some(NodeDaemonEndpoints {
             kubelet_endpoint: Some(DaemonEndpoint { port: KUBELET_PORT }),
         }),
+        volumes_in_use: (!h.volumes_in_use.is_empty()).then(|| h.volumes_in_use.clone()),
         node_info: Some(NodeSystemInfo {
             architecture: f.architecture.clone(),
             boot_id: f.boot_id.clone(),
@@ -328,6 +352,16 @@ pub fn status(f: &NodeFacts, h: &Health, prev: &[NodeCondition], now: Timestamp)
         }),
         ..NodeStatus::default()
     }
+}
+
+/// The strategic merge patch writing `new`: a list that became empty is
+/// deleted (null), not left as the server has it.
+pub fn status_patch(new: &NodeStatus) -> serde_json::Value {
+    let mut patch = serde_json::json!({ "status": new });
+    if new.volumes_in_use.is_none() {
+        patch["status"]["volumesInUse"] = serde_json::Value::Null;
+    }
+    patch
 }
 
 /// Whether `new` says something `old` did not: any difference but the
@@ -366,6 +400,7 @@ pub fn node_object(f: &NodeFacts, h: &Health, now: Timestamp) -> Node {
         metadata: ObjectMeta {
             name: Some(f.node_name.clone()),
             labels: Some(labels(f)),
+            annotations: Some(annotations()),
             ..ObjectMeta::default()
         },
         spec: None,
@@ -533,11 +568,14 @@ fn current_health(
     settings: &NodeSettings,
     runtime_ready: &watch::Receiver<bool>,
 ) -> Health {
-    health(
-        *runtime_ready.borrow(),
-        &super::machine::sample(&settings.state_dir),
-        &facts.eviction,
-    )
+    Health {
+        volumes_in_use: crate::volume::csi::state::volumes_in_use(&settings.state_dir),
+        ..health(
+            *runtime_ready.borrow(),
+            &super::machine::sample(&settings.state_dir),
+            &facts.eviction,
+        )
+    }
 }
 
 fn publish_cidr(pod_cidr: &PodCidr, node: &Node) {
@@ -595,9 +633,12 @@ async fn adopt(nodes: &Api<Node>, facts: &NodeFacts) -> Result<Node, kube::Error
     let existing = nodes.get(&facts.node_name).await?;
     let want = labels(facts);
     let have = existing.metadata.labels.clone().unwrap_or_default();
-    let missing = want.iter().any(|(k, v)| have.get(k) != Some(v));
+    let want_ann = annotations();
+    let have_ann = existing.metadata.annotations.clone().unwrap_or_default();
+    let missing = want.iter().any(|(k, v)| have.get(k) != Some(v))
+        || want_ann.iter().any(|(k, v)| have_ann.get(k) != Some(v));
     let node = if missing {
-        let patch = serde_json::json!({"metadata": {"labels": want}});
+        let patch = serde_json::json!({"metadata": {"labels": want, "annotations": want_ann}});
         nodes
             .patch(
                 &facts.node_name,
@@ -731,7 +772,7 @@ async fn status_loop(
         ) {
             continue;
         }
-        let patch = serde_json::json!({ "status": &new });
+        let patch = status_patch(&new);
         match nodes
             .patch_status(node, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
@@ -780,6 +821,33 @@ mod tests {
             internal_ip: Some("192.0.2.2".parse().unwrap()),
             hostname: "n1".into(),
         }
+    }
+
+    #[test]
+    fn volumes_in_use_are_reported_and_cleared() {
+        let f = facts();
+        let h = Health {
+            volumes_in_use: vec!["kubernetes.io/csi/d^vol-1".into()],
+            ..ready()
+        };
+        let s = status(&f, &h, &[], t(0));
+        assert_eq!(
+            s.volumes_in_use.as_deref(),
+            Some(&["kubernetes.io/csi/d^vol-1".to_string()][..])
+        );
+        assert_eq!(
+            status_patch(&s)["status"]["volumesInUse"][0],
+            "kubernetes.io/csi/d^vol-1"
+        );
+        let none = status(&f, &ready(), &[], t(10));
+        assert!(changed(&s, &none));
+        let p = status_patch(&none);
+        assert!(p["status"].as_object().unwrap()["volumesInUse"].is_null());
+        let node = node_object(&f, &ready(), t(0));
+        assert_eq!(
+            node.metadata.annotations.unwrap()[CONTROLLER_MANAGED_ATTACH_DETACH],
+            "true"
+        );
     }
 
     fn ready() -> Health {
@@ -942,6 +1010,7 @@ mod tests {
                 memory_pressure: true,
                 disk_pressure: true,
                 pid_pressure: false,
+                volumes_in_use: Vec::new(),
             },
             &[],
             t(0),

@@ -20,6 +20,7 @@
 //! record files under the root dir, fsGroup ownership changes (through
 //! `HostFs`), secret reads (through `ObjectLookup`).
 
+pub mod cluster;
 mod host;
 pub mod node;
 pub mod state;
@@ -257,6 +258,8 @@ pub struct CsiPlugin {
     objects: Arc<dyn ObjectLookup>,
     host: Arc<dyn HostFs>,
     locks: VolumeLocks,
+    /// API server mode: CSIDriver objects and VolumeAttachments.
+    cluster: Option<Arc<dyn cluster::Cluster>>,
 }
 
 fn set_up_failed(volume: &str, reason: impl std::fmt::Display) -> VolumeError {
@@ -305,7 +308,41 @@ impl CsiPlugin {
             objects,
             host,
             locks: VolumeLocks::default(),
+            cluster: None,
         }
+    }
+
+    /// In API server mode: drivers' policies from their CSIDriver objects,
+    /// and persistent volumes wait for their VolumeAttachment.
+    pub fn with_cluster(mut self, cluster: Arc<dyn cluster::Cluster>) -> CsiPlugin {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The driver's policy: its CSIDriver object in a cluster (kubelet's
+    /// defaults when it has none), else what the node service says.
+    async fn policy(&self, driver: &str) -> Result<DriverPolicy, String> {
+        match &self.cluster {
+            Some(c) => match c.driver(driver).await {
+                Ok(p) => Ok(p.unwrap_or_else(cluster::without_object)),
+                Err(e) => Err(format!("reading CSIDriver {driver:?}: {e}")),
+            },
+            None => self.drivers.policy(driver).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The publish_context of a persistent volume whose driver must be
+    /// attached: its VolumeAttachment's metadata once attached.
+    async fn attached(&self, src: &Source) -> Result<BTreeMap<String, String>, String> {
+        let Some(c) = &self.cluster else {
+            return Ok(BTreeMap::new());
+        };
+        let id = state::attachment_id(&src.handle, &src.driver, &self.node_name);
+        let a = c
+            .attachment(&id)
+            .await
+            .map_err(|e| format!("reading VolumeAttachment {id}: {e}"))?;
+        cluster::wait_attached(&id, &src.driver, &src.handle, &self.node_name, a.as_ref())
     }
 
     /// A secret's data as strings, for a call's `secrets`; `what` names the
@@ -384,11 +421,17 @@ impl CsiPlugin {
             .await
             .map_err(|e| set_up_failed(name, e))?;
         let policy = self
-            .drivers
             .policy(&src.driver)
             .await
             .map_err(|e| set_up_failed(name, e))?;
-        let publish_context = resolved.map(|r| r.publish_context).unwrap_or_default();
+        let mut publish_context = resolved.map(|r| r.publish_context).unwrap_or_default();
+        if policy.attach_required && src.lifecycle == Lifecycle::Persistent {
+            publish_context.extend(
+                self.attached(&src)
+                    .await
+                    .map_err(|e| set_up_failed(name, e))?,
+            );
+        }
         let staging = (caps.stage_unstage && src.lifecycle == Lifecycle::Persistent)
             .then(|| state::staging_path(&self.root, &src.driver, &src.handle));
         let security = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());

@@ -101,16 +101,21 @@ pub struct DriverPolicy {
     /// `podInfoOnMount`: add the pod's name, namespace, uid and service
     /// account to NodePublishVolume's volume_context.
     pub pod_info_on_mount: bool,
+    /// `attachRequired`: a persistent volume waits for its
+    /// VolumeAttachment to be attached before NodeStage (API server mode).
+    pub attach_required: bool,
 }
 
 impl Default for DriverPolicy {
     /// Standalone there is no CSIDriver object to ask, so pod info is
     /// always passed (drivers that do not want it ignore unknown keys);
-    /// kubelet's default fsGroupPolicy.
+    /// kubelet's default fsGroupPolicy; nothing to wait for (the claim
+    /// binder makes ControllerPublishVolume itself).
     fn default() -> Self {
         DriverPolicy {
             fs_group_policy: FsGroupPolicy::default(),
             pod_info_on_mount: true,
+            attach_required: false,
         }
     }
 }

@@ -243,6 +243,38 @@ pub fn staged_volumes(root: &Path) -> Vec<(String, String)> {
     out
 }
 
+/// The node's `status.volumesInUse`: kubelet's unique names
+/// (`kubernetes.io/csi/<driver>^<handle>`) of the persistent volumes with
+/// a record on disk, staged or published to a pod, sorted. The
+/// attach/detach controller does not detach a volume the node still lists.
+/// Inline ephemeral volumes are never attached: not listed.
+pub fn volumes_in_use(root: &Path) -> Vec<String> {
+    let mut out: std::collections::BTreeSet<String> = staged_volumes(root)
+        .into_iter()
+        .map(|(d, h)| unique_name(&d, &h))
+        .collect();
+    if let Ok(pods) = fs::read_dir(root.join("pods")) {
+        for pod in pods.flatten() {
+            let Ok(vols) = fs::read_dir(pod.path().join("volumes").join(PLUGIN_DIR)) else {
+                continue;
+            };
+            for vol in vols.flatten() {
+                if let Ok(Some(d)) = read::<PublishData>(&vol.path())
+                    && d.lifecycle == Lifecycle::Persistent
+                {
+                    out.insert(unique_name(&d.driver_name, &d.volume_handle));
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// kubelet's unique volume name of a CSI volume.
+pub fn unique_name(driver: &str, handle: &str) -> String {
+    format!("kubernetes.io/csi/{driver}^{handle}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod, Secret};
 
 use super::fake::{FakeClaims, FakeDriver, FakeHost};
@@ -322,6 +324,84 @@ async fn persistent_volumes_pass_their_fields_through() {
     assert_eq!(publish.volume_context["csi.storage.k8s.io/pod.uid"], "ua");
 }
 
+/// A cluster with one CSIDriver object (or none) and its attachments.
+#[derive(Default)]
+struct FakeCluster {
+    driver: Option<DriverPolicy>,
+    attachments: std::sync::Mutex<BTreeMap<String, cluster::Attachment>>,
+}
+
+impl cluster::Cluster for FakeCluster {
+    fn driver<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Option<DriverPolicy>, String>> {
+        Box::pin(async move { Ok(self.driver) })
+    }
+    fn attachment<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<cluster::Attachment>, String>> {
+        Box::pin(async move { Ok(crate::locks::lock(&self.attachments).get(name).cloned()) })
+    }
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_volume_waits_for_its_attachment_and_gets_its_metadata() {
+    let w = world(STAGING);
+    w.bind("c1", PV);
+    let c = Arc::new(FakeCluster::default());
+    let plugin = w.plugin().with_cluster(c.clone());
+    let id = state::attachment_id("vol-1", "d.example", "node1");
+    // No CSIDriver object: attach required, no pod info (kubelet's defaults).
+    let e = w.set_up(&plugin, &claim_pod("ua")).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "MountVolume.SetUp failed for volume \"pv1\" : volume \"vol-1\" of driver \"d.example\" is not attached to node \"node1\" yet: VolumeAttachment {id} not found"
+        )
+    );
+    assert!(w.driver.names().is_empty(), "nothing staged before attach");
+    crate::locks::lock(&c.attachments).insert(
+        id.clone(),
+        cluster::Attachment {
+            attached: true,
+            metadata: [("devicePath".to_string(), "/dev/loop3".to_string())].into(),
+            ..Default::default()
+        },
+    );
+    w.set_up(&plugin, &claim_pod("ua")).await.unwrap();
+    let calls = crate::locks::lock(&w.driver.calls).clone();
+    let fake::Recorded::Stage(stage) = &calls[0].1 else {
+        panic!("{calls:?}")
+    };
+    assert_eq!(stage.publish_context["devicePath"], "/dev/loop3");
+    let publish = &w.driver.publishes()[0];
+    assert_eq!(publish.publish_context["devicePath"], "/dev/loop3");
+    assert!(
+        !publish
+            .volume_context
+            .contains_key("csi.storage.k8s.io/pod.uid"),
+        "no podInfoOnMount without a CSIDriver object"
+    );
+}
+
+#[tokio::test]
+async fn a_csidriver_object_without_attach_gives_pod_info_and_no_wait() {
+    let w = world(STAGING);
+    w.bind("c1", PV);
+    let c = Arc::new(FakeCluster {
+        driver: Some(DriverPolicy {
+            fs_group_policy: FsGroupPolicy::None,
+            pod_info_on_mount: true,
+            attach_required: false,
+        }),
+        ..Default::default()
+    });
+    let plugin = w.plugin().with_cluster(c);
+    w.set_up(&plugin, &claim_pod("ub")).await.unwrap();
+    let publish = &w.driver.publishes()[0];
+    assert_eq!(publish.volume_context["csi.storage.k8s.io/pod.uid"], "ub");
+    assert!(publish.publish_context.is_empty());
+}
+
 #[tokio::test]
 async fn a_missing_secret_is_a_mount_device_failure_before_any_call() {
     let w = world(STAGING);
@@ -340,6 +420,7 @@ async fn inline_ephemeral_volumes_are_published_only_with_pod_info() {
     *crate::locks::lock(&w.driver.policy) = DriverPolicy {
         fs_group_policy: FsGroupPolicy::File,
         pod_info_on_mount: false,
+        attach_required: false,
     };
     let p = pod(
         "ue",
@@ -476,6 +557,11 @@ async fn records_hold_kubelets_keys() {
         global,
         serde_json::json!({"volumeHandle": "vol-1", "driverName": "d.example", "staged": "true"})
     );
+    // Staged and published: one name in the node's volumesInUse.
+    assert_eq!(
+        state::volumes_in_use(w.root.path()),
+        ["kubernetes.io/csi/d.example^vol-1"]
+    );
 }
 
 #[tokio::test]
@@ -485,6 +571,8 @@ async fn drivers_without_staging_publish_directly_and_never_unstage() {
     let plugin = w.plugin();
     w.set_up(&plugin, &claim_pod("ua")).await.unwrap();
     assert_eq!(w.driver.publishes()[0].staging_target_path, None);
+    let in_use = ["kubernetes.io/csi/d.example^vol-1".to_string()];
+    assert_eq!(state::volumes_in_use(w.root.path()), in_use, "published");
     plugin
         .tear_down("ua", &w.vol_dir("ua", "pv1"))
         .await
@@ -494,6 +582,7 @@ async fn drivers_without_staging_publish_directly_and_never_unstage() {
         [Call::NodePublishVolume, Call::NodeUnpublishVolume]
     );
     assert!(!w.root.path().join("plugins").exists());
+    assert!(state::volumes_in_use(w.root.path()).is_empty());
 }
 
 #[tokio::test]
