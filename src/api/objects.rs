@@ -1,8 +1,11 @@
-//! The objects this node's pods use, watched one by one as kubelet's
-//! `Watch` change-detection strategy does: the Node authorizer lets a node
-//! get, list and watch a ConfigMap, Secret, PersistentVolumeClaim or
-//! PersistentVolume only when a pod bound to it references the object, and
-//! list/watch only with a `metadata.name` field selector on that object.
+//! The objects this node's pods use. ConfigMaps and Secrets are watched
+//! one by one as kubelet's `Watch` change-detection strategy does: the Node
+//! authorizer lets a node get, list and watch one only when a pod bound to
+//! it references the object, and list/watch only with a `metadata.name`
+//! field selector on that object. PersistentVolumeClaims and
+//! PersistentVolumes it lets a node get, never list or watch ("can only
+//! get individual resources of this type"): they are read with a GET at
+//! each lookup, as kubelet's volume manager reads them.
 //!
 //! The first lookup of an object starts its watch and waits (a short
 //! while) for the first list; later lookups read the cache the watch keeps
@@ -40,9 +43,6 @@ pub const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(5);
 enum Object {
     ConfigMap(Arc<ConfigMap>),
     Secret(Arc<Secret>),
-    Claim(Arc<PersistentVolumeClaim>),
-    Volume(Arc<PersistentVolume>),
-    Class(Arc<k8s_openapi::api::storage::v1::StorageClass>),
 }
 
 /// What a watch knows.
@@ -148,22 +148,13 @@ impl WatchedObjects {
                 (tx, ch.clone()),
                 |o| Object::Secret(Arc::new(o)),
             )),
-            Kind::PersistentVolumeClaim => tokio::spawn(run(
-                Api::namespaced(c, ns),
-                name,
-                object,
-                (tx, ch.clone()),
-                |o| Object::Claim(Arc::new(o)),
-            )),
-            Kind::PersistentVolume => {
-                tokio::spawn(run(Api::all(c), name, object, (tx, ch.clone()), |o| {
-                    Object::Volume(Arc::new(o))
-                }))
-            }
-            Kind::StorageClass => {
-                tokio::spawn(run(Api::all(c), name, object, (tx, ch.clone()), |o| {
-                    Object::Class(Arc::new(o))
-                }))
+            // Read with a GET each time (`fetch`), never watched.
+            Kind::PersistentVolumeClaim | Kind::PersistentVolume | Kind::StorageClass => {
+                tx.send_replace(State::Failed(LookupError::Unavailable {
+                    object,
+                    reason: "not watched: read with a GET (a bug)".into(),
+                }));
+                tokio::spawn(async {})
             }
         };
         watches.insert(
@@ -254,6 +245,27 @@ async fn run<K>(
     }
 }
 
+/// One GET of the object `r` names: claims and volumes, which the Node
+/// authorizer lets a node get but not list or watch (as kubelet, which
+/// reads them with a GET each time it sets a volume up).
+async fn fetch<K>(api: Api<K>, r: ObjectRef) -> Result<Arc<K>, LookupError>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug,
+{
+    match api.get_opt(&r.name).await {
+        Ok(Some(o)) => Ok(Arc::new(o)),
+        Ok(None) => Err(LookupError::NotFound(r)),
+        Err(kube::Error::Api(s)) if s.code == 403 => Err(LookupError::Forbidden {
+            object: r,
+            reason: s.message.clone(),
+        }),
+        Err(e) => Err(LookupError::Unavailable {
+            object: r,
+            reason: super::client::describe(&e),
+        }),
+    }
+}
+
 /// A watch error as the lookup reports it: the server's refusal
 /// (`Forbidden`, with its message), anything else `Unavailable`.
 fn classify(object: &ObjectRef, e: &watcher::Error) -> LookupError {
@@ -328,36 +340,21 @@ impl ObjectLookup for WatchedObjects {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Arc<PersistentVolumeClaim>, LookupError>> {
         let r = at(Kind::PersistentVolumeClaim, namespace, name);
-        Box::pin(async move {
-            match self.get(r.clone()).await? {
-                Object::Claim(o) => Ok(o),
-                _ => Err(wrong_kind(r)),
-            }
-        })
+        Box::pin(fetch(Api::namespaced(self.client.clone(), namespace), r))
     }
     fn persistent_volume<'a>(
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Arc<PersistentVolume>, LookupError>> {
         let r = at(Kind::PersistentVolume, "", name);
-        Box::pin(async move {
-            match self.get(r.clone()).await? {
-                Object::Volume(o) => Ok(o),
-                _ => Err(wrong_kind(r)),
-            }
-        })
+        Box::pin(fetch(Api::all(self.client.clone()), r))
     }
     fn storage_class<'a>(
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Arc<k8s_openapi::api::storage::v1::StorageClass>, LookupError>> {
         let r = at(Kind::StorageClass, "", name);
-        Box::pin(async move {
-            match self.get(r.clone()).await? {
-                Object::Class(o) => Ok(o),
-                _ => Err(wrong_kind(r)),
-            }
-        })
+        Box::pin(fetch(Api::all(self.client.clone()), r))
     }
 }
 
