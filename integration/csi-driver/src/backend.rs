@@ -193,7 +193,17 @@ impl Backend for Host {
     }
 
     fn detach(&self, device: &Path) -> Result<(), BackendError> {
-        run("losetup", &["-d".as_ref(), device.as_os_str()]).map(drop)
+        match run("losetup", &["-d".as_ref(), device.as_os_str()]) {
+            // Detached already: a busy device's detach is deferred (the
+            // kernel clears it on its last close), so it may still have
+            // been listed a moment ago; a second -d then finds no device.
+            Err(BackendError::Command { detail, .. })
+                if detail.contains("No such device or address") =>
+            {
+                Ok(())
+            }
+            r => r.map(drop),
+        }
     }
 
     fn filesystem(&self, device: &Path) -> Result<Option<String>, BackendError> {

@@ -14,6 +14,10 @@ use std::sync::{Arc, Mutex};
 use crate::backend::{Backend, BackendError, Usage};
 use crate::state::{Publish, Stage, StateError, Store, Volume, file_key};
 
+/// How many times unstage detaches a volume's loop device before it gives
+/// up (250 × 20 ms).
+const DETACH_LOOKS: usize = 250;
+
 /// volume_context key kubelet sets on inline ephemeral volumes.
 pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
 /// The publish_context key ControllerPublishVolume returns, checked at stage.
@@ -454,9 +458,21 @@ impl<B: Backend> Driver<B> {
             self.backend.unmount(&stage.staging_path)?;
         }
         // By the disk, not the recorded device: a crash between attach and
-        // save left a device the state does not name.
+        // save left a device the state does not name. A deferred detach
+        // keeps the device listed a moment: look again, for up to 5 s.
+        let mut looks = 0;
         while let Some(device) = self.backend.find_loop(&volume.disk)? {
             self.backend.detach(&device)?;
+            looks += 1;
+            if looks >= DETACH_LOOKS {
+                return Err(DriverError::Host(BackendError::Command {
+                    command: format!("losetup -d {}", device.display()),
+                    detail: format!("still attached after {looks} detaches"),
+                }));
+            }
+            if looks > 1 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
         if volume.stage.take().is_some() {
             self.store.save(volume)?;

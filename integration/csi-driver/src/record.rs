@@ -27,6 +27,10 @@ pub struct Call {
     pub staging_path: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub target_path: String,
+    /// NodePublishVolume: the pod named in volume_context
+    /// (`csi.storage.k8s.io/pod.name`), when the CO passed pod info.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod: String,
     /// The gRPC code's name: "OK", "NotFound", "FailedPrecondition", …
     pub code: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]

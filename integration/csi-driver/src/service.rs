@@ -6,7 +6,7 @@
 //!
 //! Side effects: those of `driver`, `faults` and `record`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -39,6 +39,7 @@ struct Ids {
     node_id: String,
     staging_path: String,
     target_path: String,
+    pod: String,
 }
 
 impl Ids {
@@ -62,7 +63,15 @@ impl Ids {
         self.target_path = path.to_string();
         self
     }
+    /// The pod a publish is for, when the CO passes pod info.
+    fn pod(mut self, context: &HashMap<String, String>) -> Ids {
+        self.pod = context.get(POD_NAME_KEY).cloned().unwrap_or_default();
+        self
+    }
 }
+
+/// volume_context key of the pod's name (podInfoOnMount, ephemeral volumes).
+const POD_NAME_KEY: &str = "csi.storage.k8s.io/pod.name";
 
 /// Records the call as Cancelled if it is dropped unanswered (the client
 /// gave up, e.g. on a hung call).
@@ -174,6 +183,7 @@ impl<B: Backend> Csi<B> {
                 node_id: ids.node_id,
                 staging_path: ids.staging_path,
                 target_path: ids.target_path,
+                pod: ids.pod,
                 start_ms: now_ms(),
                 ..Call::default()
             }),
@@ -432,7 +442,8 @@ impl<B: Backend> pb::node_server::Node for Csi<B> {
         let ids = Ids::default()
             .volume(&r.volume_id)
             .staging(&r.staging_target_path)
-            .target(&r.target_path);
+            .target(&r.target_path)
+            .pod(&r.volume_context);
         self.call("NodePublishVolume", ids, move |d| {
             d.node_publish(&PublishRequest {
                 capability: capability(r.volume_capability.as_ref()),
