@@ -180,6 +180,9 @@ pub struct Worker<R> {
     wake: Arc<Notify>,
     /// `Shared::volume_inputs`, as this worker has seen it.
     volume_inputs: watch::Receiver<u64>,
+    /// The next volume set-up is a retry because its inputs changed (not
+    /// its backoff): failing the same way again is not news.
+    retry_on_change: bool,
     mem: Memory,
     cache: Cache,
     /// The last desired pod, kept to report status while terminating.
@@ -243,6 +246,7 @@ impl<R: Runtime> Worker<R> {
         let worker = Worker {
             uid,
             volume_inputs: shared.volume_inputs.subscribe(),
+            retry_on_change: false,
             shared,
             desired: rx,
             wake: wake.clone(),
@@ -1004,6 +1008,7 @@ impl<R: Runtime> Worker<R> {
         .await;
         match result {
             Ok(paths) => {
+                self.retry_on_change = false;
                 debug!(volumes = paths.len(), "volumes set up");
                 // Test-only: the end-to-end suite's kill -9 between the
                 // volumes' set-up (NodePublishVolume) and the first container.
@@ -1030,8 +1035,16 @@ impl<R: Runtime> Worker<R> {
                     self.now(),
                 );
                 let message = crate::error_chain(&e);
-                warn!(error = %message, retry_in = ?b.delay, "volume setup failed");
-                self.event(EventType::Warning, "FailedMount", message.clone());
+                // A retry on someone else's change (another claim bound)
+                // that fails as before: no second warning, no event.
+                let again = std::mem::take(&mut self.retry_on_change)
+                    && self.mem.volume_error.as_deref() == Some(message.as_str());
+                if again {
+                    debug!(error = %message, retry_in = ?b.delay, "volume setup still failing");
+                } else {
+                    warn!(error = %message, retry_in = ?b.delay, "volume setup failed");
+                    self.event(EventType::Warning, "FailedMount", message.clone());
+                }
                 self.mem.volume_backoff = Some(b);
                 self.mem.volume_error = Some(message);
             }
@@ -1044,6 +1057,7 @@ impl<R: Runtime> Worker<R> {
         self.volume_inputs.borrow_and_update();
         if self.mem.volume_error.is_some() && self.mem.volume_backoff.take().is_some() {
             debug!("volume inputs changed: retrying the volume set-up now");
+            self.retry_on_change = true;
         }
     }
 
@@ -1868,13 +1882,30 @@ spec:
         // In backoff: another turn (a relist, say) does not retry.
         w.step(&want(Some(&d))).await.unwrap();
         assert_eq!(ext.calls().len(), 1, "backoff holds");
+        let failed_mounts = |w: &Worker<FakeRuntime>| {
+            w.shared
+                .board
+                .view("")
+                .events
+                .iter()
+                .filter(|e| e.event.reason == "FailedMount")
+                .count()
+        };
+        assert_eq!(failed_mounts(&w), 1);
+        // Another claim binds: a retry at once, failing as before: no
+        // second FailedMount.
+        shared.volume_inputs.bump();
+        w.volume_inputs_changed();
+        w.step(&want(Some(&d))).await.unwrap();
+        assert_eq!(ext.calls().len(), 2);
+        assert_eq!(failed_mounts(&w), 1, "the same failure is not news");
         // The claim binds: the next turn retries, backoff or not.
         ext.fail_set_up("");
         shared.volume_inputs.bump();
         assert!(w.volume_inputs.has_changed().unwrap());
         w.volume_inputs_changed();
         w.step(&want(Some(&d))).await.unwrap();
-        assert_eq!(ext.calls().len(), 2, "{:?}", ext.calls());
+        assert_eq!(ext.calls().len(), 3, "{:?}", ext.calls());
         assert!(w.mem.volume_error.is_none());
         // A change with nothing failed costs nothing.
         shared.volume_inputs.bump();
