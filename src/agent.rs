@@ -411,6 +411,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
     // start (retried until they answer), and those that register through
     // kubelet's plugin registration dir.
     let csi_registry = crate::csi::registry_for(&cfg).map_err(AgentError::Csi)?;
+    if let Some(api) = &api {
+        // The node's CSINode: each discovered driver's node id, topology
+        // and volume limit, for the cluster's CSI controllers.
+        tasks.spawn(crate::api::csi_node::run(
+            api.client.clone(),
+            cfg.node_name.clone(),
+            csi_registry.clone(),
+            cancel.clone(),
+        ));
+    }
     {
         let (dir, registry) = (
             crate::csi::registry_dir(&cfg.state_dir),

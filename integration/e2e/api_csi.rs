@@ -7,7 +7,8 @@
 //! NodeStageVolume (the driver refuses a stage without the attachment's
 //! context), pass the pod's info because the CSIDriver object says
 //! podInfoOnMount, and list the volume in `status.volumesInUse` while it is
-//! staged, and no longer once its pod is gone.
+//! staged, and no longer once its pod is gone. Its CSINode names the
+//! driver with the driver's node id (what the attacher calls with).
 
 use std::time::Duration;
 
@@ -62,6 +63,24 @@ fn api_csi_volume_waits_for_its_attachment_and_is_reported_in_use() {
             "true",
             "the node asks for controller attach/detach"
         );
+
+        // The node's CSINode names the driver with its node id, owned by
+        // the Node: what the cluster's CSI controllers read.
+        let node_id = eventually(
+            "the CSINode lists the driver",
+            Duration::from_secs(30),
+            || async {
+                let (code, out, _) = n.cp.kubectl(&["get", "csinode", node, "-o", "json"]);
+                let c: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| code == 0)?;
+                assert_eq!(c["metadata"]["ownerReferences"][0]["kind"], "Node", "{c}");
+                c["spec"]["drivers"].as_array()?.iter().find_map(|d| {
+                    (d["name"] == CSI_DRIVER)
+                        .then(|| d["nodeID"].as_str().unwrap_or_default().to_string())
+                })
+            },
+        )
+        .await;
+        assert_eq!(node_id, node, "NodeGetInfo's node id");
 
         // A volume made on the driver (as its external-provisioner would),
         // a PV of it pre-bound to a claim, the claim, and the driver's
@@ -162,7 +181,7 @@ spec:
         let published = csi_client
             .controller_publish_volume(csi::ControllerPublishVolumeRequest {
                 volume_id: handle.clone(),
-                node_id: node.into(),
+                node_id: node_id.clone(),
                 volume_capability: Some(capability()),
                 volume_context: made.volume_context.clone(),
                 ..Default::default()

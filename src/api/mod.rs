@@ -3,13 +3,15 @@
 //! Lease (`node`), the pods bound to this node as a pod source (`pods`),
 //! pod status written to the status subresource (`status_writer`), mirror
 //! pods for static pods (`mirror`), the objects pods use, watched
-//! (`objects`), events (`events`), and the CSIDriver objects and
-//! VolumeAttachments the CSI volume plugin reads (`csi_objects`).
+//! (`objects`), events (`events`), the CSIDriver objects and
+//! VolumeAttachments the CSI volume plugin reads (`csi_objects`), and the
+//! node's CSINode (`csi_node`).
 //!
 //! Everything here talks to the server through kube-rs; the pod path sees
 //! only the seams (`source::merge`, `sink`, `objects::ObjectLookup`).
 
 pub mod client;
+pub mod csi_node;
 pub mod csi_objects;
 pub mod events;
 pub mod machine;

@@ -267,6 +267,8 @@ pub struct Driver {
 pub struct Registry {
     timeouts: Timeouts,
     drivers: Mutex<BTreeMap<String, Driver>>,
+    /// Bumped after every change of the drivers or what they said.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -274,7 +276,17 @@ impl Registry {
         Registry {
             timeouts,
             drivers: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Sees every later change (a driver registered, discovered, gone).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The timeouts clients of this registry get.
@@ -305,6 +317,7 @@ impl Registry {
                 },
             );
         }
+        self.changed();
         Ok(())
     }
 
@@ -339,6 +352,7 @@ impl Registry {
                 last_error: None,
             },
         );
+        self.changed();
         Ok(info)
     }
 
@@ -352,6 +366,8 @@ impl Registry {
         );
         if ours {
             drivers.remove(name);
+            drop(drivers);
+            self.changed();
         }
         ours
     }
@@ -401,8 +417,13 @@ impl Registry {
         {
             match &outcome {
                 Ok(info) => {
+                    let new = d.info.as_deref() != Some(info.as_ref());
                     d.info = Some(info.clone());
                     d.last_error = None;
+                    if new {
+                        drop(drivers);
+                        self.changed();
+                    }
                 }
                 Err(e) => d.last_error = Some(e.to_string()),
             }
@@ -485,9 +506,13 @@ mod tests {
         assert_eq!(got, info);
         assert_eq!(registry.info("test.csi.minilet.io"), Some(info.clone()));
         assert_eq!(client.driver(), "test.csi.minilet.io");
-        // Another socket's disappearance does not remove it; its own does.
+        // Another socket's disappearance does not remove it; its own does,
+        // and says so to subscribers (the CSINode task).
+        let changes = registry.subscribe();
         assert!(!registry.deregister("test.csi.minilet.io", Path::new("/other.sock")));
+        assert!(!changes.has_changed().unwrap());
         assert!(registry.deregister("test.csi.minilet.io", &dir.path().join("reg.sock")));
+        assert!(changes.has_changed().unwrap());
         assert!(matches!(
             registry.driver("test.csi.minilet.io").await,
             Err(CsiError::UnknownDriver { .. })
