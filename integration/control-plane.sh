@@ -507,8 +507,23 @@ cmd_up() {
   start_service kube-apiserver 90
   start_service kube-controller-manager 60
   start_service kube-scheduler 60
+  wait_default_service_account 60
   write_env
   say "up: $SERVER, env $ENV_FILE"
+}
+
+# The ServiceAccount admission refuses every pod of a namespace until the
+# controller-manager has made its "default" ServiceAccount: a test that
+# creates a pod right after a fresh `up` would fail on that, not on the node.
+wait_default_service_account() {
+  local grace=$1 deadline
+  step "default service account"
+  deadline=$((SECONDS + grace))
+  until "$BIN/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" -n default get serviceaccount default >/dev/null 2>&1; do
+    ((SECONDS < deadline)) ||
+      die "no ServiceAccount default/default ${grace}s after kube-controller-manager started (log $RUN/kube-controller-manager.log)"
+    sleep 0.5
+  done
 }
 
 cmd_down() {
