@@ -30,7 +30,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::client::describe;
 use crate::csi::Registry;
@@ -41,6 +41,8 @@ pub const STARTUP_GRACE: Duration = Duration::from_secs(30);
 const RESYNC: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// `sync`'s answer while the Node does not exist yet (not a failure).
+const NOT_REGISTERED: &str = "the Node is not registered yet";
 
 /// The entries the registry's discovered drivers make.
 pub fn discovered(registry: &Registry) -> (Vec<CSINodeDriver>, BTreeSet<String>) {
@@ -117,6 +119,11 @@ pub async fn run(client: Client, node: String, registry: Arc<Registry>, cancel: 
                     left.max(BACKOFF_MIN)
                 }
             }
+            // The node task registers the Node a moment after start.
+            Err(e) if e == NOT_REGISTERED => {
+                debug!(node = %node, "CSINode waits for the Node to be registered");
+                BACKOFF_MIN
+            }
             Err(e) => {
                 if last_error.as_deref() != Some(e.as_str()) {
                     warn!(node = %node, error = %e, retry_in = ?backoff, "CSINode update failed; retrying");
@@ -158,7 +165,9 @@ async fn sync(
                     .map_err(|e| describe(&e))?;
             }
             None => {
-                let n = nodes.get(node).await.map_err(|e| describe(&e))?;
+                let Some(n) = nodes.get_opt(node).await.map_err(|e| describe(&e))? else {
+                    return Err(NOT_REGISTERED.to_string());
+                };
                 let uid = n.metadata.uid.clone().unwrap_or_default();
                 let c = CSINode {
                     metadata: ObjectMeta {
