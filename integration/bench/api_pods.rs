@@ -86,31 +86,7 @@ const KUBELET_PATHS: [&str; 3] = ["/var/log/pods", "/var/log/containers", "/var/
 const IPTABLES_TABLES: [&str; 3] = ["filter", "nat", "mangle"];
 
 fn main() -> ExitCode {
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench
-    // targets without it, and must not start a many-minutes benchmark.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("api_pods: a benchmark, not a test: run it with `cargo bench --bench api_pods`");
-        return ExitCode::SUCCESS;
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("api_pods: cannot start tokio: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run()) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("api_pods: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    common::main("api_pods", || common::runtime()?.block_on(run()))
 }
 
 // ---------------------------------------------------------------- setup

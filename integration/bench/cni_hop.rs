@@ -52,20 +52,7 @@ const MAX_PROBLEMS: usize = 5;
 const TARGET_OVERHEAD_MS: f64 = 2.0;
 
 fn main() -> ExitCode {
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench
-    // targets without it, and must not start a minute-long benchmark.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("cni_hop: a benchmark, not a test: run it with `cargo bench --bench cni_hop`");
-        return ExitCode::SUCCESS;
-    }
-    match run() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("cni_hop: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    common::main("cni_hop", run)
 }
 
 // ---------------------------------------------------------------- host

@@ -1,10 +1,42 @@
-//! What both benchmarks need: where the repo and the target dir are, and
-//! the minilet binary to measure (the one minilet ships).
+//! What the benchmarks share: their `main`, where the repo and the target
+//! dir are, and the minilet binary to measure (the one minilet ships).
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, anyhow, bail};
+
+/// The `main` of the benchmark `name`. `cargo bench` passes --bench;
+/// `cargo test --all-targets` runs bench targets without it, and must not
+/// start a benchmark that takes minutes: then it only says how to run it.
+/// `run`: Ok(true) a good run, Ok(false) a broken one, Err printed.
+pub fn main(name: &str, run: impl FnOnce() -> Result<bool>) -> ExitCode {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("{name}: a benchmark, not a test: run it with `cargo bench --bench {name}`");
+        return ExitCode::SUCCESS;
+    }
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The runtime the async benchmarks run on: two workers, like the agent.
+#[allow(
+    dead_code,
+    reason = "cni_hop builds its own, with a bound on blocking threads"
+)]
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start tokio")
+}
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -59,33 +59,7 @@ const SETUP: [&str; 4] = [
 ];
 
 fn main() -> ExitCode {
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench
-    // targets without it, and must not start a minutes-long benchmark.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!(
-            "csi_volumes: a benchmark, not a test: run it with `cargo bench --bench csi_volumes`"
-        );
-        return ExitCode::SUCCESS;
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("csi_volumes: cannot start tokio: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run()) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("csi_volumes: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    common::main("csi_volumes", || common::runtime()?.block_on(run()))
 }
 
 // ---------------------------------------------------------------- setup

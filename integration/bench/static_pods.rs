@@ -62,33 +62,7 @@ const TARGET_RSS_MIB: f64 = 20.0;
 const TARGET_IDLE_CPU_PCT: f64 = 0.5;
 
 fn main() -> ExitCode {
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench
-    // targets without it, and must not start a minutes-long benchmark.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!(
-            "static_pods: a benchmark, not a test: run it with `cargo bench --bench static_pods`"
-        );
-        return ExitCode::SUCCESS;
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("static_pods: cannot start tokio: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run()) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("static_pods: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    common::main("static_pods", || common::runtime()?.block_on(run()))
 }
 
 fn netns_count() -> usize {
