@@ -44,14 +44,27 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// `sync`'s answer while the Node does not exist yet (not a failure).
 const NOT_REGISTERED: &str = "the Node is not registered yet";
 
-/// The entries the registry's discovered drivers make.
-pub fn discovered(registry: &Registry) -> (Vec<CSINodeDriver>, BTreeSet<String>) {
-    let mut ours = Vec::new();
-    let mut known = BTreeSet::new();
+/// What the registry's drivers ask of the node, from one listing.
+pub struct Discovered {
+    /// The CSINode entries of the discovered drivers.
+    pub entries: Vec<CSINodeDriver>,
+    /// Every driver the registry knows, discovered or not.
+    pub known: BTreeSet<String>,
+    /// The Node labels their topology segments ask for.
+    pub labels: BTreeMap<String, String>,
+}
+
+pub fn discovered(registry: &Registry) -> Discovered {
+    let mut out = Discovered {
+        entries: Vec::new(),
+        known: BTreeSet::new(),
+        labels: BTreeMap::new(),
+    };
     for (name, d) in registry.list() {
-        known.insert(name.clone());
+        out.known.insert(name.clone());
         let Some(info) = d.info else { continue };
-        ours.push(CSINodeDriver {
+        out.labels.extend(info.topology.clone());
+        out.entries.push(CSINodeDriver {
             name,
             node_id: info.node_id.clone(),
             topology_keys: (!info.topology.is_empty())
@@ -61,17 +74,7 @@ pub fn discovered(registry: &Registry) -> (Vec<CSINodeDriver>, BTreeSet<String>)
             }),
         });
     }
-    (ours, known)
-}
-
-/// The node labels the discovered drivers' topology segments ask for.
-pub fn topology_labels(registry: &Registry) -> BTreeMap<String, String> {
-    registry
-        .list()
-        .into_iter()
-        .filter_map(|(_, d)| d.info)
-        .flat_map(|i| i.topology.clone())
-        .collect()
+    out
 }
 
 /// The driver list to write over `existing` (the CSINode's, `None`: no
@@ -151,7 +154,11 @@ async fn sync(
 ) -> Result<(), String> {
     let csinodes: Api<CSINode> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
-    let (ours, known) = discovered(registry);
+    let Discovered {
+        entries: ours,
+        known,
+        labels: want,
+    } = discovered(registry);
     let existing = csinodes.get_opt(node).await.map_err(|e| describe(&e))?;
     let have = existing.as_ref().map(|c| c.spec.drivers.as_slice());
     if let Some(drivers) = drivers_to_write(have, &ours, &known, may_remove) {
@@ -187,7 +194,6 @@ async fn sync(
         }
         info!(node = %node, drivers = ?names, "CSINode updated");
     }
-    let want = topology_labels(registry);
     if !want.is_empty() {
         let n = nodes.get(node).await.map_err(|e| describe(&e))?;
         let have = n.metadata.labels.unwrap_or_default();
