@@ -577,13 +577,15 @@ async fn write_and_wait(
     n: usize,
     problems: &mut Vec<String>,
     what: &str,
-) -> Result<(BTreeMap<usize, f64>, u64)> {
+) -> Result<(BTreeMap<usize, f64>, u64, Option<f64>)> {
     let (staging, manifests) = (work.join("staging"), work.join("manifests"));
     let mut moves = vec![];
     for (name, text) in files {
         fs::write(staging.join(name), text)?;
         moves.push((staging.join(name), manifests.join(name)));
     }
+    let pid = agent.child.id();
+    let cpu_before = common::cpu_ticks(pid);
     let t0_ms = now_ms();
     let t0 = Instant::now();
     for (src, dst) in &moves {
@@ -618,7 +620,11 @@ async fn write_and_wait(
         next += POLL;
         tokio::time::sleep_until(next.into()).await;
     }
-    Ok((seen, t0_ms))
+    let cpu_s = match (cpu_before, common::cpu_ticks(pid)) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / common::clock_ticks_per_sec()),
+        _ => None,
+    };
+    Ok((seen, t0_ms, cpu_s))
 }
 
 /// Remove manifest files whose name starts with `prefix`.
@@ -881,6 +887,9 @@ struct MiniletRuns {
     gaps_ms: BTreeMap<usize, [f64; 3]>,
     /// Per call kind, the durations (ms) of minilet's calls.
     call_ms: BTreeMap<String, Vec<f64>>,
+    /// minilet's CPU time (utime + stime), manifest write → all running.
+    cpu_without_s: Option<f64>,
+    cpu_with_s: Option<f64>,
     stage_publish_in_flight: usize,
     create_in_flight: usize,
     all_setup_in_flight: usize,
@@ -909,7 +918,7 @@ async fn measure_minilet(
             )
         })
         .collect();
-    let (without, _) =
+    let (without, _, cpu_without_s) =
         write_and_wait(rt, agent, work, &files, n, problems, "without volumes").await?;
     remove_manifests(work, "pod-");
     if wait_until(|| sandboxes_gone(rt)).await.is_none() {
@@ -931,7 +940,7 @@ async fn measure_minilet(
             pod_manifest(i, &stack.busybox, true),
         )
     }));
-    let (with, t0_ms) =
+    let (with, t0_ms, cpu_with_s) =
         write_and_wait(rt, agent, work, &files, n, problems, "with volumes").await?;
 
     let volumes = agent.claim_volumes()?;
@@ -995,6 +1004,8 @@ async fn measure_minilet(
         driver_ms,
         gaps_ms: gaps_ms_per_pod(&calls, &volumes, n),
         call_ms,
+        cpu_without_s,
+        cpu_with_s,
         stage_publish_in_flight: max_overlap(&calls, &["NodeStageVolume", "NodePublishVolume"]),
         create_in_flight: max_overlap(&calls, &["CreateVolume"]),
         all_setup_in_flight: max_overlap(&calls, &SETUP),
@@ -1118,6 +1129,18 @@ fn report(
         "overhead from the p50s (with − without − driver calls): {}",
         fmt(of_p50s, "ms")
     );
+    // The agent's own work, free of the queueing noise above: its CPU time
+    // over the run with volumes less the run without, per pod.
+    let cpu_added_ms = match (m.cpu_with_s, m.cpu_without_s) {
+        (Some(w), Some(wo)) => Some((w - wo) * 1000.0 / n as f64),
+        _ => None,
+    };
+    println!(
+        "minilet CPU time, manifest write -> all running: without volumes {}, with {}; added by the volumes per pod {}",
+        fmt(m.cpu_without_s.map(|v| v * 1000.0), "ms"),
+        fmt(m.cpu_with_s.map(|v| v * 1000.0), "ms"),
+        fmt(cpu_added_ms, "ms")
+    );
     println!(
         "(direct per volume: CreateVolume start -> NodePublishVolume end, CreateVolume + ControllerPublishVolume + NodeStageVolume + NodePublishVolume; minilet per pod: manifest write -> container seen RUNNING)"
     );
@@ -1200,6 +1223,11 @@ fn report(
         "driver_calls_per_pod": stats_json(&m.driver_ms.values().copied().collect::<Vec<_>>(), "ms"),
         "overhead_per_pod": stats_json(&overhead, "ms"),
         "overhead_of_p50s_ms": of_p50s.map(common::round3),
+        "minilet_cpu_ms": {
+            "without_volumes": m.cpu_without_s.map(|v| common::round3(v * 1000.0)),
+            "with_volumes": m.cpu_with_s.map(|v| common::round3(v * 1000.0)),
+            "added_per_pod": cpu_added_ms.map(common::round3),
+        },
         "between_calls_per_pod": stats_json(&m.gaps_ms.values().map(|g| g.iter().sum()).collect::<Vec<f64>>(), "ms"),
         "between_create_and_controller_publish": stats_json(&gap(0), "ms"),
         "between_controller_publish_and_stage": stats_json(&gap(1), "ms"),

@@ -326,25 +326,6 @@ fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -594,7 +575,7 @@ async fn measure(
         fs::write(staging.join(&name), manifest(i, &stack.busybox))?;
         moves.push((staging.join(&name), manifests.join(&name)));
     }
-    let cpu_before = cpu_ticks(pid).unwrap_or(0);
+    let cpu_before = common::cpu_ticks(pid).unwrap_or(0);
     let t0_wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -634,7 +615,9 @@ async fn measure(
         next += POLL;
         tokio::time::sleep_until(next.into()).await;
     }
-    let start_cpu_ticks = cpu_ticks(pid).unwrap_or(0).saturating_sub(cpu_before);
+    let start_cpu_ticks = common::cpu_ticks(pid)
+        .unwrap_or(0)
+        .saturating_sub(cpu_before);
     hwm.push(("running", hwm_mib(pid)));
     let running = seen.len();
     let mut per_pod: Vec<f64> = seen.values().map(|(t, _)| *t).collect();
@@ -651,14 +634,14 @@ async fn measure(
 
     // Idle CPU with the pods running.
     tokio::time::sleep(IDLE_SETTLE).await;
-    let hz = clock_ticks_per_sec();
+    let hz = common::clock_ticks_per_sec();
     let idle_start = Instant::now();
-    let before = cpu_ticks(pid);
+    let before = common::cpu_ticks(pid);
     while idle_start.elapsed() < idle_window {
         peak_sampled = peak_sampled.max(proc_status_kib(pid, "VmRSS:").unwrap_or(0));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let after = cpu_ticks(pid);
+    let after = common::cpu_ticks(pid);
     let window = idle_start.elapsed().as_secs_f64();
     let idle_cpu_pct = match (before, after) {
         (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / hz / window * 100.0),
