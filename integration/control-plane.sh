@@ -24,6 +24,14 @@
 #           write a kubeconfig (0600, self-contained) for the identity of the
 #           kubelet of node NODE: a client cert CN=system:node:NODE,
 #           O=system:nodes signed by the CA.
+#   bootstrap-kubeconfig OUT [ID.SECRET]
+#           write a kubeconfig (0600) holding a bootstrap token for a node's
+#           TLS bootstrap (--bootstrap-kubeconfig): the token (random, or the
+#           one given) as a bootstrap-token Secret in kube-system, valid 24 h,
+#           in kubeadm's group system:bootstrappers:kubeadm:default-node-token,
+#           and, once, kubeadm's RBAC: that group may create CSRs and has
+#           them approved (nodeclient), nodes have their renewals approved
+#           (selfnodeclient). The controller manager signs them with the CA.
 #   stop NAME / start NAME
 #           one component alone (etcd, kube-apiserver, ...), for the tests
 #           of an API server that goes away and comes back.
@@ -270,7 +278,14 @@ subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes,DNS:kubern
 # kubeconfig OUT USER CRT KEY: a self-contained kubeconfig (CA, cert and key
 # embedded), mode 0600.
 kubeconfig() {
-  local out=$1 user=$2 crt=$3 key=$4
+  kubeconfig_for "$1" "$2" "    client-certificate-data: $(base64 -w0 "$3")
+    client-key-data: $(base64 -w0 "$4")"
+}
+
+# kubeconfig_for OUT USER CREDENTIALS: a kubeconfig for the control plane
+# with the CA embedded and CREDENTIALS (the lines under `user:`), 0600.
+kubeconfig_for() {
+  local out=$1 user=$2 creds=$3
   (
     umask 077
     cat >"$out.new" <<KC
@@ -284,8 +299,7 @@ clusters:
 users:
 - name: $user
   user:
-    client-certificate-data: $(base64 -w0 "$crt")
-    client-key-data: $(base64 -w0 "$key")
+$creds
 contexts:
 - name: $user@minilet-cp
   context:
@@ -593,6 +607,60 @@ cmd_node_kubeconfig() {
   kubeconfig "$out" "system:node:$node" "$tmp/crt" "$tmp/key"
 }
 
+# kubeadm's bindings for TLS bootstrap and client certificate rotation.
+BOOTSTRAP_GROUP=system:bootstrappers:kubeadm:default-node-token
+bootstrap_rbac() {
+  local g=$BOOTSTRAP_GROUP
+  {
+    binding kubeadm:kubelet-bootstrap system:node-bootstrapper "$g"
+    binding kubeadm:node-autoapprove-bootstrap \
+      system:certificates.k8s.io:certificatesigningrequests:nodeclient "$g"
+    binding kubeadm:node-autoapprove-certificate-rotation \
+      system:certificates.k8s.io:certificatesigningrequests:selfnodeclient system:nodes
+  } | "$BIN/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" apply -f - >/dev/null
+}
+
+# binding NAME CLUSTERROLE GROUP: one ClusterRoleBinding document.
+binding() {
+  cat <<YAML
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "$1"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "$2"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "$3"}]
+YAML
+}
+
+# bootstrap-kubeconfig OUT [ID.SECRET]: a bootstrap token and its kubeconfig.
+cmd_bootstrap_kubeconfig() {
+  step bootstrap-kubeconfig
+  local out=${1:-} token=${2:-} id secret expires
+  [[ -n $out ]] || die "usage: $0 bootstrap-kubeconfig OUT [ID.SECRET]"
+  [[ -s $CA_CRT && -s $ADMIN_KUBECONFIG ]] || die "no control plane in $RUN: run integration/control-plane.sh up first"
+  if [[ -z $token ]]; then
+    token="$(openssl rand -hex 3).$(openssl rand -hex 8)"
+  fi
+  [[ $token =~ ^([a-z0-9]{6})\.([a-z0-9]{16})$ ]] || die "not a bootstrap token (ID.SECRET, [a-z0-9]{6}.[a-z0-9]{16}): $token"
+  id=${BASH_REMATCH[1]} secret=${BASH_REMATCH[2]}
+  expires=$(date -u -d '+24 hours' +%Y-%m-%dT%H:%M:%SZ)
+  bootstrap_rbac || die "kubectl apply of the bootstrap RBAC failed"
+  "$BIN/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" apply -f - >/dev/null <<YAML || die "kubectl apply of the bootstrap token failed"
+apiVersion: v1
+kind: Secret
+metadata: {name: bootstrap-token-$id, namespace: kube-system}
+type: bootstrap.kubernetes.io/token
+stringData:
+  token-id: "$id"
+  token-secret: "$secret"
+  expiration: "$expires"
+  usage-bootstrap-authentication: "true"
+  usage-bootstrap-signing: "true"
+  auth-extra-groups: "$BOOTSTRAP_GROUP"
+YAML
+  kubeconfig_for "$out" tls-bootstrap-token-user "    token: $id.$secret"
+}
+
 # stop NAME / start NAME: one component, for the outage tests (the API
 # server away for a minute); `start` reuses the certs and configs of `up`.
 cmd_stop_one() {
@@ -620,8 +688,9 @@ down) cmd_down ;;
 status) cmd_status || exit $? ;;
 env) cmd_env ;;
 node-kubeconfig) cmd_node_kubeconfig "${@:2}" ;;
+bootstrap-kubeconfig) cmd_bootstrap_kubeconfig "${@:2}" ;;
 *)
-  echo "usage: $0 build|up|down|status|env|node-kubeconfig NODE OUT|stop NAME|start NAME   (run dir: $RUN)" >&2
+  echo "usage: $0 build|up|down|status|env|node-kubeconfig NODE OUT|bootstrap-kubeconfig OUT [ID.SECRET]|stop NAME|start NAME   (run dir: $RUN)" >&2
   exit 2
   ;;
 esac

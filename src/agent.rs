@@ -306,6 +306,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         warn!(file = %e.file, error = %e.message, "bad manifest");
     }
     let mut tasks = tokio::task::JoinSet::new();
+    // TLS bootstrap and rotation (issue 9): until a certificate is issued
+    // the API tasks' requests wait; nothing else does.
+    if let Some(setup) = api.as_ref().and_then(|a| a.certificates.clone()) {
+        tasks.spawn(crate::api::bootstrap::run(setup, cancel.clone()));
+    }
     // Every pod source feeds the merger; the manager sees their union.
     let mut sources = vec![];
     let (file_tx, file_rx) = watch::channel(first);

@@ -60,6 +60,7 @@ const KUBELET_SUPPORTED: &[&str] = &[
     "nodeStatusUpdateFrequency",
     "nodeStatusReportFrequency",
     "nodeLeaseDurationSeconds",
+    "rotateCertificates",
 ];
 
 /// MiniletConfiguration fields.
@@ -221,6 +222,11 @@ pub struct Flags {
     pub kubeconfig: Option<PathBuf>,
     /// kubelet's --node-ip: the node's InternalIP address.
     pub node_ip: Option<String>,
+    /// kubelet's --bootstrap-kubeconfig: credentials to ask for a client
+    /// certificate with (TLS bootstrap) when --kubeconfig has none valid.
+    pub bootstrap_kubeconfig: Option<PathBuf>,
+    /// kubelet's --cert-dir.
+    pub cert_dir: Option<PathBuf>,
 }
 
 /// The validated configuration the agent runs with.
@@ -280,6 +286,16 @@ pub struct Config {
     /// in-cluster service account when its environment is there, else
     /// static pods only (`api::client::connect` decides).
     pub kubeconfig: Option<PathBuf>,
+    /// kubelet's --bootstrap-kubeconfig (a flag only): TLS bootstrap
+    /// (`api::bootstrap`). Needs --kubeconfig, where the issued
+    /// credentials are written.
+    pub bootstrap_kubeconfig: Option<PathBuf>,
+    /// kubelet's --cert-dir, default <stateDir>/pki: the issued client
+    /// certificates (`api::pki`).
+    pub cert_dir: PathBuf,
+    /// kubelet `rotateCertificates`, default false (kubelet's): renew the
+    /// client certificate through a new CSR before it expires.
+    pub rotate_certificates: bool,
     /// kubelet's --node-ip: the Node's InternalIP. `None`: the source
     /// address of the default route.
     pub node_ip: Option<IpAddr>,
@@ -352,7 +368,7 @@ impl Config {
             cluster_dns: Vec::new(),
             cluster_domain: String::new(),
             cni_cache_dir: state_dir.join("cni/cache"),
-            state_dir,
+            cert_dir: state_dir.join("pki"),
             cni_conf_dir: "/etc/minilet/net.d".into(),
             cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
             runtime_cni_conf_dir: "/etc/cni/net.d".into(),
@@ -361,6 +377,8 @@ impl Config {
             max_parallel_sandbox_creations: crate::pod::worker::PARALLEL_SANDBOXES,
             max_parallel_runtime_requests: DEFAULT_PARALLEL_RUNTIME_REQUESTS,
             kubeconfig: None,
+            bootstrap_kubeconfig: None,
+            rotate_certificates: false,
             node_ip: None,
             node_status_update_frequency: Duration::from_secs(10),
             node_status_report_frequency: Duration::from_secs(300),
@@ -369,6 +387,7 @@ impl Config {
             csi_drivers: Vec::new(),
             csi_operation_timeout: Duration::from_secs(120),
             warnings: Vec::new(),
+            state_dir,
         }
     }
 }
@@ -555,6 +574,7 @@ struct FileSettings {
     node_status_update_frequency: Option<Duration>,
     node_status_report_frequency: Option<Duration>,
     node_lease_duration_seconds: Option<u32>,
+    rotate_certificates: Option<bool>,
     eviction_hard: Option<crate::eviction::EvictionHard>,
     eviction_warnings: Vec<String>,
     state_dir: Option<Setting<String>>,
@@ -669,6 +689,20 @@ fn resolve(
     }
     cfg.warnings.extend(fs.eviction_warnings.iter().cloned());
     cfg.kubeconfig.clone_from(&flags.kubeconfig);
+    if let Some(b) = &flags.bootstrap_kubeconfig {
+        if flags.kubeconfig.is_none() {
+            return Err(invalid(
+                Origin::Flag("--bootstrap-kubeconfig"),
+                "bootstrapKubeconfig",
+                format!("{:?}", b.display().to_string()),
+                "needs --kubeconfig too: the file the issued credentials are written to",
+            ));
+        }
+        cfg.bootstrap_kubeconfig = Some(b.clone());
+    }
+    if let Some(v) = fs.rotate_certificates {
+        cfg.rotate_certificates = v;
+    }
     if let Some(ip) = &flags.node_ip {
         cfg.node_ip = Some(ip.trim().parse::<IpAddr>().map_err(|_| {
             invalid(
@@ -734,6 +768,16 @@ fn resolve(
             .collect::<Result<_, _>>()?;
     }
     // Derived from the final stateDir, flags included.
+    cfg.cert_dir = match &flags.cert_dir {
+        Some(p) => abs_path(
+            Setting {
+                value: p.to_string_lossy().into_owned(),
+                origin: Origin::Flag("--cert-dir"),
+            },
+            "certDir",
+        )?,
+        None => cfg.state_dir.join("pki"),
+    };
     cfg.cni_cache_dir = match fs.cni_cache_dir {
         Some(s) => abs_path(s, "cniCacheDir")?,
         None => cfg.state_dir.join("cni/cache"),
@@ -1209,6 +1253,11 @@ fn read_kubelet_field(
         "nodeStatusReportFrequency" => {
             fs.node_status_report_frequency = ctx.duration("nodeStatusReportFrequency", v)?;
         }
+        "rotateCertificates" => match v {
+            Value::Null => {}
+            Value::Bool(b) => fs.rotate_certificates = Some(*b),
+            _ => return Err(ctx.invalid("rotateCertificates", v, "must be true or false")),
+        },
         "nodeLeaseDurationSeconds" => {
             fs.node_lease_duration_seconds = ctx
                 .count("nodeLeaseDurationSeconds", v, 1)?
@@ -1552,6 +1601,56 @@ mod tests {
         assert_eq!(
             err,
             "flag --node-ip: invalid nodeIP \"ten\": must be an IP address"
+        );
+    }
+
+    #[test]
+    fn tls_bootstrap_flags_as_kubelets() {
+        let c = from_text(&flags(), KUBELET).unwrap();
+        assert_eq!(c.cert_dir, PathBuf::from("/var/lib/minilet/pki"));
+        assert!(!c.rotate_certificates, "kubelet's default");
+        assert_eq!(c.bootstrap_kubeconfig, None);
+        let f = Flags {
+            kubeconfig: Some("/etc/minilet/kubelet.conf".into()),
+            bootstrap_kubeconfig: Some("/etc/minilet/bootstrap.conf".into()),
+            root_dir: Some("/r".into()),
+            ..flags()
+        };
+        let c = from_text(&f, &format!("{KUBELET}rotateCertificates: true\n")).unwrap();
+        assert_eq!(
+            c.bootstrap_kubeconfig,
+            Some("/etc/minilet/bootstrap.conf".into())
+        );
+        assert_eq!(c.cert_dir, PathBuf::from("/r/pki"));
+        assert!(c.rotate_certificates);
+        let c = from_text(
+            &Flags {
+                cert_dir: Some("/certs".into()),
+                ..f.clone()
+            },
+            KUBELET,
+        )
+        .unwrap();
+        assert_eq!(c.cert_dir, PathBuf::from("/certs"));
+        let err = from_text(
+            &Flags {
+                kubeconfig: None,
+                ..f.clone()
+            },
+            KUBELET,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "flag --bootstrap-kubeconfig: invalid bootstrapKubeconfig \"/etc/minilet/bootstrap.conf\": needs --kubeconfig too: the file the issued credentials are written to"
+        );
+        let err = from_text(&f, &format!("{KUBELET}rotateCertificates: yes please\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rotateCertificates") && err.contains("must be true or false"),
+            "{err}"
         );
     }
 

@@ -38,6 +38,15 @@ struct Args {
     /// KUBERNETES_SERVICE_HOST is set, else static pods only.
     #[arg(long, global = true)]
     kubeconfig: Option<PathBuf>,
+    /// kubeconfig with bootstrap credentials (a bootstrap token): with no
+    /// valid client certificate in --kubeconfig, minilet asks the cluster
+    /// for one through a CSR and writes --kubeconfig (kubelet's TLS
+    /// bootstrap).
+    #[arg(long, global = true)]
+    bootstrap_kubeconfig: Option<PathBuf>,
+    /// Where issued client certificates are kept (default <root-dir>/pki).
+    #[arg(long, global = true)]
+    cert_dir: Option<PathBuf>,
     /// IP address of the node (its InternalIP); default: the source address
     /// of the default route.
     #[arg(long, global = true)]
@@ -128,6 +137,8 @@ fn main() -> ExitCode {
         hostname_override: args.hostname_override.clone(),
         kubeconfig: args.kubeconfig.clone(),
         node_ip: args.node_ip.clone(),
+        bootstrap_kubeconfig: args.bootstrap_kubeconfig.clone(),
+        cert_dir: args.cert_dir.clone(),
     };
     let cfg = match config::load(&flags) {
         Ok(cfg) => cfg,

@@ -82,6 +82,10 @@ pub struct Options {
     pub kubelet_config: Vec<String>,
     /// Extra MiniletConfiguration lines (YAML).
     pub minilet_config: Vec<String>,
+    /// Start without waiting for the agent to be ready (it is not while a
+    /// source cannot list: an API server not reached, a node not yet
+    /// bootstrapped).
+    pub unready: bool,
 }
 
 fn lines(extra: &[String]) -> String {
@@ -188,7 +192,11 @@ impl Agent {
             options,
             child: None,
         };
-        agent.spawn();
+        if agent.options.unready {
+            agent.restart_unready();
+        } else {
+            agent.spawn();
+        }
         agent
     }
 

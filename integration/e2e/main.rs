@@ -3,6 +3,7 @@
 //! Every check reads the runtime (CRI), the files on disk or the network.
 //! They need root and the stack, and FAIL (never skip) without them.
 
+mod api_bootstrap;
 mod api_csi;
 mod api_events;
 mod api_node;

@@ -12,6 +12,14 @@
 //! and so do we): `/version` and discovery are asked once at connect and
 //! again by `refresh` when the server answers later.
 //!
+//! With `--bootstrap-kubeconfig` (TLS bootstrap, `api::bootstrap`) the
+//! client's credentials live in a `ClientSlot`: the `--kubeconfig` written
+//! by an earlier bootstrap when its certificate is still valid, else none
+//! yet. The client hands every request to the credentials in use; a
+//! request made while there are none waits for them a few seconds, then
+//! fails as if the server were away: the API tasks start as usual and
+//! retry, while static pods run.
+//!
 //! Side effects: reads the kubeconfig (and the files it names) or the
 //! service account files; GET /version, /api, /apis.
 
@@ -52,6 +60,9 @@ pub enum ClientError {
         #[source]
         source: kube::config::InClusterError,
     },
+    /// `--bootstrap-kubeconfig` names no usable cluster.
+    #[error("bootstrap kubeconfig {}: {reason}", path.display())]
+    Bootstrap { path: PathBuf, reason: String },
     /// The HTTP client could not be built: the TLS identity (client
     /// certificate and key) or the CA roots are unreadable or bad.
     #[error("{credentials}: cannot build a client for {server}")]
@@ -132,6 +143,223 @@ pub struct ApiClient {
     /// The server URL, for messages.
     pub server: String,
     info: Arc<Mutex<ServerInfo>>,
+    /// TLS bootstrap and rotation, when `--bootstrap-kubeconfig` is set:
+    /// the agent runs `api::bootstrap::run` with it.
+    pub certificates: Option<Arc<crate::api::bootstrap::Setup>>,
+}
+
+/// The credentials a bootstrapping node's client uses, swapped when a new
+/// certificate is issued. Cheap to clone; every clone is the same slot.
+#[derive(Clone)]
+pub struct ClientSlot(Arc<tokio::sync::watch::Sender<Option<kube::Client>>>);
+
+impl Default for ClientSlot {
+    fn default() -> Self {
+        ClientSlot(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+}
+
+impl ClientSlot {
+    pub fn is_set(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+
+    /// The client with the credentials in use, if any yet.
+    pub fn current(&self) -> Option<kube::Client> {
+        self.0.borrow().clone()
+    }
+
+    /// Builds a client from `kubeconfig` and puts it in use. New
+    /// connections present the new certificate; open ones finish with the
+    /// old (still valid) one.
+    pub async fn load(&self, kubeconfig: &Path) -> Result<(), ClientError> {
+        let config = load(&Credentials::Kubeconfig(kubeconfig.to_path_buf())).await?;
+        let server = config.cluster_url.to_string();
+        let client = kube::Client::try_from(config).map_err(|e| ClientError::Build {
+            credentials: format!("kubeconfig {}", kubeconfig.display()),
+            server,
+            source: e,
+        })?;
+        self.0.send_replace(Some(client));
+        Ok(())
+    }
+
+    /// A client whose every request goes out with the credentials in use,
+    /// waiting while there are none.
+    pub fn client(&self) -> kube::Client {
+        kube::Client::new(SlotService(self.clone()), "default")
+    }
+}
+
+/// How long a request waits for credentials before it fails (and its
+/// caller retries as for a server away).
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The tower service behind `ClientSlot::client`.
+#[derive(Clone)]
+struct SlotService(ClientSlot);
+
+impl tower::Service<http::Request<kube::client::Body>> for SlotService {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, kube::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), kube::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let mut rx = (self.0).0.subscribe();
+        Box::pin(async move {
+            // Bounded: a caller that is not cancellable (a final flush at
+            // shutdown) must not hang on a bootstrap that never succeeds.
+            let client = match tokio::time::timeout(SLOT_WAIT, rx.wait_for(Option::is_some)).await {
+                Ok(Ok(c)) => c.clone(),
+                _ => None,
+            };
+            match client {
+                Some(c) => c.send(req).await,
+                None => Err(kube::Error::Service(
+                    "no client certificate yet: the TLS bootstrap is still waiting (see its warnings)".into(),
+                )),
+            }
+        })
+    }
+}
+
+/// Where the cluster is and how it is trusted, from a kubeconfig's current
+/// context (for the kubeconfig a bootstrap writes).
+pub fn cluster_of(path: &Path) -> Result<crate::api::pki::Cluster, ClientError> {
+    let bad = |reason: String| ClientError::Bootstrap {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let kc = Kubeconfig::read_from(path).map_err(|source| ClientError::Kubeconfig {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let context = kc
+        .current_context
+        .as_deref()
+        .and_then(|name| kc.contexts.iter().find(|c| c.name == name))
+        .or(kc.contexts.first())
+        .and_then(|c| c.context.as_ref());
+    let cluster = match context {
+        Some(ctx) => kc.clusters.iter().find(|c| c.name == ctx.cluster),
+        None => kc.clusters.first(),
+    }
+    .and_then(|c| c.cluster.as_ref())
+    .ok_or_else(|| bad("no cluster in its current context".into()))?;
+    let server = cluster
+        .server
+        .clone()
+        .ok_or_else(|| bad("its cluster has no server".into()))?;
+    let ca_pem = match (
+        &cluster.certificate_authority_data,
+        &cluster.certificate_authority,
+    ) {
+        (Some(data), _) => {
+            use base64::Engine;
+            Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(data.trim())
+                    .map_err(|e| bad(format!("certificate-authority-data is not base64 ({e})")))?,
+            )
+        }
+        (None, Some(file)) => Some(std::fs::read(file).map_err(|e| {
+            bad(format!(
+                "certificate-authority {file}: cannot read it ({e})"
+            ))
+        })?),
+        (None, None) => None,
+    };
+    Ok(crate::api::pki::Cluster {
+        server,
+        ca_pem,
+        insecure: cluster.insecure_skip_tls_verify.unwrap_or(false),
+    })
+}
+
+/// Whether `path` is a kubeconfig whose client certificate is valid at
+/// `now` (kubelet's test before it bootstraps again).
+pub fn has_valid_certificate(path: &Path, now: i64) -> bool {
+    let Ok(kc) = Kubeconfig::read_from(path) else {
+        return false;
+    };
+    let user = kc
+        .current_context
+        .as_deref()
+        .and_then(|name| kc.contexts.iter().find(|c| c.name == name))
+        .and_then(|c| c.context.as_ref())
+        .and_then(|c| c.user.clone());
+    let auth = kc
+        .auth_infos
+        .iter()
+        .find(|a| user.as_deref().is_none_or(|u| a.name == u))
+        .and_then(|a| a.auth_info.as_ref());
+    let pem = match auth {
+        Some(a) => match (&a.client_certificate_data, &a.client_certificate) {
+            (Some(data), _) => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(data.trim())
+                    .ok()
+            }
+            (None, Some(file)) => std::fs::read(file).ok(),
+            (None, None) => None,
+        },
+        None => None,
+    };
+    pem.and_then(|p| crate::api::pki::parse_cert(&p, path).ok())
+        .is_some_and(|c| c.valid_at(now))
+}
+
+/// TLS bootstrap mode: the client over a `ClientSlot`, filled now from
+/// `--kubeconfig` when its certificate is valid, else by the bootstrap.
+async fn connect_bootstrapping(cfg: &Config, bootstrap: &Path) -> Result<ApiClient, ClientError> {
+    let kubeconfig = cfg.kubeconfig.clone().unwrap_or_default();
+    let cluster = cluster_of(bootstrap)?;
+    let bconfig = load(&Credentials::Kubeconfig(bootstrap.to_path_buf())).await?;
+    let bclient = kube::Client::try_from(bconfig).map_err(|e| ClientError::Build {
+        credentials: format!("bootstrap kubeconfig {}", bootstrap.display()),
+        server: cluster.server.clone(),
+        source: e,
+    })?;
+    let slot = ClientSlot::default();
+    let now = jiff::Timestamp::now().as_second();
+    if has_valid_certificate(&kubeconfig, now)
+        && let Err(e) = slot.load(&kubeconfig).await
+    {
+        warn!(error = %crate::error_chain(&e), "the written kubeconfig does not load; bootstrapping again");
+    }
+    if slot.is_set() {
+        info!(kubeconfig = %kubeconfig.display(), "client certificate from an earlier bootstrap is valid: using it");
+    } else {
+        info!(bootstrap_kubeconfig = %bootstrap.display(), server = %cluster.server, "no valid client certificate: TLS bootstrap; the API tasks wait for it, static pods run");
+    }
+    let server = cluster.server.clone();
+    let setup = crate::api::bootstrap::Setup {
+        node: cfg.node_name.clone(),
+        cert_dir: cfg.cert_dir.clone(),
+        kubeconfig,
+        cluster,
+        bootstrap: Some(crate::api::bootstrap::BootstrapClient {
+            path: bootstrap.to_path_buf(),
+            client: bclient,
+        }),
+        rotate: cfg.rotate_certificates,
+        credentials: slot.clone(),
+    };
+    Ok(ApiClient {
+        client: slot.client(),
+        node_name: cfg.node_name.clone(),
+        server,
+        info: Arc::default(),
+        certificates: Some(Arc::new(setup)),
+    })
 }
 
 impl std::fmt::Debug for ApiClient {
@@ -147,15 +375,26 @@ impl std::fmt::Debug for ApiClient {
 /// Fails only on bad credentials; an unreachable server is logged and
 /// left to the tasks that use the client (they retry).
 pub async fn connect(cfg: &Config) -> Result<Option<ApiClient>, ClientError> {
+    // kube-rs builds rustls with the process-wide provider: ring is the one
+    // compiled in. Err means one is installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(bootstrap) = &cfg.bootstrap_kubeconfig {
+        let api = connect_bootstrapping(cfg, bootstrap).await?;
+        let ready = api
+            .certificates
+            .as_ref()
+            .is_some_and(|c| c.credentials.is_set());
+        if ready && let Err(e) = api.refresh().await {
+            warn!(server = %api.server, error = %describe(&e), "api server not reachable yet; the node and pod tasks retry");
+        }
+        return Ok(Some(api));
+    }
     let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
     let token = Path::new(SERVICE_ACCOUNT_TOKEN).exists();
     let Some(creds) = credentials(cfg.kubeconfig.as_deref(), host.as_deref(), token) else {
         info!("no --kubeconfig and no in-cluster service account: static pods only");
         return Ok(None);
     };
-    // kube-rs builds rustls with the process-wide provider: ring is the one
-    // compiled in. Err means one is installed already, which is fine.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = load(&creds).await?;
     let server = config.cluster_url.to_string();
     let source = match &creds {
@@ -174,6 +413,7 @@ pub async fn connect(cfg: &Config) -> Result<Option<ApiClient>, ClientError> {
         node_name: cfg.node_name.clone(),
         server,
         info: Arc::default(),
+        certificates: None,
     };
     if let Err(e) = api.refresh().await {
         warn!(server = %api.server, credentials = %source, error = %describe(&e), "api server not reachable yet; the node and pod tasks retry");
@@ -189,6 +429,7 @@ impl ApiClient {
             node_name: node_name.into(),
             server: String::new(),
             info: Arc::default(),
+            certificates: None,
         }
     }
 

@@ -10,6 +10,7 @@
 //! Everything here talks to the server through kube-rs; the pod path sees
 //! only the seams (`source::merge`, `sink`, `objects::ObjectLookup`).
 
+pub mod bootstrap;
 pub mod client;
 pub mod csi_node;
 pub mod csi_objects;
@@ -18,6 +19,7 @@ pub mod machine;
 pub mod mirror;
 pub mod node;
 pub mod objects;
+pub mod pki;
 pub mod pod_api;
 pub mod pods;
 pub mod status_writer;
