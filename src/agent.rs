@@ -339,6 +339,17 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         let host_ip = cfg
             .node_ip
             .map_or_else(|| local_address_towards(&api.server), |ip| ip.to_string());
+        if cfg.server_tls_bootstrap {
+            // The kubelet API's serving certificate, for its names.
+            let names = vec![cfg.node_name.clone(), host_ip.clone()];
+            tasks.spawn(crate::api::bootstrap::run_serving(
+                api.client.clone(),
+                cfg.node_name.clone(),
+                cfg.cert_dir.clone(),
+                names,
+                cancel.clone(),
+            ));
+        }
         let (writer, task) = crate::api::status_writer::StatusWriter::new(
             api.client.clone(),
             host_ip,

@@ -61,6 +61,7 @@ const KUBELET_SUPPORTED: &[&str] = &[
     "nodeStatusReportFrequency",
     "nodeLeaseDurationSeconds",
     "rotateCertificates",
+    "serverTLSBootstrap",
 ];
 
 /// MiniletConfiguration fields.
@@ -296,6 +297,9 @@ pub struct Config {
     /// kubelet `rotateCertificates`, default false (kubelet's): renew the
     /// client certificate through a new CSR before it expires.
     pub rotate_certificates: bool,
+    /// kubelet `serverTLSBootstrap`, default false: ask the cluster for the
+    /// kubelet API's serving certificate (kubelet-serving signer).
+    pub server_tls_bootstrap: bool,
     /// kubelet's --node-ip: the Node's InternalIP. `None`: the source
     /// address of the default route.
     pub node_ip: Option<IpAddr>,
@@ -379,6 +383,7 @@ impl Config {
             kubeconfig: None,
             bootstrap_kubeconfig: None,
             rotate_certificates: false,
+            server_tls_bootstrap: false,
             node_ip: None,
             node_status_update_frequency: Duration::from_secs(10),
             node_status_report_frequency: Duration::from_secs(300),
@@ -575,6 +580,7 @@ struct FileSettings {
     node_status_report_frequency: Option<Duration>,
     node_lease_duration_seconds: Option<u32>,
     rotate_certificates: Option<bool>,
+    server_tls_bootstrap: Option<bool>,
     eviction_hard: Option<crate::eviction::EvictionHard>,
     eviction_warnings: Vec<String>,
     state_dir: Option<Setting<String>>,
@@ -702,6 +708,9 @@ fn resolve(
     }
     if let Some(v) = fs.rotate_certificates {
         cfg.rotate_certificates = v;
+    }
+    if let Some(v) = fs.server_tls_bootstrap {
+        cfg.server_tls_bootstrap = v;
     }
     if let Some(ip) = &flags.node_ip {
         cfg.node_ip = Some(ip.trim().parse::<IpAddr>().map_err(|_| {
@@ -1136,6 +1145,15 @@ impl DocCtx<'_> {
         }
     }
 
+    /// true or false; `None` for null.
+    fn boolean(&self, field: &'static str, v: &Value) -> Result<Option<bool>, ConfigError> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Bool(b) => Ok(Some(*b)),
+            _ => Err(self.invalid(field, v, "must be true or false")),
+        }
+    }
+
     /// A whole number, at least `min`; `None` for null.
     fn count(
         &self,
@@ -1253,11 +1271,8 @@ fn read_kubelet_field(
         "nodeStatusReportFrequency" => {
             fs.node_status_report_frequency = ctx.duration("nodeStatusReportFrequency", v)?;
         }
-        "rotateCertificates" => match v {
-            Value::Null => {}
-            Value::Bool(b) => fs.rotate_certificates = Some(*b),
-            _ => return Err(ctx.invalid("rotateCertificates", v, "must be true or false")),
-        },
+        "rotateCertificates" => fs.rotate_certificates = ctx.boolean("rotateCertificates", v)?,
+        "serverTLSBootstrap" => fs.server_tls_bootstrap = ctx.boolean("serverTLSBootstrap", v)?,
         "nodeLeaseDurationSeconds" => {
             fs.node_lease_duration_seconds = ctx
                 .count("nodeLeaseDurationSeconds", v, 1)?
@@ -1616,13 +1631,17 @@ mod tests {
             root_dir: Some("/r".into()),
             ..flags()
         };
-        let c = from_text(&f, &format!("{KUBELET}rotateCertificates: true\n")).unwrap();
+        let c = from_text(
+            &f,
+            &format!("{KUBELET}rotateCertificates: true\nserverTLSBootstrap: true\n"),
+        )
+        .unwrap();
         assert_eq!(
             c.bootstrap_kubeconfig,
             Some("/etc/minilet/bootstrap.conf".into())
         );
         assert_eq!(c.cert_dir, PathBuf::from("/r/pki"));
-        assert!(c.rotate_certificates);
+        assert!(c.rotate_certificates && c.server_tls_bootstrap);
         let c = from_text(
             &Flags {
                 cert_dir: Some("/certs".into()),

@@ -13,6 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
+use minilet::api::pki::Pair;
 use minilet::cri::Runtime;
 
 use crate::cluster::{ControlPlane, control_plane, wait_until};
@@ -21,8 +22,13 @@ use crate::{BUSYBOX, on_stack, sleeper};
 
 const NODE: &str = "e2e-tls-boot";
 
-/// The CSRs of this node: (name, requesting user, approved, issued).
+/// The client CSRs of this node: (name, requesting user, approved, issued).
 fn csrs(cp: &ControlPlane) -> Vec<(String, String, bool, bool)> {
+    csrs_of(cp, "kubernetes.io/kube-apiserver-client-kubelet")
+}
+
+/// The CSRs of this node for `signer`.
+fn csrs_of(cp: &ControlPlane, signer: &str) -> Vec<(String, String, bool, bool)> {
     let list = cp.get_json(&["csr"]);
     list["items"]
         .as_array()
@@ -35,6 +41,7 @@ fn csrs(cp: &ControlPlane) -> Vec<(String, String, bool, bool)> {
             // our naming instead.
             let user = c["spec"]["username"].as_str().unwrap_or("");
             !req.is_empty()
+                && c["spec"]["signerName"] == signer
                 && (user == format!("system:node:{NODE}")
                     || c["metadata"]["name"]
                         .as_str()
@@ -86,7 +93,10 @@ fn a_node_joins_by_tls_bootstrap_reuses_its_certificate_and_rotates_it() {
             "--force",
         ]);
         // CSRs of an earlier run are cluster-scoped leftovers: delete them.
-        for (name, ..) in csrs(&cp) {
+        for (name, ..) in csrs(&cp)
+            .into_iter()
+            .chain(csrs_of(&cp, "kubernetes.io/kubelet-serving"))
+        {
             cp.kubectl(&["delete", "csr", &name, "--ignore-not-found"]);
         }
         wait_until("old node forgotten", Duration::from_secs(30), || {
@@ -118,7 +128,10 @@ fn a_node_joins_by_tls_bootstrap_reuses_its_certificate_and_rotates_it() {
             NODE,
             Options {
                 args: args(&wrong),
-                kubelet_config: vec!["rotateCertificates: true".into()],
+                kubelet_config: vec![
+                    "rotateCertificates: true".into(),
+                    "serverTLSBootstrap: true".into(),
+                ],
                 unready: true,
                 ..Default::default()
             },
@@ -170,7 +183,7 @@ fn a_node_joins_by_tls_bootstrap_reuses_its_certificate_and_rotates_it() {
             "a CSR by the bootstrap token, approved and issued: {issued:?}"
         );
         let pki = agent.dir.path().join("state/pki");
-        let first = minilet::api::pki::current(&pki)
+        let first = minilet::api::pki::current(&pki, Pair::Client)
             .unwrap()
             .expect("a current pair");
         assert_eq!(first.common_name, format!("system:node:{NODE}"));
@@ -197,6 +210,46 @@ fn a_node_joins_by_tls_bootstrap_reuses_its_certificate_and_rotates_it() {
             "the static pod ran through the bootstrap: {still:?}"
         );
 
+        // The serving certificate: self-signed until the cluster issues
+        // one; v1.20 approves only client CSRs, so the test approves it as
+        // an admin would.
+        let self_signed = pki.join("kubelet.crt");
+        wait_until(
+            "a self-signed serving pair",
+            Duration::from_secs(30),
+            || self_signed.exists() && pki.join("kubelet.key").exists(),
+        );
+        let serving = "kubernetes.io/kubelet-serving";
+        let pending = eventually(
+            "a serving CSR by the node",
+            Duration::from_secs(30),
+            || async {
+                csrs_of(&cp, serving)
+                    .into_iter()
+                    .find(|(_, user, approved, _)| {
+                        user == &format!("system:node:{NODE}") && !approved
+                    })
+                    .map(|(name, ..)| name)
+            },
+        )
+        .await;
+        cp.kubectl_ok(&["certificate", "approve", &pending]);
+        let served = eventually(
+            "the serving pair issued",
+            Duration::from_secs(60),
+            || async {
+                minilet::api::pki::current(&pki, Pair::Server)
+                    .ok()
+                    .flatten()
+            },
+        )
+        .await;
+        assert_eq!(served.common_name, format!("system:node:{NODE}"));
+        assert_eq!(
+            mode(&std::fs::canonicalize(pki.join("kubelet-server-current.pem")).unwrap()),
+            0o600
+        );
+
         // 3. A restart reuses the certificate: no new CSR.
         let before = csrs(&cp).len();
         agent.terminate();
@@ -209,7 +262,7 @@ fn a_node_joins_by_tls_bootstrap_reuses_its_certificate_and_rotates_it() {
         );
         assert_eq!(csrs(&cp).len(), before, "no new CSR after a restart");
         assert_eq!(
-            minilet::api::pki::current(&pki).unwrap(),
+            minilet::api::pki::current(&pki, Pair::Client).unwrap(),
             Some(first.clone())
         );
 
@@ -219,7 +272,7 @@ fn a_node_joins_by_tls_bootstrap_reuses_its_certificate_and_rotates_it() {
         agent.options.env = vec![("MINILET_FAULT_ROTATE_AFTER_SECS".into(), "0".into())];
         agent.restart_unready();
         let second = eventually("a rotated certificate", Duration::from_secs(60), || async {
-            minilet::api::pki::current(&pki)
+            minilet::api::pki::current(&pki, Pair::Client)
                 .ok()
                 .flatten()
                 .filter(|c| c.public_key != first.public_key)
@@ -247,7 +300,9 @@ fn a_node_joins_by_tls_bootstrap_reuses_its_certificate_and_rotates_it() {
         wait_until("the API pod Running", Duration::from_secs(60), || {
             cp.get_json(&["pod", "boot-api"])["status"]["phase"] == "Running"
         });
-        let now = minilet::api::pki::current(&pki).unwrap().unwrap();
+        let now = minilet::api::pki::current(&pki, Pair::Client)
+            .unwrap()
+            .unwrap();
         assert!(
             now.public_key != first.public_key,
             "the rotated pair is the one in use"
@@ -255,7 +310,10 @@ fn a_node_joins_by_tls_bootstrap_reuses_its_certificate_and_rotates_it() {
 
         cp.kubectl(&["delete", "pod", "boot-api", "--grace-period=0", "--force"]);
         agent.remove_manifest("static.yaml");
-        for (name, ..) in csrs(&cp) {
+        for (name, ..) in csrs(&cp)
+            .into_iter()
+            .chain(csrs_of(&cp, "kubernetes.io/kubelet-serving"))
+        {
             cp.kubectl(&["delete", "csr", &name, "--ignore-not-found"]);
         }
         eventually("the pods are gone", Duration::from_secs(60), || async {

@@ -41,6 +41,48 @@ use crate::api::pki::{self, CertInfo, PkiError};
 pub const SIGNER: &str = "kubernetes.io/kube-apiserver-client-kubelet";
 /// kubelet's usages for its client certificate.
 pub const USAGES: [&str; 3] = ["digital signature", "key encipherment", "client auth"];
+/// The signer of kubelet serving certificates (`serverTLSBootstrap`).
+pub const SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
+/// kubelet's usages for its serving certificate.
+pub const SERVING_USAGES: [&str; 3] = ["digital signature", "key encipherment", "server auth"];
+
+/// What a request asks for: the client pair, or the serving pair for the
+/// node's names (DNS names and IP addresses, as subject alternative names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ask {
+    pub pair: pki::Pair,
+    pub names: Vec<String>,
+}
+
+impl Ask {
+    pub fn client() -> Ask {
+        Ask {
+            pair: pki::Pair::Client,
+            names: vec![],
+        }
+    }
+
+    pub fn serving(names: Vec<String>) -> Ask {
+        Ask {
+            pair: pki::Pair::Server,
+            names,
+        }
+    }
+
+    fn signer(&self) -> &'static str {
+        match self.pair {
+            pki::Pair::Client => SIGNER,
+            pki::Pair::Server => SERVING_SIGNER,
+        }
+    }
+
+    fn usages(&self) -> &'static [&'static str; 3] {
+        match self.pair {
+            pki::Pair::Client => &USAGES,
+            pki::Pair::Server => &SERVING_USAGES,
+        }
+    }
+}
 /// How often a request in flight is looked at.
 const POLL: Duration = Duration::from_secs(2);
 /// How long one request is waited for (kubelet: an hour).
@@ -187,8 +229,9 @@ impl CsrApi for KubeCsrApi {
 }
 
 /// kubelet's CSR name: `node-csr-` and a digest of the public key, the
-/// subject and the usages, so the same key always asks under one name.
-pub fn csr_name(key: &KeyPair, node: &str) -> String {
+/// subject, the names and the usages, so the same key always asks under
+/// one name.
+pub fn csr_name(key: &KeyPair, node: &str, ask: &Ask) -> String {
     use base64::Engine;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA512_256);
     let mut part = |b: &[u8]| {
@@ -198,7 +241,10 @@ pub fn csr_name(key: &KeyPair, node: &str) -> String {
     part(key.public_key_raw());
     part(format!("system:node:{node}").as_bytes());
     part(b"system:nodes");
-    for u in USAGES {
+    for n in &ask.names {
+        part(n.as_bytes());
+    }
+    for u in ask.usages() {
         part(u.as_bytes());
     }
     let sum = ctx.finish();
@@ -209,8 +255,13 @@ pub fn csr_name(key: &KeyPair, node: &str) -> String {
 }
 
 /// The request object for `key`.
-pub fn csr_object(key: &KeyPair, node: &str) -> Result<CertificateSigningRequest, BootstrapError> {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+pub fn csr_object(
+    key: &KeyPair,
+    node: &str,
+    ask: &Ask,
+) -> Result<CertificateSigningRequest, BootstrapError> {
+    // IP addresses among the names become IP SANs, the rest DNS SANs.
+    let mut params = rcgen::CertificateParams::new(ask.names.clone())
         .map_err(|e| BootstrapError::Csr(e.to_string()))?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -225,13 +276,13 @@ pub fn csr_object(key: &KeyPair, node: &str) -> Result<CertificateSigningRequest
         .map_err(|e| BootstrapError::Csr(e.to_string()))?;
     Ok(CertificateSigningRequest {
         metadata: ObjectMeta {
-            name: Some(csr_name(key, node)),
+            name: Some(csr_name(key, node, ask)),
             ..Default::default()
         },
         spec: CertificateSigningRequestSpec {
             request: ByteString(pem.into_bytes()),
-            signer_name: SIGNER.into(),
-            usages: Some(USAGES.iter().map(|u| u.to_string()).collect()),
+            signer_name: ask.signer().into(),
+            usages: Some(ask.usages().iter().map(|u| u.to_string()).collect()),
             ..Default::default()
         },
         status: None,
@@ -245,11 +296,12 @@ pub async fn request(
     api: &dyn CsrApi,
     key: &KeyPair,
     node: &str,
+    ask: &Ask,
     credentials: &str,
     poll: Duration,
     wait: Duration,
 ) -> Result<String, BootstrapError> {
-    let csr = csr_object(key, node)?;
+    let csr = csr_object(key, node, ask)?;
     let name = csr.metadata.name.clone().unwrap_or_default();
     let failed = |verb: &'static str, e: CallError| match e {
         CallError::Unauthorized(message) => BootstrapError::Refused {
@@ -272,7 +324,7 @@ pub async fn request(
         Ok(()) | Err(CallError::AlreadyExists) => {}
         Err(e) => return Err(failed("create", e)),
     }
-    info!(csr = %name, "certificate signing request sent; waiting for it to be approved and signed");
+    info!(csr = %name, signer = ask.signer(), "certificate signing request sent; waiting for it to be approved and signed");
     let started = tokio::time::Instant::now();
     let mut approved = false;
     loop {
@@ -304,7 +356,10 @@ pub async fn request(
                 waited: wait,
             });
         }
-        tokio::time::sleep(poll).await;
+        // A request nobody approves within a minute (a serving CSR waits
+        // for an admin) is looked at less often.
+        let slow = started.elapsed() > Duration::from_secs(60);
+        tokio::time::sleep(if slow { poll * 15 } else { poll }).await;
     }
 }
 
@@ -316,17 +371,19 @@ pub async fn obtain(
     setup: &Setup,
     now: impl Fn() -> i64,
 ) -> Result<CertInfo, BootstrapError> {
-    let key = pki::pending_key(&setup.cert_dir)?;
-    let cert = request(api, &key, &setup.node, credentials, POLL, WAIT).await?;
-    let name = csr_name(&key, &setup.node);
-    let info = pki::install(&setup.cert_dir, &cert, &key, now()).map_err(|e| match e {
-        PkiError::Bad { reason, .. } => BootstrapError::BadCertificate { name, reason },
-        other => BootstrapError::Pki(other),
-    })?;
+    let ask = Ask::client();
+    let key = pki::pending_key(&setup.cert_dir, ask.pair)?;
+    let cert = request(api, &key, &setup.node, &ask, credentials, POLL, WAIT).await?;
+    let name = csr_name(&key, &setup.node, &ask);
+    let info =
+        pki::install(&setup.cert_dir, ask.pair, &cert, &key, now()).map_err(|e| match e {
+            PkiError::Bad { reason, .. } => BootstrapError::BadCertificate { name, reason },
+            other => BootstrapError::Pki(other),
+        })?;
     pki::write_kubeconfig(
         &setup.kubeconfig,
         &setup.cluster,
-        &setup.cert_dir.join(pki::CURRENT),
+        &setup.cert_dir.join(pki::Pair::Client.current_name()),
     )?;
     Ok(info)
 }
@@ -391,7 +448,7 @@ pub async fn run(setup: Arc<Setup>, cancel: CancellationToken) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let now = unix_now();
-        let current = match pki::current(&setup.cert_dir) {
+        let current = match pki::current(&setup.cert_dir, pki::Pair::Client) {
             Ok(c) => c.filter(|c| c.valid_at(now)),
             Err(e) => {
                 warn!(error = %crate::error_chain(&e), "the current client certificate is unusable; asking for a new one");
@@ -403,7 +460,7 @@ pub async fn run(setup: Arc<Setup>, cancel: CancellationToken) {
                 if !setup.credentials.is_set() {
                     // Valid on disk but not in use yet: the kubeconfig was
                     // lost or broken; write it again and use it.
-                    let pair = setup.cert_dir.join(pki::CURRENT);
+                    let pair = setup.cert_dir.join(pki::Pair::Client.current_name());
                     let loaded =
                         match pki::write_kubeconfig(&setup.kubeconfig, &setup.cluster, &pair) {
                             Ok(()) => setup
@@ -451,14 +508,87 @@ pub async fn run(setup: Arc<Setup>, cancel: CancellationToken) {
             }
             Err(e) => {
                 warn!(error = %crate::error_chain(&e), retry_in = ?backoff, "client certificate: no new certificate yet");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !back_off(&mut backoff, &cancel).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }
+}
+
+/// `serverTLSBootstrap`: the kubelet API's serving certificate from the
+/// `kubernetes.io/kubelet-serving` signer, asked for with the node's own
+/// client (`client`) for `names`, and renewed at kubelet's deadline. The
+/// cluster must approve it (v1.20's controller manager approves only client
+/// certificates: an admin or an approver does); until it does, the
+/// self-signed pair (`pki::self_signed`) is there to serve with. Runs until
+/// `cancel`.
+pub async fn run_serving(
+    client: kube::Client,
+    node: String,
+    cert_dir: PathBuf,
+    names: Vec<String>,
+    cancel: CancellationToken,
+) {
+    if let Err(e) = pki::self_signed(&cert_dir, &names, unix_now()) {
+        warn!(error = %crate::error_chain(&e), "no self-signed serving certificate");
+    }
+    let ask = Ask::serving(names);
+    let api = KubeCsrApi(client);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let now = unix_now();
+        if let Ok(Some(cert)) = pki::current(&cert_dir, ask.pair)
+            && cert.valid_at(now)
+        {
+            let wait = Duration::from_secs(next_ask(&cert, true).saturating_sub(now).max(0) as u64);
+            info!(not_after = %stamp(cert.not_after), next_request_in_s = wait.as_secs(), "serving certificate in use");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let result = async {
+            let key = pki::pending_key(&cert_dir, ask.pair)?;
+            let pem = request(
+                &api,
+                &key,
+                &node,
+                &ask,
+                "the node's client credentials",
+                POLL,
+                WAIT,
+            )
+            .await?;
+            Ok::<_, BootstrapError>(pki::install(&cert_dir, ask.pair, &pem, &key, unix_now())?)
+        };
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = result => r,
+        };
+        match result {
+            Ok(cert) => {
+                info!(subject = %cert.common_name, not_after = %stamp(cert.not_after), "serving certificate issued");
+                backoff = Duration::from_secs(1);
+            }
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), retry_in = ?backoff, "serving certificate: none issued yet");
+                if !back_off(&mut backoff, &cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `backoff`, then doubles it (capped); false when cancelled first.
+async fn back_off(backoff: &mut Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => return false,
+        _ = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    true
 }
 
 fn bootstrap_api(setup: &Setup) -> Result<(Box<dyn CsrApi>, String), BootstrapError> {
@@ -521,7 +651,8 @@ mod tests {
     #[test]
     fn the_request_is_kubelets() {
         let k = key();
-        let csr = csr_object(&k, "node-a").unwrap();
+        let client = Ask::client();
+        let csr = csr_object(&k, "node-a", &client).unwrap();
         assert_eq!(
             csr.spec.signer_name,
             "kubernetes.io/kube-apiserver-client-kubelet"
@@ -532,9 +663,13 @@ mod tests {
         );
         let name = csr.metadata.name.unwrap();
         assert!(name.starts_with("node-csr-") && name.len() <= 253, "{name}");
-        assert_eq!(name, csr_name(&k, "node-a"), "the same key, the same name");
-        assert_ne!(name, csr_name(&key(), "node-a"));
-        assert_ne!(name, csr_name(&k, "node-b"));
+        assert_eq!(
+            name,
+            csr_name(&k, "node-a", &client),
+            "the same key, the same name"
+        );
+        assert_ne!(name, csr_name(&key(), "node-a", &client));
+        assert_ne!(name, csr_name(&k, "node-b", &client));
         let pem = String::from_utf8(csr.spec.request.0).unwrap();
         assert!(
             pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
@@ -566,6 +701,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_serving_request_names_the_node_and_its_addresses() {
+        let k = key();
+        let ask = Ask::serving(vec!["node-a".into(), "10.0.0.5".into()]);
+        let csr = csr_object(&k, "node-a", &ask).unwrap();
+        assert_eq!(csr.spec.signer_name, "kubernetes.io/kubelet-serving");
+        assert_eq!(
+            csr.spec.usages.as_deref().unwrap(),
+            ["digital signature", "key encipherment", "server auth"]
+        );
+        assert_ne!(
+            csr.metadata.name,
+            Some(csr_name(&k, "node-a", &Ask::client()))
+        );
+        use x509_parser::prelude::FromDer;
+        let (_, block) = x509_parser::pem::parse_x509_pem(&csr.spec.request.0).unwrap();
+        let (_, req) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&block.contents)
+                .unwrap();
+        let sans: Vec<String> = req
+            .requested_extensions()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match e {
+                x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) => Some(
+                    san.general_names
+                        .iter()
+                        .map(|g| g.to_string())
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        // x509-parser prints an IP SAN as hex octets: 10.0.0.5.
+        assert_eq!(sans, vec!["DNSName(node-a)", "IPAddress(0a:00:00:05)"]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_request_is_waited_on_until_signed() {
         let k = key();
@@ -586,6 +759,7 @@ mod tests {
             &api,
             &k,
             "n",
+            &Ask::client(),
             "bootstrap kubeconfig /b",
             MS,
             Duration::from_secs(60),
@@ -605,11 +779,22 @@ mod tests {
             certificate: Some("PEM".into()),
             ..Default::default()
         })];
-        let cert = request(&api, &k, "n", "c", MS, Duration::from_secs(60))
-            .await
-            .unwrap();
+        let cert = request(
+            &api,
+            &k,
+            "n",
+            &Ask::client(),
+            "c",
+            MS,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
         assert_eq!(cert, "PEM");
-        assert_eq!(api.gets.lock().unwrap()[0], csr_name(&k, "n"));
+        assert_eq!(
+            api.gets.lock().unwrap()[0],
+            csr_name(&k, "n", &Ask::client())
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -620,6 +805,7 @@ mod tests {
             &api,
             &key(),
             "n",
+            &Ask::client(),
             "bootstrap kubeconfig /etc/b.conf",
             MS,
             MS,
@@ -645,7 +831,7 @@ mod tests {
             )),
             ..Default::default()
         })];
-        let err = request(&api, &key(), "n", "c", MS, MS)
+        let err = request(&api, &key(), "n", &Ask::client(), "c", MS, MS)
             .await
             .unwrap_err()
             .to_string();
@@ -666,6 +852,7 @@ mod tests {
             &api,
             &key(),
             "n",
+            &Ask::client(),
             "c",
             Duration::from_secs(1),
             Duration::from_secs(5),
