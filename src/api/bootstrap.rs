@@ -449,12 +449,23 @@ pub async fn run(setup: Arc<Setup>, cancel: CancellationToken) {
     loop {
         let now = unix_now();
         let current = match pki::current(&setup.cert_dir, pki::Pair::Client) {
-            Ok(c) => c.filter(|c| c.valid_at(now)),
+            Ok(c) => c,
             Err(e) => {
                 warn!(error = %crate::error_chain(&e), "the current client certificate is unusable; asking for a new one");
                 None
             }
-        };
+        }
+        // A --kubeconfig with a valid certificate of its own (not one of
+        // the cert dir's) is used as it is until its renewal, which then
+        // moves it into the cert dir.
+        .or_else(|| {
+            setup
+                .credentials
+                .is_set()
+                .then(|| crate::api::client::certificate_of(&setup.kubeconfig))
+                .flatten()
+        })
+        .filter(|c| c.valid_at(now));
         let ask_with: Result<(Box<dyn CsrApi>, String), BootstrapError> = match &current {
             Some(cert) => {
                 if !setup.credentials.is_set() {

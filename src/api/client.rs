@@ -286,9 +286,13 @@ pub fn cluster_of(path: &Path) -> Result<crate::api::pki::Cluster, ClientError> 
 /// Whether `path` is a kubeconfig whose client certificate is valid at
 /// `now` (kubelet's test before it bootstraps again).
 pub fn has_valid_certificate(path: &Path, now: i64) -> bool {
-    let Ok(kc) = Kubeconfig::read_from(path) else {
-        return false;
-    };
+    certificate_of(path).is_some_and(|c| c.valid_at(now))
+}
+
+/// The client certificate a kubeconfig's current user presents, if it has
+/// one that parses.
+pub fn certificate_of(path: &Path) -> Option<crate::api::pki::CertInfo> {
+    let kc = Kubeconfig::read_from(path).ok()?;
     let user = kc
         .current_context
         .as_deref()
@@ -314,7 +318,6 @@ pub fn has_valid_certificate(path: &Path, now: i64) -> bool {
         None => None,
     };
     pem.and_then(|p| crate::api::pki::parse_cert(&p, path).ok())
-        .is_some_and(|c| c.valid_at(now))
 }
 
 /// TLS bootstrap mode: the client over a `ClientSlot`, filled now from
