@@ -478,14 +478,22 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         );
         claim_resolver = Some(claims.clone());
         let view = claims.view();
-        // A claim bound or its volume provisioned: waiting pods retry now.
+        // A claim bound or its volume provisioned: the pods waiting on
+        // that claim retry now.
         let (mut bindings, changes, c) = (claims.view(), volume_inputs.clone(), cancel.clone());
         tasks.spawn(async move {
+            let mut before = crate::volume::provision::claim_states(&bindings.borrow_and_update());
             loop {
                 tokio::select! {
                     _ = c.cancelled() => return,
                     r = bindings.changed() => match r {
-                        Ok(()) => changes.bump(),
+                        Ok(()) => {
+                            let now = crate::volume::provision::claim_states(&bindings.borrow_and_update());
+                            for claim in crate::volume::provision::changed_claims(&before, &now) {
+                                changes.bump_for(claim);
+                            }
+                            before = now;
+                        }
                         Err(_) => return,
                     },
                 }

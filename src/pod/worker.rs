@@ -26,7 +26,7 @@ use super::spec::{self, Downward, HostContext};
 use crate::clock::Clock;
 use crate::cri::{CriError, Labels, Runtime, api};
 use crate::labels;
-use crate::objects::ObjectLookup;
+use crate::objects::{Kind, ObjectLookup};
 use crate::sink::{EventSink, EventType, PodRef, StatusSink};
 use crate::source::{Desired, DesiredPod};
 use crate::status::{self, Board};
@@ -180,6 +180,8 @@ pub struct Worker<R> {
     wake: Arc<Notify>,
     /// `Shared::volume_inputs`, as this worker has seen it.
     volume_inputs: watch::Receiver<u64>,
+    /// Its counter value when this worker last looked at what changed.
+    volume_seen: u64,
     /// The next volume set-up is a retry because its inputs changed (not
     /// its backoff): failing the same way again is not news.
     retry_on_change: bool,
@@ -246,6 +248,7 @@ impl<R: Runtime> Worker<R> {
         let worker = Worker {
             uid,
             volume_inputs: shared.volume_inputs.subscribe(),
+            volume_seen: shared.volume_inputs.current(),
             retry_on_change: false,
             shared,
             desired: rx,
@@ -1064,10 +1067,25 @@ impl<R: Runtime> Worker<R> {
 
     /// What volumes are built from changed (a claim bound, an object
     /// appeared): a failed set-up is due again now, not after its backoff.
-    /// True when that makes a turn due.
+    /// True when that makes a turn due: the set-up failed and what changed
+    /// is something the pod uses (or is not said).
     fn volume_inputs_changed(&mut self) -> bool {
-        self.volume_inputs.borrow_and_update();
-        if self.mem.volume_error.is_some() && self.mem.volume_backoff.take().is_some() {
+        let now = *self.volume_inputs.borrow_and_update();
+        let changed = self.shared.volume_inputs.since(self.volume_seen);
+        self.volume_seen = now;
+        let uses = |pod: &Pod, what: &[crate::objects::ObjectRef]| {
+            let refs = super::objects::references(pod);
+            let claims = refs.iter().any(|r| r.kind == Kind::PersistentVolumeClaim);
+            what.iter().any(|r| {
+                refs.contains(r)
+                    || (claims && matches!(r.kind, Kind::PersistentVolume | Kind::StorageClass))
+            })
+        };
+        let relevant = match (&changed, &self.last_pod) {
+            (Some(what), Some(pod)) => uses(pod, what),
+            _ => true,
+        };
+        if relevant && self.mem.volume_error.is_some() && self.mem.volume_backoff.take().is_some() {
             debug!("volume inputs changed: retrying the volume set-up now");
             self.retry_on_change = true;
             return true;
@@ -1906,8 +1924,16 @@ spec:
                 .count()
         };
         assert_eq!(failed_mounts(&w), 1);
-        // Another claim binds: a retry at once, failing as before: no
-        // second FailedMount.
+        // Another pod's claim binds: nothing to do for this one.
+        let claim = |name: &str| crate::objects::ObjectRef {
+            kind: Kind::PersistentVolumeClaim,
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        shared.volume_inputs.bump_for(claim("theirs"));
+        assert!(!w.volume_inputs_changed(), "not this pod's claim");
+        // Something unnamed changed: a retry at once, failing as before:
+        // no second FailedMount.
         shared.volume_inputs.bump();
         assert!(w.volume_inputs_changed(), "a failed set-up is due again");
         w.step(&want(Some(&d))).await.unwrap();

@@ -212,6 +212,39 @@ pub struct VolumesView {
     pub waiting: BTreeMap<String, String>,
 }
 
+/// Each claim of a view, by (namespace, name): its bound volume and phase.
+pub type ClaimStates = BTreeMap<(String, String), (Option<String>, Option<String>)>;
+
+/// The claims of `view` and what pods wait on in them.
+pub fn claim_states(view: &VolumesView) -> ClaimStates {
+    view.claims
+        .iter()
+        .map(|c| {
+            let key = (
+                c.metadata.namespace.clone().unwrap_or_default(),
+                c.metadata.name.clone().unwrap_or_default(),
+            );
+            let volume = c.spec.as_ref().and_then(|s| s.volume_name.clone());
+            let phase = c.status.as_ref().and_then(|s| s.phase.clone());
+            (key, (volume, phase))
+        })
+        .collect()
+}
+
+/// The claims whose state differs between two views (added, changed or
+/// gone), as objects, for `objects::Changes::bump_for`.
+pub fn changed_claims(before: &ClaimStates, now: &ClaimStates) -> Vec<crate::objects::ObjectRef> {
+    let keys: std::collections::BTreeSet<_> = before.keys().chain(now.keys()).collect();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != now.get(*k))
+        .map(|(namespace, name)| crate::objects::ObjectRef {
+            kind: crate::objects::Kind::PersistentVolumeClaim,
+            namespace: namespace.clone(),
+            name: name.clone(),
+        })
+        .collect()
+}
+
 fn claim_id(key: &ClaimKey) -> String {
     format!("{}/{}", key.0, key.1)
 }
@@ -908,6 +941,36 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_view_change_names_the_claims_it_changed() {
+        let claim = |name: &str, volume: Option<&str>| PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::PersistentVolumeClaimSpec {
+                volume_name: volume.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let view = |claims: Vec<PersistentVolumeClaim>| VolumesView {
+            claims,
+            ..Default::default()
+        };
+        let a = claim_states(&view(vec![claim("a", None), claim("b", None)]));
+        let b = claim_states(&view(vec![
+            claim("a", Some("pv-a")),
+            claim("b", None),
+            claim("c", None),
+        ]));
+        let names: Vec<String> = changed_claims(&a, &b).into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["a", "c"]);
+        let names: Vec<String> = changed_claims(&b, &a).into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["a", "c"], "a claim gone counts too");
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Records calls; fails CreateVolume while `fail_create` > 0.
