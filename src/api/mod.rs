@@ -1,5 +1,7 @@
 //! API server mode: minilet as a node of a Kubernetes cluster. The client
-//! and the node's identity (`client`), the Node object, its status and its
+//! and the node's identity (`client`), TLS bootstrap and certificate
+//! rotation (`bootstrap`) with the certificates on disk (`pki`), the Node
+//! object, its status and its
 //! Lease (`node`), the pods bound to this node as a pod source (`pods`),
 //! pod status written to the status subresource (`status_writer`), mirror
 //! pods for static pods (`mirror`), the objects pods use, watched
