@@ -506,7 +506,11 @@ pub async fn run(setup: Arc<Setup>, cancel: CancellationToken) {
             None => bootstrap_api(&setup),
         };
         let result = match ask_with {
-            Ok((api, credentials)) => obtain(api.as_ref(), &credentials, &setup, unix_now).await,
+            // A request may wait long for its approval: shutdown must not.
+            Ok((api, credentials)) => tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = obtain(api.as_ref(), &credentials, &setup, unix_now) => r,
+            },
             Err(e) => Err(e),
         };
         match result {
