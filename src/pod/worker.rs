@@ -1071,26 +1071,28 @@ impl<R: Runtime> Worker<R> {
     /// is something the pod uses (or is not said).
     fn volume_inputs_changed(&mut self) -> bool {
         let now = *self.volume_inputs.borrow_and_update();
-        let changed = self.shared.volume_inputs.since(self.volume_seen);
-        self.volume_seen = now;
-        let uses = |pod: &Pod, what: &[crate::objects::ObjectRef]| {
-            let refs = super::objects::references(pod);
-            let claims = refs.iter().any(|r| r.kind == Kind::PersistentVolumeClaim);
-            what.iter().any(|r| {
-                refs.contains(r)
-                    || (claims && matches!(r.kind, Kind::PersistentVolume | Kind::StorageClass))
-            })
-        };
-        let relevant = match (&changed, &self.last_pod) {
-            (Some(what), Some(pod)) => uses(pod, what),
+        let seen = std::mem::replace(&mut self.volume_seen, now);
+        // Most workers have nothing failed: they look no further.
+        if self.mem.volume_error.is_none() || self.mem.volume_backoff.is_none() {
+            return false;
+        }
+        let relevant = match (self.shared.volume_inputs.since(seen), &self.last_pod) {
+            (Some(what), Some(pod)) => {
+                let refs = super::objects::references(pod);
+                let claims = refs.iter().any(|r| r.kind == Kind::PersistentVolumeClaim);
+                what.iter().any(|r| {
+                    refs.contains(r)
+                        || (claims && matches!(r.kind, Kind::PersistentVolume | Kind::StorageClass))
+                })
+            }
             _ => true,
         };
-        if relevant && self.mem.volume_error.is_some() && self.mem.volume_backoff.take().is_some() {
+        if relevant {
             debug!("volume inputs changed: retrying the volume set-up now");
+            self.mem.volume_backoff = None;
             self.retry_on_change = true;
-            return true;
         }
-        false
+        relevant
     }
 
     /// The periodic refresh of a running pod's API data volumes.
