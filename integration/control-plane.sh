@@ -58,13 +58,26 @@ BUILD_PACKAGES=(golang-go rsync make dpkg-dev golang-github-modern-go-reflect2-d
 RUN_PACKAGES=(etcd-server openssl curl)
 SRC_LIST=/etc/apt/sources.list.d/minilet-deb-src.sources
 
-# Loopback only. etcd off its default ports: a system etcd may hold them.
-ETCD_CLIENT=127.0.0.1:12379
-ETCD_PEER=127.0.0.1:12380
-API_PORT=6443
-SERVER=https://127.0.0.1:$API_PORT
-KCM_PORT=10257
-SCHED_PORT=10259
+# Loopback only by default. etcd off its default ports: a system etcd may
+# hold them. A second control plane (integration/cluster.sh's) runs beside
+# the tests' one with MINILET_CP_ADDRESS, the address kube-apiserver binds
+# and advertises (its Docker network's gateway, which node containers
+# reach), and MINILET_CP_PORT_OFFSET, added to every port. `up` records
+# both in RUN/settings, so later commands on that run dir use them too.
+if [[ -z ${MINILET_CP_ADDRESS:-}${MINILET_CP_PORT_OFFSET:-} && -f $RUN/settings ]]; then
+  # shellcheck source=/dev/null
+  . "$RUN/settings"
+fi
+CP_ADDRESS=${MINILET_CP_ADDRESS:-127.0.0.1}
+PORT_OFFSET=${MINILET_CP_PORT_OFFSET:-0}
+[[ $CP_ADDRESS =~ ^[0-9]+(\.[0-9]+){3}$ ]] || die "MINILET_CP_ADDRESS is not an IPv4 address: $CP_ADDRESS"
+[[ $PORT_OFFSET =~ ^[0-9]{1,4}$ ]] || die "MINILET_CP_PORT_OFFSET is not a number below 10000: $PORT_OFFSET"
+ETCD_CLIENT=127.0.0.1:$((12379 + PORT_OFFSET))
+ETCD_PEER=127.0.0.1:$((12380 + PORT_OFFSET))
+API_PORT=$((6443 + PORT_OFFSET))
+SERVER=https://$CP_ADDRESS:$API_PORT
+KCM_PORT=$((10257 + PORT_OFFSET))
+SCHED_PORT=$((10259 + PORT_OFFSET))
 SERVICE_CIDR=10.96.0.0/16
 CLUSTER_CIDR=10.244.0.0/16
 SA_ISSUER=https://kubernetes.default.svc.cluster.local
@@ -249,6 +262,8 @@ extendedKeyUsage=clientAuth'
 
 make_pki() {
   step certificates
+  local EXTRA_SAN=""
+  [[ $CP_ADDRESS == 127.0.0.1 ]] || EXTRA_SAN="IP:$CP_ADDRESS,"
   mkdir -p "$PKI"
   chmod 700 "$PKI"
   if [[ ! -s $CA_CRT || ! -s $CA_KEY ]]; then
@@ -262,7 +277,7 @@ make_pki() {
   issue apiserver "/CN=kube-apiserver" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+subjectAltName=${EXTRA_SAN}IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   issue admin "/O=system:masters/CN=kubernetes-admin" "$CLIENT_EXT"
   issue apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$CLIENT_EXT"
   issue controller-manager "/CN=system:kube-controller-manager" "$CLIENT_EXT"
@@ -394,7 +409,7 @@ service_args() {
     ;;
   kube-apiserver)
     ARGS+=(--etcd-servers="http://$ETCD_CLIENT")
-    ARGS+=(--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT")
+    ARGS+=(--bind-address="$CP_ADDRESS" --advertise-address="$CP_ADDRESS" --secure-port="$API_PORT")
     ARGS+=(--insecure-port=0 --cert-dir="$RUN/apiserver-certs")
     ARGS+=(--tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key")
     ARGS+=(--client-ca-file="$CA_CRT")
@@ -513,6 +528,7 @@ write_env() {
 cmd_up() {
   step "packages"
   mkdir -p "$RUN"
+  printf 'MINILET_CP_ADDRESS=%q\nMINILET_CP_PORT_OFFSET=%q\n' "$CP_ADDRESS" "$PORT_OFFSET" >"$RUN/settings"
   ensure_packages "$RUN/apt.log" "${RUN_PACKAGES[@]}"
   build_kubernetes
   make_pki
