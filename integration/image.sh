@@ -10,6 +10,11 @@
 #   build   base, then the shipped binary (integration/build-release.sh), then
 #           `docker build` of the Dockerfile FROM that base. Prints the image
 #           name (MINILET_IMAGE, default minilet:dev).
+#   node-base
+#           the same for the kind-style cluster's node base
+#           (minilet-node-base:bookworm-<hash>): minbase + containerd, runc,
+#           the CNI plugins, iptables, iproute2, procps. Prints the image name.
+#           integration/cluster.sh builds the node image FROM it.
 #
 # MINILET_DEBIAN_MIRROR (default: the Debian archive this host's apt uses,
 # read from /etc/apt/sources.list{,.d/}) is where debootstrap fetches packages; MINILET_BASE_REBUILD=1 rebuilds the base even
@@ -43,6 +48,7 @@ apt_mirror() {
 }
 MIRROR=${MINILET_DEBIAN_MIRROR:-$(apt_mirror)}
 BASE_REPO=minilet-base
+NODE_BASE_REPO=minilet-node-base
 IMAGE=${MINILET_IMAGE:-minilet:dev}
 RECIPE_LABEL=io.minilet.base.recipe
 # What the agent execs at run time, beside itself: the CNI plugins its
@@ -51,6 +57,10 @@ RECIPE_LABEL=io.minilet.base.recipe
 # firewall and bridge's ipMasq call. It dials only unix sockets and the
 # runtime pulls images on the host, so no ca-certificates.
 PACKAGES=(iptables containernetworking-plugins)
+# A cluster node runs its own runtime: containerd and runc beside the agent,
+# iproute2 for the routes to the other nodes' pod CIDRs, procps for ps/pkill
+# in its entrypoint and for a user's `docker exec`.
+NODE_PACKAGES=(containerd runc containernetworking-plugins iptables iproute2 procps)
 
 # shellcheck source=integration/lib.sh
 . "$REPO/integration/lib.sh"
@@ -91,6 +101,8 @@ recipe_hash() {
   {
     declare -f trim_rootfs
     echo "$SUITE minbase $MIRROR ${PACKAGES[*]} $(uname -m)"
+    # The agent's base keeps the hash it always had; others add their repo.
+    [[ $BASE_REPO == minilet-base ]] || echo "$BASE_REPO"
   } | sha256sum | cut -c1-16
 }
 
@@ -121,7 +133,7 @@ cmd_base() {
   fi
   ensure_debootstrap
   STEP="base: debootstrap, log $CACHE/debootstrap.log"
-  local rootfs=$CACHE/rootfs
+  local rootfs=$CACHE/rootfs-$BASE_REPO
   mkdir -p "$CACHE/debs"
   umount_under "$rootfs"
   rm -rf "$rootfs"
@@ -195,8 +207,14 @@ case ${1:-} in
     cmd_build
     echo "$IMAGE"
     ;;
+  node-base)
+    BASE_REPO=$NODE_BASE_REPO
+    PACKAGES=("${NODE_PACKAGES[@]}")
+    cmd_base
+    echo "$BASE_IMG"
+    ;;
   *)
-    echo "usage: $0 base|build" >&2
+    echo "usage: $0 base|build|node-base" >&2
     exit 2
     ;;
 esac
