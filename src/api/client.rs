@@ -99,9 +99,30 @@ pub fn credentials(
     }
 }
 
+/// How long the server keeps one watch request open; the watcher then
+/// resumes from its last resourceVersion (no relist). Short enough that a
+/// watch never sits silent past `READ_TIMEOUT`.
+pub const WATCH_TIMEOUT_SECS: u32 = 60;
+/// A connection that delivers nothing for this long is dropped (kube-rs'
+/// default is 295 s). kubelet gets the same from HTTP/2 health pings: a
+/// connection that died without a reset (the node cut off from the network)
+/// would otherwise hold the node's watches for minutes after it is back.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
+
+/// A watch of minilet's: the server ends it after `WATCH_TIMEOUT_SECS`.
+pub fn watch_config() -> kube::runtime::watcher::Config {
+    kube::runtime::watcher::Config::default().timeout(WATCH_TIMEOUT_SECS)
+}
+
 /// Loads a kube-rs client config from `creds`: every file it names read
-/// and checked now.
+/// and checked now, with minilet's read timeout.
 pub async fn load(creds: &Credentials) -> Result<kube::Config, ClientError> {
+    let mut config = load_credentials(creds).await?;
+    config.read_timeout = Some(READ_TIMEOUT);
+    Ok(config)
+}
+
+async fn load_credentials(creds: &Credentials) -> Result<kube::Config, ClientError> {
     match creds {
         Credentials::Kubeconfig(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|source| ClientError::Kubeconfig {

@@ -172,7 +172,7 @@ pub async fn run(
 ) {
     let nodes: Api<Node> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let config = super::client::watch_config().fields(&format!("spec.nodeName={node}"));
     let stream = watcher::watcher(pods_api, config);
     let mut backoff = super::pods::Backoff::default();
     let api = KubePods { client };

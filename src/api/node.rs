@@ -113,6 +113,32 @@ impl NodeSettings {
     pub fn lease_renew_interval(&self) -> Duration {
         Duration::from_millis(u64::from(self.lease_duration_seconds) * 250)
     }
+
+    /// The deadline of one heartbeat request (lease renewal, status read
+    /// or patch), kubelet's: the smaller of `nodeStatusUpdateFrequency` and
+    /// the lease duration. A connection that died without a reset (the node
+    /// cut off from the network) would otherwise hold the request for the
+    /// client's read timeout (295 s) and keep the node Unknown for that long
+    /// after it is back; dropping the request closes that connection.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        self.update_frequency
+            .min(Duration::from_secs(u64::from(self.lease_duration_seconds)))
+            .max(Duration::from_secs(1))
+    }
+}
+
+/// `request`, failed with a `kube::Error` when it takes longer than
+/// `deadline` (see `NodeSettings::heartbeat_timeout`).
+async fn heartbeat<T>(
+    deadline: Duration,
+    request: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(deadline, request).await {
+        Ok(r) => r,
+        Err(_) => Err(kube::Error::Service(
+            format!("no answer in {} s (heartbeat timeout)", deadline.as_secs()).into(),
+        )),
+    }
 }
 
 /// One sample of what the pressure conditions look at.
@@ -699,7 +725,7 @@ async fn lease_loop(
                 leases.create(&PostParams::default(), &lease).await
             }
         };
-        let wait = match attempt.await {
+        let wait = match heartbeat(settings.heartbeat_timeout(), attempt).await {
             Ok(l) => {
                 cached = Some(l);
                 retry.ok();
@@ -748,7 +774,7 @@ async fn status_loop(
         // Re-read the Node after failures, and until it has its podCIDR.
         let waiting = matches!(pod_cidr.get(), crate::cni::pod_cidr::PodCidrState::Waiting);
         if resync.swap(false, Ordering::Relaxed) || waiting {
-            match nodes.get(node).await {
+            match heartbeat(settings.heartbeat_timeout(), nodes.get(node)).await {
                 Ok(n) => {
                     publish_cidr(pod_cidr, &n);
                     server = n.status.and_then(|s| s.conditions).unwrap_or_default();
@@ -773,10 +799,9 @@ async fn status_loop(
             continue;
         }
         let patch = status_patch(&new);
-        match nodes
-            .patch_status(node, &PatchParams::default(), &Patch::Strategic(&patch))
-            .await
-        {
+        let (params, patch) = (PatchParams::default(), Patch::Strategic(&patch));
+        let request = nodes.patch_status(node, &params, &patch);
+        match heartbeat(settings.heartbeat_timeout(), request).await {
             Ok(n) => {
                 retry.ok();
                 publish_cidr(pod_cidr, &n);
@@ -1150,6 +1175,34 @@ mod tests {
             }
             .lease_renew_interval(),
             Duration::from_secs(10)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_that_hangs_fails_at_kubelets_deadline() {
+        let settings = |update: u64, lease: u32| NodeSettings {
+            update_frequency: Duration::from_secs(update),
+            report_frequency: Duration::from_secs(300),
+            lease_duration_seconds: lease,
+            state_dir: "/".into(),
+        };
+        assert_eq!(
+            settings(10, 40).heartbeat_timeout(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            settings(60, 40).heartbeat_timeout(),
+            Duration::from_secs(40)
+        );
+        let hangs = std::future::pending::<Result<(), kube::Error>>();
+        let err = heartbeat(Duration::from_millis(20), hangs)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("heartbeat timeout"), "{err}");
+        let answers = async { Ok::<_, kube::Error>(7) };
+        assert_eq!(
+            heartbeat(Duration::from_millis(20), answers).await.unwrap(),
+            7
         );
     }
 

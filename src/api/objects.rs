@@ -209,7 +209,7 @@ async fn run<K>(
 ) where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let config = super::client::watch_config().fields(&format!("metadata.name={name}"));
     let mut events = watcher(api, config).default_backoff().boxed();
     // The initial list arrives as Init, InitApply…, InitDone: publish it
     // whole, so a relist that no longer has the object says so.

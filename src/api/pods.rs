@@ -241,7 +241,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let api: Api<Pod> = Api::all(client);
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let config = super::client::watch_config().fields(&format!("spec.nodeName={node}"));
     let stream = watcher::watcher(api, config);
     run_stream(stream, tx, status, events, cancel).await;
 }
