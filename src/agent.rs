@@ -350,6 +350,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
                 cancel.clone(),
             ));
         }
+        if cfg.node_routes {
+            // Pods reach the other nodes' pods by pod IP (issue 9).
+            tasks.spawn(crate::api::routes::run(
+                api.client.clone(),
+                cfg.node_name.clone(),
+                Box::new(crate::api::routes::IpRoutes),
+                cancel.clone(),
+            ));
+        }
         let (writer, task) = crate::api::status_writer::StatusWriter::new(
             api.client.clone(),
             host_ip,

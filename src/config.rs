@@ -77,6 +77,7 @@ const MINILET_SUPPORTED: &[&str] = &[
     "maxParallelRuntimeRequests",
     "csiDrivers",
     "csiOperationTimeout",
+    "nodeRoutes",
 ];
 
 /// Every JSON field name of kubelet's `KubeletConfiguration` v1beta1
@@ -323,6 +324,11 @@ pub struct Config {
     /// deadline of one CSI call that does work (stage, publish, create and
     /// their undo); the calls that only ask keep their short deadline.
     pub csi_operation_timeout: Duration,
+    /// minilet `nodeRoutes`, default false: in API server mode, keep a route
+    /// to every other Node's `spec.podCIDR(s)` via its InternalIP (what
+    /// kindnet does for kind's nodes; kubenet left it to a cloud's route
+    /// controller), so pods reach pods on other nodes by pod IP.
+    pub node_routes: bool,
     /// Warnings found while loading (e.g. kubelet fields minilet ignores),
     /// logged by `main` once tracing is up.
     pub warnings: Vec<String>,
@@ -391,6 +397,7 @@ impl Config {
             eviction_hard: Default::default(),
             csi_drivers: Vec::new(),
             csi_operation_timeout: Duration::from_secs(120),
+            node_routes: false,
             warnings: Vec::new(),
             state_dir,
         }
@@ -594,6 +601,7 @@ struct FileSettings {
     max_parallel_runtime_requests: Option<Setting<u32>>,
     csi_drivers: Option<Setting<Vec<CsiDriverConfig>>>,
     csi_operation_timeout: Option<Duration>,
+    node_routes: Option<bool>,
     /// Kubelet fields present but not implemented, in file order.
     unsupported: Vec<String>,
 }
@@ -815,6 +823,9 @@ fn resolve(
     }
     if let Some(v) = fs.csi_operation_timeout {
         cfg.csi_operation_timeout = v;
+    }
+    if let Some(v) = fs.node_routes {
+        cfg.node_routes = v;
     }
     Ok(cfg)
 }
@@ -1316,6 +1327,7 @@ fn read_minilet_field(
         "csiOperationTimeout" => {
             fs.csi_operation_timeout = ctx.duration("csiOperationTimeout", v)?;
         }
+        "nodeRoutes" => fs.node_routes = ctx.boolean("nodeRoutes", v)?,
         _ => return Err(ctx.unknown_field(field.to_string())),
     }
     Ok(())
@@ -1782,6 +1794,19 @@ mod tests {
             ]
         );
         assert!(from_text(&flags(), KUBELET).unwrap().csi_drivers.is_empty());
+    }
+
+    #[test]
+    fn node_routes_is_a_boolean_defaulting_to_false() {
+        let m = |body: &str| format!("{KUBELET}---\n{MINILET}{body}");
+        assert!(
+            from_text(&flags(), &m("nodeRoutes: true\n"))
+                .unwrap()
+                .node_routes
+        );
+        assert!(!from_text(&flags(), KUBELET).unwrap().node_routes);
+        let err = from_text(&flags(), &m("nodeRoutes: yes please\n")).expect_err("not a bool");
+        assert!(err.to_string().contains("nodeRoutes"), "{err}");
     }
 
     #[test]

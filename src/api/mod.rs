@@ -7,7 +7,8 @@
 //! pods for static pods (`mirror`), the objects pods use, watched
 //! (`objects`), events (`events`), the CSIDriver objects and
 //! VolumeAttachments the CSI volume plugin reads (`csi_objects`), and the
-//! node's CSINode (`csi_node`).
+//! node's CSINode (`csi_node`), and routes to the other nodes' pod CIDRs
+//! (`routes`, MiniletConfiguration `nodeRoutes`).
 //!
 //! Everything here talks to the server through kube-rs; the pod path sees
 //! only the seams (`source::merge`, `sink`, `objects::ObjectLookup`).
@@ -24,5 +25,6 @@ pub mod objects;
 pub mod pki;
 pub mod pod_api;
 pub mod pods;
+pub mod routes;
 pub mod status_writer;
 pub mod tokens;
