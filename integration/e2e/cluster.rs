@@ -35,9 +35,13 @@ impl ControlPlane {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         let stack = std::env::var("MINILET_STACK_DIR")
             .map_or_else(|_| repo.join("integration/.run"), PathBuf::from);
-        let dir = stack.join("cp");
-        let file = dir.join("env");
-        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+        ControlPlane::from_env_file(&stack.join("cp").join("env"))
+    }
+
+    /// The control plane whose `control-plane.sh up` wrote `file` (the
+    /// kind-style cluster's own, say).
+    pub fn from_env_file(file: &Path) -> ControlPlane {
+        let text = std::fs::read_to_string(file).unwrap_or_else(|e| {
             panic!(
                 "the control plane is not up ({}: {e}); run `integration/control-plane.sh up` first (CI does)",
                 file.display()

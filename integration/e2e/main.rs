@@ -20,6 +20,7 @@ mod csi_drivers;
 mod docker;
 mod harness;
 mod input;
+mod kind;
 mod lifecycle;
 mod volume_stats;
 mod volume_update;
