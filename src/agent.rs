@@ -393,6 +393,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), AgentErro
         });
     }
     info!(networks = ?networks.networks.keys().collect::<Vec<_>>(), default = ?networks.default, "cni networks loaded");
+    let default_net = networks
+        .default
+        .as_ref()
+        .and_then(|n| networks.networks.get(n));
+    pod_cidr.set_needed(default_net.is_some_and(cni::pod_cidr::uses_placeholder));
     let store = Arc::new(cni::config::NetworkStore::new(networks));
     {
         let (dir, store, c) = (cfg.cni_conf_dir.clone(), store.clone(), cancel.clone());

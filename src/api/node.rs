@@ -159,6 +159,8 @@ pub struct Sample {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Health {
     pub runtime_ready: bool,
+    /// Why pods cannot get their network yet (`PodCidr::network_not_ready`).
+    pub network_not_ready: Option<&'static str>,
     pub memory_pressure: bool,
     pub disk_pressure: bool,
     /// kubelet has no default PID threshold on Linux: always false here.
@@ -171,6 +173,7 @@ pub struct Health {
 pub fn health(runtime_ready: bool, s: &Sample, e: &EvictionHard) -> Health {
     Health {
         runtime_ready,
+        network_not_ready: None,
         memory_pressure: s
             .memory_available
             .is_some_and(|m| e.memory_available.breached(m, s.memory_total.max(m))),
@@ -304,15 +307,15 @@ fn condition_words(h: &Health) -> [(&'static str, &'static str, &'static str, &'
                 "kubelet has sufficient PID available",
             )
         },
-        if h.runtime_ready {
-            (
+        match (h.runtime_ready, h.network_not_ready) {
+            (false, _) => ("Ready", f, "KubeletNotReady", "container runtime is down"),
+            (true, Some(why)) => ("Ready", f, "KubeletNotReady", why),
+            (true, None) => (
                 "Ready",
                 t,
                 "KubeletReady",
                 "kubelet is posting ready status",
-            )
-        } else {
-            ("Ready", f, "KubeletNotReady", "container runtime is down")
+            ),
         },
     ]
 }
@@ -566,7 +569,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let task = async {
-        let node = register(&api, &facts, &settings, &runtime_ready).await;
+        let node = register(&api, &facts, &settings, &runtime_ready, &pod_cidr).await;
         publish_cidr(&pod_cidr, &node);
         let uid = node.metadata.uid.clone();
         let resync = AtomicBool::new(false);
@@ -593,9 +596,11 @@ fn current_health(
     facts: &NodeFacts,
     settings: &NodeSettings,
     runtime_ready: &watch::Receiver<bool>,
+    pod_cidr: &PodCidr,
 ) -> Health {
     Health {
         volumes_in_use: crate::volume::csi::state::volumes_in_use(&settings.state_dir),
+        network_not_ready: pod_cidr.network_not_ready(),
         ..health(
             *runtime_ready.borrow(),
             &super::machine::sample(&settings.state_dir),
@@ -617,6 +622,7 @@ async fn register(
     facts: &NodeFacts,
     settings: &NodeSettings,
     runtime_ready: &watch::Receiver<bool>,
+    pod_cidr: &PodCidr,
 ) -> Node {
     let nodes: Api<Node> = Api::all(api.client.clone());
     let mut retry = Retry::new(
@@ -627,7 +633,7 @@ async fn register(
     loop {
         let attempt = async {
             api.refresh().await?;
-            let h = current_health(facts, settings, runtime_ready);
+            let h = current_health(facts, settings, runtime_ready, pod_cidr);
             match nodes
                 .create(
                     &PostParams::default(),
@@ -768,7 +774,13 @@ async fn status_loop(
     let mut first = true;
     loop {
         if !first {
-            tokio::time::sleep(settings.update_frequency).await;
+            // Waiting for the podCIDR keeps the node NotReady: look again
+            // every second, so it turns Ready as soon as it has one.
+            let wait = match pod_cidr.network_not_ready() {
+                Some(_) => settings.update_frequency.min(Duration::from_secs(1)),
+                None => settings.update_frequency,
+            };
+            tokio::time::sleep(wait).await;
         }
         first = false;
         // Re-read the Node after failures, and until it has its podCIDR.
@@ -786,7 +798,7 @@ async fn status_loop(
                 }
             }
         }
-        let h = current_health(facts, settings, runtime_ready);
+        let h = current_health(facts, settings, runtime_ready, pod_cidr);
         let new = status(facts, &h, &server, now_seconds());
         let ours = new.conditions.as_deref().unwrap_or_default();
         let is_changed = last_sent.as_ref().is_none_or(|old| changed(old, &new))
@@ -1032,6 +1044,7 @@ mod tests {
         let words = conditions(
             &Health {
                 runtime_ready: false,
+                network_not_ready: None,
                 memory_pressure: true,
                 disk_pressure: true,
                 pid_pressure: false,
@@ -1071,6 +1084,31 @@ mod tests {
                 ("False", "KubeletNotReady", "container runtime is down"),
             ]
         );
+    }
+
+    #[test]
+    fn a_node_waiting_for_its_pod_cidr_is_not_ready_with_the_reason() {
+        let cidr = PodCidr::waiting();
+        assert_eq!(
+            cidr.network_not_ready(),
+            None,
+            "a network without usePodCidr needs none"
+        );
+        cidr.set_needed(true);
+        let why = cidr.network_not_ready().expect("waiting for the podCIDR");
+        let h = Health {
+            network_not_ready: Some(why),
+            ..ready()
+        };
+        let ready_cond = conditions(&h, &[], t(0))
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(ready_cond.status, "False");
+        assert_eq!(ready_cond.reason.as_deref(), Some("KubeletNotReady"));
+        assert!(ready_cond.message.unwrap().contains("no spec.podCIDR yet"));
+        cidr.set(vec!["10.244.1.0/24".into()]);
+        assert_eq!(cidr.network_not_ready(), None, "ready once it has one");
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub enum PodCidrState {
 #[derive(Debug)]
 pub struct PodCidr {
     state: RwLock<PodCidrState>,
+    /// Whether the default network has a placeholder (`uses_placeholder`):
+    /// only then does a missing pod CIDR keep the node's network not ready.
+    needed: std::sync::atomic::AtomicBool,
 }
 
 impl PodCidr {
@@ -48,6 +51,7 @@ impl PodCidr {
     pub fn standalone() -> Self {
         PodCidr {
             state: RwLock::new(PodCidrState::Standalone),
+            needed: false.into(),
         }
     }
 
@@ -55,11 +59,29 @@ impl PodCidr {
     pub fn waiting() -> Self {
         PodCidr {
             state: RwLock::new(PodCidrState::Waiting),
+            needed: false.into(),
         }
     }
 
     pub fn get(&self) -> PodCidrState {
         read(&self.state).clone()
+    }
+
+    /// Says whether the default network needs the pod CIDR (set once the
+    /// networks are loaded).
+    pub fn set_needed(&self, needed: bool) {
+        self.needed
+            .store(needed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `None` when pods can get their default network; else why not, for
+    /// the Node's Ready condition (kubelet: NetworkReady=false keeps the
+    /// node NotReady, so the scheduler sends no pod that would fail ADD).
+    pub fn network_not_ready(&self) -> Option<&'static str> {
+        let needed = self.needed.load(std::sync::atomic::Ordering::Relaxed);
+        (needed && self.get() == PodCidrState::Waiting).then_some(
+            "container runtime network not ready: the default network uses usePodCidr and the Node has no spec.podCIDR yet",
+        )
     }
 
     /// Publishes the Node's CIDRs; returns whether they changed. An empty
@@ -203,14 +225,20 @@ pub fn substitute(
     Ok(found)
 }
 
+/// Whether `net` holds a placeholder anywhere (a look at the bytes, as
+/// `apply` takes first; "usePodCidrIPv6" starts with the same needle).
+pub fn uses_placeholder(net: &NetworkConfigList) -> bool {
+    let needle = USE_POD_CIDR.as_bytes();
+    net.bytes.windows(needle.len()).any(|w| w == needle)
+}
+
 /// `net` with its placeholders filled from `state`, or `None` when it has
 /// none (the common case: a quick look at the bytes first).
 pub fn apply(
     net: &NetworkConfigList,
     state: &PodCidrState,
 ) -> Result<Option<NetworkConfigList>, PodCidrError> {
-    let needle = USE_POD_CIDR.as_bytes();
-    if !net.bytes.windows(needle.len()).any(|w| w == needle) {
+    if !uses_placeholder(net) {
         return Ok(None);
     }
     let invalid = |problem: String| PodCidrError::Invalid {
