@@ -3,7 +3,8 @@
 # node agent: a real control plane on the host and N nodes as containers,
 # each running its own containerd and minilet, joined by TLS bootstrap.
 #
-#   up [--nodes N]   (default 1) build or reuse what is needed, then start:
+#   up [--nodes N] [--agent minilet|kubelet]
+#       (default 1 node, minilet) build or reuse what is needed, then start:
 #       - the control plane binaries (integration/control-plane.sh's cached
 #         build) and the test images (integration/stack.sh's registry);
 #       - the node image minilet-node:dev (FROM integration/image.sh
@@ -16,7 +17,11 @@
 #         join with it: each asks for its client certificate through a CSR;
 #       - RUN/kubeconfig for the user (kubectl --kubeconfig RUN/kubeconfig).
 #       Waits until N nodes are Ready. Idempotent: running nodes are kept,
-#       more are added, none removed.
+#       more are added, none removed. `--agent kubelet` runs kubelet v1.20.2
+#       on the nodes instead (same image, same containerd): the baseline of
+#       the cluster benchmark. kubelet writes the host's kernel tunables
+#       (vm.overcommit_memory, kernel.panic, ...) through the node's
+#       writable /proc/sys; the benchmark puts them back.
 #   join NODE [--token ID.SECRET]
 #       one more node, with the cluster's token or the one given (a token
 #       the cluster does not know: the node's TLS bootstrap fails, and says
@@ -63,6 +68,7 @@ STACK=(env "MINILET_STACK_DIR=${MINILET_STACK_DIR:-$REPO/integration/.run}" "$RE
 USER_KUBECONFIG=$RUN/kubeconfig
 BOOTSTRAP=$RUN/bootstrap.kubeconfig
 READY_TIMEOUT=${MINILET_CLUSTER_READY_TIMEOUT:-120}
+AGENT=minilet
 
 exec 3>&2
 say() { printf 'cluster: %s\n' "$*" >&3; }
@@ -98,7 +104,8 @@ build_node_image() {
   bin=$("$REPO/integration/build-release.sh")
   step "node image: docker build"
   cp -f "$bin" "$CTX/minilet"
-  cp -f "$REPO"/integration/node/{Dockerfile,entrypoint.sh,containerd.toml,minilet.yaml,10-pods.conflist} "$CTX/"
+  cp -f "$MINILET_CP_BIN/kubelet" "$CTX/kubelet"
+  cp -f "$REPO"/integration/node/{Dockerfile,entrypoint.sh,containerd.toml,minilet.yaml,10-pods.conflist,kubelet.yaml,kubelet-cni.template} "$CTX/"
   local out
   out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$base" -t "$NODE_IMAGE" "$CTX" 2>&1) ||
     die "docker build of the node image failed: $(tail -n3 <<<"$out" | tr '\n' ' ')"
@@ -139,9 +146,10 @@ control_plane_up() {
 # --- nodes -------------------------------------------------------------------
 
 # start_node NODE KUBECONFIG: the node container, unless it exists (then
-# started if stopped).
+# started if stopped). AGENT (minilet, or kubelet for the benchmark's
+# baseline) is the node agent it runs.
 start_node() {
-  local node=$1 kc=$2 state
+  local node=$1 kc=$2 state extra=()
   step "node $node"
   state=$(docker inspect -f '{{ .State.Status }}' "$node" 2>/dev/null || true)
   case $state in
@@ -152,6 +160,11 @@ start_node() {
     return 0
     ;;
   esac
+  if [[ $AGENT == kubelet ]]; then
+    # kubelet's OOM watcher reads the kernel log; without it kubelet exits.
+    extra+=(--device /dev/kmsg)
+    save_sysctls
+  fi
   local v
   for v in containerd state; do
     docker volume create --label "$LABEL" "$node-$v" >/dev/null
@@ -166,6 +179,7 @@ start_node() {
     -v "$node-containerd:/var/lib/containerd" -v "$node-state:/var/lib/minilet" \
     -v "$kc:/etc/minilet/bootstrap-kubeconfig:ro" \
     -e "MINILET_CLUSTER_CIDR=${MINILET_CP_CLUSTER_CIDR:-10.244.0.0/16}" \
+    -e "MINILET_NODE_AGENT=$AGENT" --label "io.minilet.node-agent=$AGENT" "${extra[@]}" \
     "$NODE_IMAGE" >/dev/null
   docker inspect -f '{{ .Id }}' "$node" >"$RUN/nodes/$node.id"
 }
@@ -203,18 +217,23 @@ cmd_up() {
       nodes=${2:-}
       shift 2 || die "--nodes needs a number"
       ;;
-    *) die "unknown argument: $1 (usage: up [--nodes N])" ;;
+    --agent)
+      AGENT=${2:-}
+      shift 2 || die "--agent needs minilet or kubelet"
+      ;;
+    *) die "unknown argument: $1 (usage: up [--nodes N] [--agent minilet|kubelet])" ;;
     esac
   done
   [[ $nodes =~ ^[1-9][0-9]?$ ]] || die "--nodes must be 1..99, not $nodes"
+  [[ $AGENT == minilet || $AGENT == kubelet ]] || die "--agent must be minilet or kubelet, not $AGENT"
   step docker
   docker info >/dev/null 2>&1 || die "no Docker engine answers (docker info failed)"
   ((EUID == 0)) || die "must run as root (the control plane's packages, the stack, docker)"
   mkdir -p "$RUN/nodes"
   local t0=$SECONDS
-  build_node_image
   ensure_network
   control_plane_up
+  build_node_image
   local i names=()
   for ((i = 1; i <= nodes; i++)); do
     names+=("$(node_name "$i")")
@@ -254,6 +273,25 @@ load_cp() {
   KUBECTL=$MINILET_CP_BIN/kubectl
 }
 
+# Host kernel tunables kubelet v1.20 sets at start (container manager's
+# setupKernelTunables): those of vm and kernel are not per network
+# namespace, so a kubelet node writes the host's. Saved before the first
+# kubelet node starts, put back by `down`.
+SYSCTLS=(vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys)
+save_sysctls() {
+  [[ -s $RUN/host-sysctls ]] && return 0
+  local f
+  for f in "${SYSCTLS[@]}"; do echo "$f $(<"/proc/sys/$f")"; done >"$RUN/host-sysctls.new"
+  mv -f "$RUN/host-sysctls.new" "$RUN/host-sysctls"
+}
+restore_sysctls() {
+  [[ -s $RUN/host-sysctls ]] || return 0
+  local f v
+  while read -r f v; do
+    echo "$v" >"/proc/sys/$f" || die "cannot put /proc/sys/$f back to $v"
+  done <"$RUN/host-sysctls"
+}
+
 # --- down ----------------------------------------------------------------------
 
 cmd_down() {
@@ -270,6 +308,8 @@ cmd_down() {
   fi
   step "down: network"
   docker network rm "$NET" >/dev/null 2>&1 || true
+  step "down: host sysctls"
+  restore_sysctls
   step "down: check"
   local left=()
   [[ -z $(docker ps -aq --filter "label=$LABEL") ]] || left+=("containers: $(docker ps -a --filter "label=$LABEL" --format '{{ .Names }}' | tr '\n' ' ')")
@@ -286,6 +326,12 @@ cmd_down() {
     id=$(<"$f")
     compgen -G "/sys/fs/cgroup/*/docker/$id" >/dev/null && left+=("cgroups of $(basename "$f" .id): /sys/fs/cgroup/*/docker/$id")
   done
+  local f v
+  if [[ -s $RUN/host-sysctls ]]; then
+    while read -r f v; do
+      [[ $(<"/proc/sys/$f") == "$v" ]] || left+=("/proc/sys/$f is $(<"/proc/sys/$f"), was $v")
+    done <"$RUN/host-sysctls"
+  fi
   ((${#left[@]} == 0)) || die "left behind: ${left[*]}"
   rm -rf "$RUN"
   say "down: nothing left"
@@ -325,7 +371,7 @@ kubeconfig)
   echo "$USER_KUBECONFIG"
   ;;
 *)
-  echo "usage: $0 up [--nodes N]|join NODE [--token ID.SECRET]|down|status|kubeconfig   (run dir: $RUN)" >&2
+  echo "usage: $0 up [--nodes N] [--agent minilet|kubelet]|join NODE [--token ID.SECRET]|down|status|kubeconfig   (run dir: $RUN)" >&2
   exit 2
   ;;
 esac

@@ -10,6 +10,9 @@
 #
 # MINILET_CLUSTER_CIDR (default 10.244.0.0/16): traffic from pods to
 # anything outside it is masqueraded to the node's address.
+# MINILET_NODE_AGENT=kubelet runs kubelet v1.20.2 instead (the cluster
+# benchmark's baseline): containerd then runs the CNI config it renders from
+# the podCIDR kubelet hands it (conf_template), as kubeadm nodes do.
 set -euo pipefail
 
 say() { printf 'minilet-node: %s\n' "$*" >&2; }
@@ -19,6 +22,8 @@ fail() {
 }
 
 CLUSTER_CIDR=${MINILET_CLUSTER_CIDR:-10.244.0.0/16}
+AGENT=${MINILET_NODE_AGENT:-minilet}
+[[ $AGENT == minilet || $AGENT == kubelet ]] || fail "MINILET_NODE_AGENT must be minilet or kubelet, not $AGENT"
 SOCK=/run/containerd/containerd.sock
 
 # The node runs in a private cgroup namespace (cluster.sh: --cgroupns
@@ -68,7 +73,11 @@ start_containerd() {
   local snap cfg=/run/containerd-config.toml
   snap=$(snapshotter)
   {
-    cat /etc/containerd/config.toml
+    if [[ $AGENT == kubelet ]]; then
+      sed 's|^\( *\)conf_dir = .*|&\n\1conf_template = "/etc/containerd/kubelet-cni.template"|' /etc/containerd/config.toml
+    else
+      cat /etc/containerd/config.toml
+    fi
     printf '\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "%s"\n' "$snap"
   } >"$cfg"
   mkdir -p /run/containerd
@@ -105,12 +114,22 @@ ctr --address "$SOCK" -n k8s.io images import /usr/share/minilet/images.tar >/de
   fail "importing the node image's images failed"
 [[ -f /etc/minilet/bootstrap-kubeconfig ]] ||
   fail "no /etc/minilet/bootstrap-kubeconfig (integration/cluster.sh mounts it)"
-minilet --config /etc/minilet/minilet.yaml \
-  --kubeconfig /var/lib/minilet/kubeconfig \
-  --bootstrap-kubeconfig /etc/minilet/bootstrap-kubeconfig \
-  "$@" &
+if [[ $AGENT == kubelet ]]; then
+  kubelet --config /etc/kubernetes/kubelet.yaml \
+    --bootstrap-kubeconfig /etc/minilet/bootstrap-kubeconfig \
+    --kubeconfig /var/lib/minilet/kubelet.kubeconfig --cert-dir /var/lib/minilet/kubelet-pki \
+    --root-dir /var/lib/minilet/kubelet \
+    --container-runtime=remote --container-runtime-endpoint="unix://$SOCK" \
+    --pod-infra-container-image=localhost:5000/pause:3.9 --oom-score-adj=0 --v=1 \
+    "$@" >>/var/log/kubelet.log 2>&1 &
+else
+  minilet --config /etc/minilet/minilet.yaml \
+    --kubeconfig /var/lib/minilet/kubeconfig \
+    --bootstrap-kubeconfig /etc/minilet/bootstrap-kubeconfig \
+    "$@" &
+fi
 MINILET=$!
-say "minilet started (pid $MINILET) as node $(hostname)"
+say "$AGENT started (pid $MINILET) as node $(hostname)"
 # Either exiting ends the node (docker's restart policy, or the user, decides).
 wait -n "$MINILET" "$CONTAINERD" || true
 say "minilet or containerd exited; stopping the node"
