@@ -772,13 +772,17 @@ async fn status_loop(
     let mut last_sent: Option<NodeStatus> = None;
     let mut last_report: Option<Instant> = None;
     let mut first = true;
+    // Whether the last status computed said the network was not ready.
+    let mut network_waited = false;
     loop {
         if !first {
             // Waiting for the podCIDR keeps the node NotReady: look again
-            // every second, so it turns Ready as soon as it has one.
-            let wait = match pod_cidr.network_not_ready() {
-                Some(_) => settings.update_frequency.min(Duration::from_secs(1)),
-                None => settings.update_frequency,
+            // every second, so it turns Ready as soon as it has one (also
+            // when the answer to the last patch brought it).
+            let wait = if network_waited {
+                settings.update_frequency.min(Duration::from_secs(1))
+            } else {
+                settings.update_frequency
             };
             tokio::time::sleep(wait).await;
         }
@@ -799,6 +803,7 @@ async fn status_loop(
             }
         }
         let h = current_health(facts, settings, runtime_ready, pod_cidr);
+        network_waited = h.network_not_ready.is_some();
         let new = status(facts, &h, &server, now_seconds());
         let ours = new.conditions.as_deref().unwrap_or_default();
         let is_changed = last_sent.as_ref().is_none_or(|old| changed(old, &new))
