@@ -129,11 +129,7 @@ control_plane_up() {
   mkdir -p "$RUN"
   MINILET_CP_ADDRESS=$GATEWAY MINILET_CP_PORT_OFFSET=$PORT_OFFSET "${CP[@]}" up 2>&1 |
     sed 's/^/  /' >&3 || die "the control plane did not come up"
-  local env
-  env=$("${CP[@]}" env)
-  # shellcheck source=/dev/null
-  . "$env"
-  KUBECTL=$MINILET_CP_BIN/kubectl
+  load_cp
   cp -f "$MINILET_CP_ADMIN_KUBECONFIG" "$USER_KUBECONFIG.new"
   chmod 600 "$USER_KUBECONFIG.new"
   mv -f "$USER_KUBECONFIG.new" "$USER_KUBECONFIG"
